@@ -1,0 +1,94 @@
+//! Operators: one module per operator, with the float and the 8-bit form of `forward` and of
+//! every backward side by side.
+//!
+//! Conventions shared by all operators:
+//! - `forward` and `input_backward` overwrite their output slice;
+//! - `weight_backward` and `bias_backward` *add* into the gradient slice, so that a
+//!   mini-batch accumulates (the caller zeroes it at the start of a batch);
+//! - a backward that takes a [`ChannelSet`] only touches the listed output channels
+//!   (structures): skipped channels cost no arithmetic, which is what makes dynamic partial
+//!   updates and sparse updates fast; input errors are computed from the listed channels only;
+//! - slices are checked with `debug_assert!`; shapes are validated once, when a model or plan
+//!   is built, with each geometry's `validate`.
+
+pub mod activation;
+pub mod add;
+pub mod conv2d;
+pub mod linear;
+pub mod loss;
+pub mod pool;
+
+/// Which output channels (structures) of a layer a backward step works on.
+#[derive(Clone, Copy, Debug)]
+pub enum ChannelSet<'a> {
+    /// Every output channel.
+    All,
+    /// Only these output channels, each `< out_channels`, without repeats.
+    Subset(&'a [u16]),
+}
+
+impl<'a> ChannelSet<'a> {
+    /// Iterate the selected channel indices of a layer with `count` output channels.
+    pub fn iter(&self, count: usize) -> ChannelIter<'a> {
+        match *self {
+            ChannelSet::All => ChannelIter::All(0..count),
+            ChannelSet::Subset(list) => ChannelIter::Subset(list.iter()),
+        }
+    }
+
+    /// Number of selected channels out of `count`.
+    pub fn len(&self, count: usize) -> usize {
+        match *self {
+            ChannelSet::All => count,
+            ChannelSet::Subset(list) => list.len(),
+        }
+    }
+
+    /// True when no channel is selected.
+    pub fn is_empty(&self, count: usize) -> bool {
+        self.len(count) == 0
+    }
+}
+
+/// Iterator over the channels of a [`ChannelSet`].
+pub enum ChannelIter<'a> {
+    /// `0..count`.
+    All(core::ops::Range<usize>),
+    /// An explicit list.
+    Subset(core::slice::Iter<'a, u16>),
+}
+
+impl Iterator for ChannelIter<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            ChannelIter::All(r) => r.next(),
+            ChannelIter::Subset(it) => it.next().map(|&c| c as usize),
+        }
+    }
+}
+
+/// Why an operator geometry is unusable. Small and non-exhaustive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpError {
+    /// A size is zero where it must be positive.
+    ZeroSize,
+    /// Channels are not divisible by the number of groups.
+    BadGroups,
+    /// The kernel (after padding) is larger than the input.
+    KernelTooLarge,
+    /// A slice has the wrong length for the geometry.
+    LengthMismatch,
+}
+
+impl core::fmt::Display for OpError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            OpError::ZeroSize => "a dimension is zero",
+            OpError::BadGroups => "channels are not divisible by the number of groups",
+            OpError::KernelTooLarge => "the kernel is larger than the padded input",
+            OpError::LengthMismatch => "a buffer length does not match the shape",
+        })
+    }
+}

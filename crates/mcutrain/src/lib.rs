@@ -1,0 +1,2 @@
+//! `mcutrain`: host library behind the `mcutrain` command.
+pub mod data;
