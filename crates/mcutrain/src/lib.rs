@@ -1,2 +1,8 @@
 //! `mcutrain`: host library behind the `mcutrain` command.
+pub mod adapt;
 pub mod data;
+pub mod engine;
+pub mod model;
+pub mod quantize;
+pub mod report;
+pub mod workload;

@@ -1,1 +1,540 @@
-fn main() {}
+//! The `mcutrain` command: pretrain, quantize, train, evaluate and demonstrate on-device
+//! training of quantized networks.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mcutrain::adapt::{evaluate, float_finetune, fqt_finetune};
+use mcutrain::data::{self, CorruptionSpec, Dataset, Split};
+use mcutrain::engine::float::FloatTrainConfig;
+use mcutrain::engine::fqt::{FqtConfig, PartialUpdate};
+use mcutrain::engine::UpdateScheme;
+use mcutrain::model::{format, zoo, Model, Params};
+use mcutrain::report::{pct, progress, table};
+use mcutrain::workload::ShiftWorkload;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "mcutrain", version, about = "Train fully quantized neural networks for microcontrollers, on the host twin or the device")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a float32 model from scratch (the pretraining engine).
+    Pretrain(PretrainArgs),
+    /// Post-training quantization of a float32 model to int8.
+    Quantize(QuantizeArgs),
+    /// Train (fine-tune) a model: float32 SGD or fully quantized int8 training.
+    Train(TrainArgs),
+    /// Accuracy of a model on a data set.
+    Eval(EvalArgs),
+    /// The fashion-shift workload end to end: clean accuracy, then adaptation to corruptions.
+    Demo(DemoArgs),
+    /// Describe a model file: layers, shapes, parameters, MACs.
+    Info(InfoArgs),
+    /// Write a reference architecture with seeded initial weights.
+    Model(ModelArgs),
+}
+
+/// Where samples come from.
+#[derive(Args, Clone, Debug)]
+struct DataArgs {
+    /// Data file (IDX, NPY or UEA/UCR .ts, gzipped or not; recognised by content).
+    /// Default: Fashion-MNIST from the dataset-fashion-mnist package.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Labels file (IDX or NPY) when labels are separate from the data.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Apply a corruption, e.g. `gaussian_noise:5`.
+    #[arg(long)]
+    corrupt: Option<CorruptionSpec>,
+    /// Keep N samples of each class (seeded).
+    #[arg(long)]
+    per_class: Option<usize>,
+    /// Seed of sample selection, corruption noise and sample order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct Output {
+    /// Print one JSON object on stdout instead of the readable summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Architecture (`fashion-shift`).
+    #[arg(long, default_value = "fashion-shift")]
+    arch: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Evaluation data after training (default: Fashion-MNIST test set when training on the default data).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Labels of the evaluation data.
+    #[arg(long)]
+    eval_labels: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Where to write the float32 model.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The float32 model.
+    model: PathBuf,
+    /// Calibration data (default: Fashion-MNIST training set).
+    #[command(flatten)]
+    data: DataArgs,
+    /// Calibration samples.
+    #[arg(long, default_value_t = 512)]
+    calibration_samples: usize,
+    /// Where to write the int8 model.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Method {
+    /// Fully quantized training of an int8 model.
+    Fqt,
+    /// float32 SGD of a float model.
+    Float,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    /// The host twin.
+    Host,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The model to train (int8 for fqt, float32 for float).
+    model: PathBuf,
+    #[arg(long, value_enum)]
+    method: Method,
+    /// Where training runs.
+    #[arg(long, value_enum, default_value = "host")]
+    on: Target,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Evaluate on this data after training.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Labels of the evaluation data.
+    #[arg(long)]
+    eval_labels: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    /// SGD momentum (float only).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Parameters to update: all, last:K, bias:K.
+    #[arg(long, default_value = "all")]
+    update: UpdateScheme,
+    /// Dynamic partial updates `LAMBDA_MIN:LAMBDA_MAX` (fqt only), e.g. 0.1:0.1.
+    #[arg(long)]
+    partial: Option<String>,
+    /// Where to write the trained model.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The model (float32 or int8).
+    model: PathBuf,
+    /// Evaluation data (default: Fashion-MNIST test set).
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Workload file (default: the built-in workloads/fashion-shift.json).
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// Directory the workload's model paths are relative to (default: the repository root,
+    /// found from the current directory).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Pretrain and quantize even if the model files exist (and overwrite them).
+    #[arg(long)]
+    retrain: bool,
+    /// Only these corruptions (comma-separated names), instead of the workload's list.
+    #[arg(long, value_delimiter = ',')]
+    corruptions: Option<Vec<String>>,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    model: PathBuf,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Architecture name: `fashion-shift`.
+    name: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pretrain(a) => pretrain(a),
+        Command::Quantize(a) => quantize(a),
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::Demo(a) => demo(a),
+        Command::Info(a) => info(a),
+        Command::Model(a) => model_cmd(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+/// Load the data named by `args`, or the Fashion-MNIST `split` by default; then keep
+/// `per_class` samples of each class and apply the corruption.
+fn load_data(args: &DataArgs, default: Split) -> Result<Dataset> {
+    let mut ds = match &args.data {
+        Some(path) => data::load(path, args.labels.as_deref())?,
+        None => {
+            if args.labels.is_some() {
+                bail!("--labels needs --data");
+            }
+            data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), default).context(
+                "no --data given and Fashion-MNIST is not installed; install it with `apt-get install dataset-fashion-mnist` or pass --data",
+            )?
+        }
+    };
+    if let Some(n) = args.per_class {
+        ds = ds.per_class(n, args.seed)?;
+    }
+    if let Some(spec) = args.corrupt {
+        ds = data::corrupt_dataset(&ds, spec, args.seed);
+    }
+    Ok(ds)
+}
+
+fn load_eval(data: &Option<PathBuf>, labels: &Option<PathBuf>, train_args: &DataArgs) -> Result<Option<Dataset>> {
+    match data {
+        Some(path) => Ok(Some(data::load(path, labels.as_deref())?)),
+        None if train_args.data.is_none() => {
+            let mut ds = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?;
+            if let Some(spec) = train_args.corrupt {
+                ds = data::corrupt_dataset(&ds, spec, train_args.seed.wrapping_add(1));
+            }
+            Ok(Some(ds))
+        }
+        None => Ok(None),
+    }
+}
+
+fn check_fit(model: &Model, ds: &Dataset) -> Result<()> {
+    let [c, h, w] = model.arch.input;
+    ds.check_shape(c, h, w)?;
+    ds.check_labels(model.arch.classes)?;
+    Ok(())
+}
+
+fn load_model(path: &Path) -> Result<Model> {
+    Ok(format::load(path)?)
+}
+
+fn architecture(name: &str) -> Result<mcutrain::model::Architecture> {
+    match name {
+        "fashion-shift" => Ok(zoo::fashion_shift_backbone()),
+        other => bail!("unknown architecture '{other}'; available: fashion-shift"),
+    }
+}
+
+fn float_config(epochs: usize, batch: usize, lr: f32, momentum: f32, scheme: UpdateScheme, seed: u64) -> Result<FloatTrainConfig> {
+    if epochs == 0 || batch == 0 || !(lr > 0.0) || !(0.0..1.0).contains(&momentum) {
+        bail!("need epochs >= 1, batch >= 1, lr > 0 and 0 <= momentum < 1");
+    }
+    Ok(FloatTrainConfig { epochs, batch, lr, momentum, scheme, seed })
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    let arch = architecture(&a.arch)?;
+    let ds = load_data(&a.data, Split::Train)?;
+    let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
+    let mut model = zoo::init_float(&arch, a.data.seed)?;
+    check_fit(&model, &ds)?;
+    let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, UpdateScheme::All, a.data.seed)?;
+    let steps = ds.len().div_ceil(a.batch) * a.epochs;
+    let bar = progress(steps as u64, "pretraining (float32)", false);
+    let losses = mcutrain::engine::float::train(&mut model, &ds, &cfg, |s| {
+        bar.inc(1);
+        bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
+    })?;
+    bar.finish_and_clear();
+    format::save(&a.out, &model)?;
+    let accuracy = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
+    if a.output.json {
+        println!("{}", json!({"model": a.out, "epochs": a.epochs, "train_samples": ds.len(), "epoch_losses": losses, "accuracy": accuracy, "eval_samples": eval_ds.as_ref().map(|d| d.len())}));
+    } else {
+        println!("pretrained {} on {} samples ({} epochs); losses per epoch: {}", a.arch, ds.len(), a.epochs, losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "));
+        if let (Some(acc), Some(d)) = (accuracy, &eval_ds) {
+            println!("accuracy on {} evaluation samples: {}", d.len(), pct(acc));
+        }
+        println!("wrote {}", a.out.display());
+    }
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let calib = load_data(&a.data, Split::Train)?;
+    check_fit(&model, &calib)?;
+    let quantized = mcutrain::quantize::quantize(&model, &calib, a.calibration_samples)?;
+    format::save(&a.out, &quantized)?;
+    let test = if a.data.data.is_none() { Some(data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?) } else { None };
+    let accs = test.as_ref().map(|t| -> Result<(f64, f64)> { Ok((evaluate(&model, t)?, evaluate(&quantized, t)?)) }).transpose()?;
+    if a.output.json {
+        println!("{}", json!({"model": a.out, "calibration_samples": a.calibration_samples.min(calib.len()), "float_accuracy": accs.map(|x| x.0), "int8_accuracy": accs.map(|x| x.1), "samples": test.as_ref().map(|t| t.len())}));
+    } else {
+        if let Some((f, q)) = accs {
+            println!("test accuracy: float32 {}, int8 {} ({:+.2} pp)", pct(f), pct(q), 100.0 * (q - f));
+        }
+        println!("wrote {}", a.out.display());
+    }
+    Ok(())
+}
+
+fn parse_partial(s: &str) -> Result<PartialUpdate> {
+    let bad = || anyhow::anyhow!("--partial takes LAMBDA_MIN:LAMBDA_MAX with 0 < min <= max <= 1, e.g. 0.1:0.1; got '{s}'");
+    let (lo, hi) = s.split_once(':').ok_or_else(bad)?;
+    let (lambda_min, lambda_max): (f32, f32) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+    if !(lambda_min > 0.0 && lambda_min <= lambda_max && lambda_max <= 1.0) {
+        return Err(bad());
+    }
+    Ok(PartialUpdate { lambda_min, lambda_max })
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let Target::Host = a.on;
+    let model = load_model(&a.model)?;
+    let ds = load_data(&a.data, Split::Train)?;
+    check_fit(&model, &ds)?;
+    let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
+    let before = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
+    let steps = ds.len().div_ceil(a.batch.max(1)) * a.epochs;
+    let (trained, losses, method) = match a.method {
+        Method::Float => {
+            if matches!(model.params, Params::Int8(_)) {
+                bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
+            }
+            if a.partial.is_some() {
+                bail!("--partial applies to --method fqt only");
+            }
+            let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
+            let bar = progress(steps as u64, "training (float32)", false);
+            let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
+            bar.finish_and_clear();
+            (r.0, r.1, "float")
+        }
+        Method::Fqt => {
+            if matches!(model.params, Params::Float(_)) {
+                bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
+            }
+            if a.epochs == 0 || a.batch == 0 || !(a.lr > 0.0) {
+                bail!("need epochs >= 1, batch >= 1 and lr > 0");
+            }
+            let cfg = FqtConfig {
+                epochs: a.epochs,
+                batch: a.batch,
+                lr: a.lr,
+                scheme: a.update,
+                seed: a.data.seed,
+                partial: a.partial.as_deref().map(parse_partial).transpose()?,
+                ..FqtConfig::default()
+            };
+            let bar = progress(steps as u64, "training (int8 FQT)", false);
+            let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
+            bar.finish_and_clear();
+            (r.0, r.1, "fqt")
+        }
+    };
+    if let Some(out) = &a.out {
+        format::save(out, &trained)?;
+    }
+    let after = eval_ds.as_ref().map(|d| evaluate(&trained, d)).transpose()?;
+    if a.output.json {
+        println!("{}", json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out}));
+    } else {
+        println!("{method} training on {} samples, {} epochs, update {}; losses per epoch: {}", ds.len(), a.epochs, a.update, losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "));
+        if let (Some(b), Some(f), Some(d)) = (before, after, &eval_ds) {
+            println!("accuracy on {} evaluation samples: before {}, after {}", d.len(), pct(b), pct(f));
+        }
+        if let Some(out) = &a.out {
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let ds = load_data(&a.data, Split::Test)?;
+    check_fit(&model, &ds)?;
+    let acc = evaluate(&model, &ds)?;
+    if a.output.json {
+        println!("{}", json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision()}));
+    } else {
+        println!("{} model, {} samples: accuracy {}", model.precision(), ds.len(), pct(acc));
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let shapes = model.arch.shapes()?;
+    let lens = model.arch.param_lens()?;
+    let rows: Vec<Vec<String>> = model
+        .arch
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| vec![i.to_string(), l.name.clone(), l.kind.op_name().to_string(), format!("{:?}", shapes[i + 1]), (lens[i].0 + lens[i].1).to_string()])
+        .collect();
+    let params = model.arch.param_count()?;
+    let macs = model.arch.forward_macs()?;
+    if a.output.json {
+        println!("{}", json!({"precision": model.precision(), "input": model.arch.input, "classes": model.arch.classes, "layers": model.arch.layers.len(), "parameters": params, "forward_macs": macs}));
+    } else {
+        println!("{}", table(&["#", "layer", "op", "output", "params"], &rows));
+        println!("{} model: input {:?}, {} classes, {} parameters, {} MACs per forward pass", model.precision(), model.arch.input, model.arch.classes, params, macs);
+    }
+    Ok(())
+}
+
+fn model_cmd(a: ModelArgs) -> Result<()> {
+    let model = zoo::init_float(&architecture(&a.name)?, a.seed)?;
+    format::save(&a.out, &model)?;
+    println!("wrote {} ({} parameters)", a.out.display(), model.arch.param_count()?);
+    Ok(())
+}
+
+/// The repository root: the nearest ancestor of the current directory holding `workloads/`.
+fn find_root() -> Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    cwd.ancestors()
+        .find(|d| d.join("workloads").is_dir())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow::anyhow!("cannot find the repository root (a folder with workloads/) above {}; pass --root", cwd.display()))
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let w = match &a.workload {
+        Some(p) => ShiftWorkload::load(p)?,
+        None => ShiftWorkload::fashion_shift(),
+    };
+    let root = match &a.root {
+        Some(r) => r.clone(),
+        None => find_root()?,
+    };
+    let quiet = a.output.json;
+    let train = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Train)
+        .context("the demo needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`")?;
+    let test = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?;
+    let float_path = root.join(&w.models.float);
+    let int8_path = root.join(&w.models.int8);
+    let (float_model, int8_model) = if !a.retrain && float_path.exists() && int8_path.exists() {
+        (load_model(&float_path)?, load_model(&int8_path)?)
+    } else {
+        let p = &w.pretrain;
+        let arch = architecture(&w.architecture)?;
+        let mut model = zoo::init_float(&arch, p.seed)?;
+        let cfg = float_config(p.epochs, p.batch, p.lr, p.momentum, UpdateScheme::All, p.seed)?;
+        let bar = progress((train.len().div_ceil(p.batch) * p.epochs) as u64, "pretraining (float32)", quiet);
+        mcutrain::engine::float::train(&mut model, &train, &cfg, |s| {
+            bar.inc(1);
+            bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
+        })?;
+        bar.finish_and_clear();
+        let quantized = mcutrain::quantize::quantize(&model, &train, w.quantize.calibration_samples)?;
+        format::save(&float_path, &model)?;
+        format::save(&int8_path, &quantized)?;
+        (model, quantized)
+    };
+    let clean_float = evaluate(&float_model, &test)?;
+    let clean_int8 = evaluate(&int8_model, &test)?;
+    let ad = &w.adapt;
+    let corruptions = a.corruptions.clone().unwrap_or_else(|| ad.corruptions.clone());
+    let float_cfg = float_config(ad.float.epochs, ad.float.batch, ad.float.lr, ad.float.momentum, ad.float.scheme.parse().map_err(anyhow::Error::msg)?, ad.seed)?;
+    let fqt_cfg = FqtConfig {
+        epochs: ad.fqt.epochs,
+        batch: ad.fqt.batch,
+        lr: ad.fqt.lr,
+        scheme: ad.fqt.scheme.parse().map_err(anyhow::Error::msg)?,
+        seed: ad.seed,
+        ..FqtConfig::default()
+    };
+    let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
+    let mut shift = Vec::new();
+    let mut rows = Vec::new();
+    for name in &corruptions {
+        let spec: CorruptionSpec = format!("{name}:{}", ad.severity).parse().map_err(anyhow::Error::msg)?;
+        let adapt_set = data::corrupt_dataset(&adapt_pool, spec, ad.seed);
+        let test_set = data::corrupt_dataset(&test, spec, ad.seed.wrapping_add(1));
+        let before_float = evaluate(&float_model, &test_set)?;
+        let before = evaluate(&int8_model, &test_set)?;
+        let steps = adapt_set.len().div_ceil(ad.float.batch) * ad.float.epochs;
+        let bar = progress(steps as u64, &format!("{name}: float32 fine-tuning"), quiet);
+        let (float_tuned, _) = float_finetune(&float_model, &adapt_set, &float_cfg, |_| bar.inc(1))?;
+        bar.finish_and_clear();
+        let float_ft = evaluate(&float_tuned, &test_set)?;
+        let steps = adapt_set.len().div_ceil(ad.fqt.batch) * ad.fqt.epochs;
+        let bar = progress(steps as u64, &format!("{name}: int8 FQT fine-tuning"), quiet);
+        let (fqt_tuned, _) = fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
+        bar.finish_and_clear();
+        let fqt_ft = evaluate(&fqt_tuned, &test_set)?;
+        rows.push(vec![name.clone(), ad.severity.to_string(), pct(before_float), pct(before), pct(float_ft), pct(fqt_ft), format!("{:+.2}", 100.0 * (fqt_ft - float_ft))]);
+        shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft}));
+    }
+    if a.output.json {
+        println!("{}", json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "float_ft": {"epochs": ad.float.epochs, "lr": ad.float.lr, "scheme": ad.float.scheme}, "fqt_ft": {"epochs": ad.fqt.epochs, "lr": ad.fqt.lr, "scheme": ad.fqt.scheme}, "shift": shift}));
+    } else {
+        println!("{}: clean test accuracy ({} samples): float32 {}, int8 {} ({:+.2} pp)", w.name, test.len(), pct(clean_float), pct(clean_int8), 100.0 * (clean_int8 - clean_float));
+        println!("adaptation with {} corrupted samples ({} per class), evaluated on the corrupted test set:\n", adapt_pool.len(), ad.per_class);
+        println!("{}", table(&["corruption", "sev", "float before", "int8 before", "float ft", "fqt ft", "fqt-float pp"], &rows));
+    }
+    Ok(())
+}

@@ -1,1 +1,230 @@
-//! (in progress)
+//! Element-wise activations (identity, ReLU, ReLU6), float and 8-bit.
+//!
+//! Quantized activations keep the qparams of their input: the forward is a clamp of the codes,
+//! and the backward masks the error where the activation (or the 8-bit storage) clipped.
+//! None of these functions needs scratch memory.
+
+use crate::quant::{QParams, Q_MAX, Q_MIN};
+
+/// An element-wise activation, fused into an operator or applied on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Identity: `y = x`.
+    None,
+    /// `y = max(x, 0)`.
+    Relu,
+    /// `y = min(max(x, 0), 6)`.
+    Relu6,
+}
+
+impl Activation {
+    /// The real interval the activation clamps to: `(-inf, +inf)`, `(0, +inf)` or `(0, 6)`.
+    pub fn real_bounds(self) -> (f32, f32) {
+        match self {
+            Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Relu6 => (0.0, 6.0),
+        }
+    }
+
+    /// The same clamp in the code domain of `q`: `(lo, hi)` with
+    /// `lo = clamp(z + round(lo_real / s), -128, 127)` and likewise `hi`; an infinite bound maps
+    /// to the storage limit. Real 0 is the code `z` exactly.
+    pub fn code_bounds(self, q: QParams) -> (i32, i32) {
+        let (lo, hi) = self.real_bounds();
+        let code = |real: f32, limit: i32| {
+            if real.is_finite() {
+                q.quantize(real) as i32
+            } else {
+                limit
+            }
+        };
+        (code(lo, Q_MIN), code(hi, Q_MAX))
+    }
+}
+
+/// `output[i] = clamp(input[i], lo, hi)` with `(lo, hi)` = [`Activation::real_bounds`].
+/// Scratch: none.
+pub fn forward(act: Activation, input: &[f32], output: &mut [f32]) {
+    debug_assert_eq!(input.len(), output.len());
+    let (lo, hi) = act.real_bounds();
+    for (y, &x) in output.iter_mut().zip(input) {
+        *y = if x < lo {
+            lo
+        } else if x > hi {
+            hi
+        } else {
+            x
+        };
+    }
+}
+
+/// In place `err[i] = 0` where `output[i]` sits at an activation bound (`y <= 0` for ReLU,
+/// `y <= 0` or `y >= 6` for ReLU6), else unchanged: `dL/dx = dL/dy * [lo < y < hi]`.
+/// The identity leaves `err` unchanged. Scratch: none.
+pub fn backward(act: Activation, output: &[f32], err: &mut [f32]) {
+    debug_assert_eq!(output.len(), err.len());
+    if act == Activation::None {
+        return;
+    }
+    let (lo, hi) = act.real_bounds();
+    for (e, &y) in err.iter_mut().zip(output) {
+        if y <= lo || y >= hi {
+            *e = 0.0;
+        }
+    }
+}
+
+/// `output[i] = clamp(input[i], lo, hi)` on codes, with `(lo, hi)` = [`Activation::code_bounds`]
+/// of `q`; input and output share the qparams `q`, so no rescaling happens. Scratch: none.
+pub fn forward_q(act: Activation, input: &[i8], q: QParams, output: &mut [i8]) {
+    debug_assert_eq!(input.len(), output.len());
+    let (lo, hi) = act.code_bounds(q);
+    for (y, &x) in output.iter_mut().zip(input) {
+        *y = (x as i32).clamp(lo, hi) as i8;
+    }
+}
+
+/// In place `err[i] = z_err` (real 0) wherever `output[i] <= lo` or `output[i] >= hi`, with
+/// `(lo, hi)` = [`Activation::code_bounds`] of `output_q`, else unchanged.
+///
+/// Because the code bounds never pass the storage limits, this masks both the activation's
+/// bounds and 8-bit saturation (`-128`, `127`): a saturated (clamped) output passes no gradient,
+/// the clipped straight-through estimator. So even [`Activation::None`] masks saturated codes.
+/// The error keeps its qparams `err_q`. Scratch: none.
+pub fn backward_mask_q(
+    act: Activation,
+    output: &[i8],
+    output_q: QParams,
+    err: &mut [i8],
+    err_q: QParams,
+) {
+    debug_assert_eq!(output.len(), err.len());
+    let (lo, hi) = act.code_bounds(output_q);
+    let zero = err_q.zero_point as i8;
+    for (e, &y) in err.iter_mut().zip(output) {
+        let y = y as i32;
+        if y <= lo || y >= hi {
+            *e = zero;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use proptest::prelude::*;
+    use std::vec::Vec;
+
+    const ALL: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
+
+    fn reference(act: Activation, x: f64) -> f64 {
+        match act {
+            Activation::None => x,
+            Activation::Relu => x.max(0.0),
+            Activation::Relu6 => x.clamp(0.0, 6.0),
+        }
+    }
+
+    #[test]
+    fn code_bounds_follow_zero_point_and_six() {
+        let q = QParams {
+            scale: 0.05,
+            zero_point: -100,
+        };
+        assert_eq!(Activation::None.code_bounds(q), (-128, 127));
+        assert_eq!(Activation::Relu.code_bounds(q), (-100, 127));
+        assert_eq!(Activation::Relu6.code_bounds(q), (-100, 20));
+        // 6.0 beyond the representable range saturates.
+        let wide = QParams {
+            scale: 0.01,
+            zero_point: 0,
+        };
+        assert_eq!(Activation::Relu6.code_bounds(wide), (0, 127));
+    }
+
+    #[test]
+    fn float_forward_clamps() {
+        let x = [-2.0f32, 0.0, 3.0, 6.0, 9.5];
+        let mut y = [0.0f32; 5];
+        forward(Activation::Relu6, &x, &mut y);
+        assert_eq!(y, [0.0, 0.0, 3.0, 6.0, 6.0]);
+        forward(Activation::Relu, &x, &mut y);
+        assert_eq!(y, [0.0, 0.0, 3.0, 6.0, 9.5]);
+        forward(Activation::None, &x, &mut y);
+        assert_eq!(y, x);
+    }
+
+    #[test]
+    fn backward_matches_central_differences_away_from_kinks() {
+        let mut rng = crate::rng::Rng::new(7);
+        let n = 64;
+        let x: Vec<f32> = (0..n)
+            .map(|_| loop {
+                let v = -3.0 + 12.0 * rng.next_f32();
+                if (v.abs() > 0.05) && ((v - 6.0).abs() > 0.05) {
+                    break v;
+                }
+            })
+            .collect();
+        let upstream: Vec<f32> = (0..n).map(|_| 2.0 * rng.next_f32() - 1.0).collect();
+        for act in ALL {
+            let mut y = std::vec![0.0f32; n];
+            forward(act, &x, &mut y);
+            let mut err = upstream.clone();
+            backward(act, &y, &mut err);
+            let h = 1e-3f64;
+            for i in 0..n {
+                let xi = x[i] as f64;
+                let fd = (reference(act, xi + h) - reference(act, xi - h)) / (2.0 * h)
+                    * upstream[i] as f64;
+                let got = err[i] as f64;
+                let tol = 1e-3 * fd.abs().max(got.abs()).max(1e-6);
+                assert!((fd - got).abs() <= tol, "{act:?} x={xi} fd={fd} got={got}");
+            }
+        }
+    }
+
+    #[test]
+    fn mask_q_zeroes_bounds_and_saturation() {
+        let out_q = QParams {
+            scale: 0.05,
+            zero_point: -100,
+        };
+        let err_q = QParams {
+            scale: 0.01,
+            zero_point: 3,
+        };
+        let output = [-100i8, -99, 19, 20, 127, -128, 0];
+        for (act, expect) in [
+            (Activation::Relu6, [3i8, 9, 9, 3, 3, 3, 9]),
+            (Activation::Relu, [3, 9, 9, 9, 3, 3, 9]),
+            (Activation::None, [9, 9, 9, 9, 3, 3, 9]),
+        ] {
+            let mut err = [9i8; 7];
+            backward_mask_q(act, &output, out_q, &mut err, err_q);
+            assert_eq!(err, expect, "{act:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn forward_q_agrees_with_float_on_dequantized_codes(
+            codes in proptest::collection::vec(any::<i8>(), 1..64),
+            scale in 0.001f32..0.2,
+            zero_point in -128i32..=127,
+        ) {
+            let q = QParams { scale, zero_point };
+            for act in ALL {
+                let mut out = std::vec![0i8; codes.len()];
+                forward_q(act, &codes, q, &mut out);
+                for (&c, &o) in codes.iter().zip(&out) {
+                    let expect = reference(act, q.dequantize(c) as f64);
+                    // The 6.0 bound is representable only up to half a step.
+                    prop_assert!((q.dequantize(o) as f64 - expect).abs() <= 0.5 * scale as f64 + 1e-6);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! float32 reference training: forward, backward with pruning, SGD with momentum.
+
+use super::{first_trained_layer, Trainable, UpdateScheme};
+use crate::data::Dataset;
+use crate::model::{Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, Shape};
+use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
+use mcutrain_core::rng::Rng;
+use mcutrain_core::update;
+use rayon::prelude::*;
+
+/// Samples per parallel work item. Fixed, so results do not depend on the thread count.
+pub const CHUNK: usize = 16;
+
+/// A float model resolved for execution: shapes and per-layer geometries at batch 1.
+pub struct FloatNet<'a> {
+    arch: &'a Architecture,
+    shapes: Vec<Shape>,
+}
+
+/// Result of a backward pass over one batch.
+pub struct Backward {
+    /// Sum of the per-sample losses.
+    pub loss: f64,
+    /// Error tensors `dL/d tensor` as the consuming layer used them (after its activation
+    /// mask); `None` below the lowest trained layer, where nothing is propagated.
+    pub errors: Vec<Option<Vec<f32>>>,
+}
+
+impl<'a> FloatNet<'a> {
+    /// Resolve `arch`; fails if a layer does not fit its input.
+    pub fn new(arch: &'a Architecture) -> Result<Self, ModelError> {
+        Ok(FloatNet {
+            shapes: arch.shapes()?,
+            arch,
+        })
+    }
+
+    /// Per-sample shapes of every tensor.
+    pub fn shapes(&self) -> &[Shape] {
+        &self.shapes
+    }
+
+    fn geometry(&self, layer: usize, batch: usize) -> Geometry {
+        self.arch
+            .geometry(layer, self.shapes[layer], batch)
+            .expect("geometries were validated by Architecture::shapes")
+    }
+
+    /// Forward pass of `batch` samples; returns every tensor (index 0 is `input`).
+    pub fn forward(&self, params: &[FloatLayer], input: &[f32], batch: usize) -> Vec<Vec<f32>> {
+        let mut tensors: Vec<Vec<f32>> = Vec::with_capacity(self.shapes.len());
+        tensors.push(input.to_vec());
+        for (i, layer) in self.arch.layers.iter().enumerate() {
+            let x = &tensors[i];
+            let mut y = vec![0.0f32; batch * crate::model::numel(self.shapes[i + 1])];
+            match (&layer.kind, self.geometry(i, batch)) {
+                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                    conv2d::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
+                    apply_activation(*act, &mut y);
+                }
+                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                    linear::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
+                    apply_activation(*act, &mut y);
+                }
+                (LayerKind::Activation(act), _) => activation::forward(*act, x, &mut y),
+                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward(&g, x, &mut y),
+                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => pool::max_forward(&g, x, &mut y),
+                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
+                    pool::global_avg_forward(&pool::GlobalPoolGeom { batch, channels, spatial }, x, &mut y)
+                }
+                (LayerKind::Add { skip_from }, _) => add::forward(x, &tensors[skip_from + 1], &mut y),
+                (LayerKind::Flatten, _) => y.copy_from_slice(x),
+                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+            }
+            tensors.push(y);
+        }
+        tensors
+    }
+
+    /// Backward pass for a batch whose forward produced `tensors`, with softmax cross-entropy
+    /// on `labels`. Gradients of the trainable parameters are *added* to `grads`.
+    pub fn backward(
+        &self,
+        params: &[FloatLayer],
+        tensors: &[Vec<f32>],
+        labels: &[u16],
+        trainable: &[Trainable],
+        grads: &mut [FloatLayer],
+    ) -> Backward {
+        let batch = labels.len();
+        let n = self.arch.layers.len();
+        let mut errors: Vec<Option<Vec<f32>>> = vec![None; n + 1];
+        let mut out_err = vec![0.0f32; tensors[n].len()];
+        let loss = loss::softmax_cross_entropy(&tensors[n], labels, self.arch.classes, &mut out_err);
+        errors[n] = Some(out_err);
+        let Some(lowest) = first_trained_layer(trainable) else {
+            return Backward {
+                loss: loss as f64,
+                errors,
+            };
+        };
+        for i in (lowest..n).rev() {
+            let Some(mut err) = errors[i + 1].take() else {
+                continue;
+            };
+            let needs_input_err = i > lowest;
+            let x = &tensors[i];
+            let layer = &self.arch.layers[i];
+            let mut input_err: Option<Vec<f32>> = None;
+            match (&layer.kind, self.geometry(i, batch)) {
+                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                    activation::backward(*act, &tensors[i + 1], &mut err);
+                    if trainable[i].weight {
+                        conv2d::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
+                    }
+                    if trainable[i].bias {
+                        conv2d::bias_backward(&g, &err, ChannelSet::All, &mut grads[i].bias);
+                    }
+                    if needs_input_err {
+                        let mut e = vec![0.0; x.len()];
+                        conv2d::input_backward(&g, &params[i].weight, &err, ChannelSet::All, &mut e);
+                        input_err = Some(e);
+                    }
+                }
+                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                    activation::backward(*act, &tensors[i + 1], &mut err);
+                    if trainable[i].weight {
+                        linear::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
+                    }
+                    if trainable[i].bias {
+                        linear::bias_backward(&g, &err, ChannelSet::All, &mut grads[i].bias);
+                    }
+                    if needs_input_err {
+                        let mut e = vec![0.0; x.len()];
+                        linear::input_backward(&g, &params[i].weight, &err, ChannelSet::All, &mut e);
+                        input_err = Some(e);
+                    }
+                }
+                (LayerKind::Activation(act), _) => {
+                    activation::backward(*act, &tensors[i + 1], &mut err);
+                    input_err = Some(err.clone());
+                }
+                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
+                    let mut e = vec![0.0; x.len()];
+                    pool::avg_input_backward(&g, &err, &mut e);
+                    input_err = Some(e);
+                }
+                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
+                    let mut e = vec![0.0; x.len()];
+                    pool::max_input_backward(&g, x, &err, &mut e);
+                    input_err = Some(e);
+                }
+                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
+                    let mut e = vec![0.0; x.len()];
+                    pool::global_avg_input_backward(&pool::GlobalPoolGeom { batch, channels, spatial }, &err, &mut e);
+                    input_err = Some(e);
+                }
+                (LayerKind::Add { skip_from }, _) => {
+                    if skip_from + 1 > lowest {
+                        accumulate(&mut errors[skip_from + 1], &err);
+                    }
+                    input_err = Some(err.clone());
+                }
+                (LayerKind::Flatten, _) => input_err = Some(err.clone()),
+                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+            }
+            if needs_input_err {
+                if let Some(e) = input_err {
+                    accumulate(&mut errors[i], &e);
+                }
+            }
+            errors[i + 1] = Some(err);
+        }
+        Backward {
+            loss: loss as f64,
+            errors,
+        }
+    }
+
+    /// Predicted class of every sample of `data`, in parallel chunks.
+    pub fn predict(&self, params: &[FloatLayer], data: &Dataset) -> Vec<usize> {
+        let len = data.sample_len();
+        let classes = self.arch.classes;
+        let chunks: Vec<Vec<usize>> = (0..data.len())
+            .collect::<Vec<_>>()
+            .par_chunks(CHUNK * 4)
+            .map(|idx| {
+                let batch = idx.len();
+                let input = &data.samples[idx[0] * len..(idx[0] + batch) * len];
+                let tensors = self.forward(params, input, batch);
+                let logits = tensors.last().expect("at least the input");
+                logits.chunks(classes).map(loss::argmax).collect()
+            })
+            .collect();
+        chunks.concat()
+    }
+}
+
+/// Clamp `values` in place to the activation's real bounds.
+fn apply_activation(act: activation::Activation, values: &mut [f32]) {
+    if act != activation::Activation::None {
+        let (lo, hi) = act.real_bounds();
+        for v in values {
+            *v = v.clamp(lo, hi);
+        }
+    }
+}
+
+/// `slot += value`, creating the slot on first use.
+fn accumulate(slot: &mut Option<Vec<f32>>, value: &[f32]) {
+    match slot {
+        Some(acc) => acc.iter_mut().zip(value).for_each(|(a, v)| *a += v),
+        None => *slot = Some(value.to_vec()),
+    }
+}
+
+/// Hyper-parameters of float training.
+#[derive(Clone, Debug)]
+pub struct FloatTrainConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Samples per update.
+    pub batch: usize,
+    /// Peak learning rate (cosine decay to 0 over the run).
+    pub lr: f32,
+    /// SGD momentum (0 disables the velocity buffer).
+    pub momentum: f32,
+    /// Which parameters are updated.
+    pub scheme: UpdateScheme,
+    /// Seed of the sample order.
+    pub seed: u64,
+}
+
+/// Progress of a training run, reported after every batch.
+pub struct StepInfo {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Batches done in this epoch.
+    pub step: usize,
+    /// Batches per epoch.
+    pub steps: usize,
+    /// Mean loss of the batch just done.
+    pub loss: f64,
+}
+
+/// Train the float parameters of `model` on `data` with mini-batch SGD; returns the mean
+/// loss of each epoch.
+pub fn train(
+    model: &mut Model,
+    data: &Dataset,
+    cfg: &FloatTrainConfig,
+    mut progress: impl FnMut(&StepInfo),
+) -> Result<Vec<f64>, ModelError> {
+    let arch = model.arch.clone();
+    let net = FloatNet::new(&arch)?;
+    let Params::Float(params) = &mut model.params else {
+        return Err(ModelError::BadParams(
+            "float training needs a float32 model; use --method fqt for an int8 model".into(),
+        ));
+    };
+    let trainable = cfg.scheme.trainable(&arch);
+    let mut velocity: Vec<FloatLayer> = zeros_like(params);
+    let len = data.sample_len();
+    let steps = data.len().div_ceil(cfg.batch.max(1));
+    let total_steps = (steps * cfg.epochs).max(1);
+    let mut rng = Rng::new(cfg.seed);
+    let mut epoch_losses = Vec::with_capacity(cfg.epochs);
+    for epoch in 0..cfg.epochs {
+        let order = shuffled(data.len(), &mut rng);
+        let mut epoch_loss = 0.0;
+        for (step, batch_idx) in order.chunks(cfg.batch.max(1)).enumerate() {
+            let batch_input: Vec<f32> = batch_idx
+                .iter()
+                .flat_map(|&i| data.samples[i * len..(i + 1) * len].iter().copied())
+                .collect();
+            let batch_labels: Vec<u16> = batch_idx.iter().map(|&i| data.labels[i]).collect();
+            let (loss, grads) = batch_gradients(&net, params, &batch_input, &batch_labels, &trainable);
+            let t = (epoch * steps + step) as f32 / total_steps as f32;
+            let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * t).cos());
+            let grad_scale = 1.0 / batch_idx.len() as f32;
+            for (i, tr) in trainable.iter().enumerate() {
+                if tr.weight {
+                    update::sgd(&mut params[i].weight, &grads[i].weight, &mut velocity[i].weight, lr, cfg.momentum, grad_scale);
+                }
+                if tr.bias {
+                    update::sgd(&mut params[i].bias, &grads[i].bias, &mut velocity[i].bias, lr, cfg.momentum, grad_scale);
+                }
+            }
+            epoch_loss += loss;
+            progress(&StepInfo {
+                epoch,
+                step: step + 1,
+                steps,
+                loss: loss / batch_idx.len() as f64,
+            });
+        }
+        epoch_losses.push(epoch_loss / data.len().max(1) as f64);
+    }
+    Ok(epoch_losses)
+}
+
+/// Loss sum and summed gradients of one batch, computed in fixed chunks of [`CHUNK`] samples
+/// in parallel and reduced in chunk order.
+pub fn batch_gradients(
+    net: &FloatNet,
+    params: &[FloatLayer],
+    input: &[f32],
+    labels: &[u16],
+    trainable: &[Trainable],
+) -> (f64, Vec<FloatLayer>) {
+    let len = input.len() / labels.len().max(1);
+    let parts: Vec<(f64, Vec<FloatLayer>)> = labels
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, chunk_labels)| {
+            let start = c * CHUNK * len;
+            let chunk_input = &input[start..start + chunk_labels.len() * len];
+            let tensors = net.forward(params, chunk_input, chunk_labels.len());
+            let mut grads = zeros_like(params);
+            let back = net.backward(params, &tensors, chunk_labels, trainable, &mut grads);
+            (back.loss, grads)
+        })
+        .collect();
+    let mut iter = parts.into_iter();
+    let (mut loss, mut grads) = iter.next().unwrap_or_else(|| (0.0, zeros_like(params)));
+    for (l, g) in iter {
+        loss += l;
+        for (acc, part) in grads.iter_mut().zip(&g) {
+            acc.weight.iter_mut().zip(&part.weight).for_each(|(a, b)| *a += b);
+            acc.bias.iter_mut().zip(&part.bias).for_each(|(a, b)| *a += b);
+        }
+    }
+    (loss, grads)
+}
+
+/// Zero buffers with the shapes of `params`.
+pub fn zeros_like(params: &[FloatLayer]) -> Vec<FloatLayer> {
+    params
+        .iter()
+        .map(|p| FloatLayer {
+            weight: vec![0.0; p.weight.len()],
+            bias: vec![0.0; p.bias.len()],
+        })
+        .collect()
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates).
+pub fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u32 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}

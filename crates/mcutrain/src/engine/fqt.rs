@@ -1,0 +1,547 @@
+//! Fully quantized training (Deutel et al. 2024, shared/methods.md section 1): 8-bit weights,
+//! activations and error tensors with adaptive ranges, gradient standardization, mini-batch
+//! accumulation and dynamic partial gradient updates.
+//!
+//! Order of work, per mini-batch: every sample runs forward and backward with the
+//! quantization parameters fixed at the start of the batch, its gradients are added to the
+//! batch's `f32` gradient buffers in sample order, then the updates are applied and the range
+//! trackers fold in the real extremes observed over the batch.
+
+use super::{first_trained_layer, Trainable, UpdateScheme};
+use crate::data::Dataset;
+use crate::engine::float::{shuffled, zeros_like};
+use crate::model::{numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState, Shape};
+use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
+use mcutrain_core::quant::{QParams, RealRange};
+use mcutrain_core::rng::Rng;
+use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
+use rayon::prelude::*;
+
+/// Dynamic partial gradient updates: per layer and sample, only the
+/// `k = max(floor((lambda_min + |e / e_max| (lambda_max - lambda_min)) N), 1)` output channels
+/// with the largest mean absolute error are back-propagated and updated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PartialUpdate {
+    /// Smallest fraction of structures updated, in `(0, 1]`.
+    pub lambda_min: f32,
+    /// Largest fraction, in `[lambda_min, 1]`.
+    pub lambda_max: f32,
+}
+
+/// Hyper-parameters of fully quantized training.
+#[derive(Clone, Debug)]
+pub struct FqtConfig {
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Samples per update (1 needs no gradient accumulation on a device).
+    pub batch: usize,
+    /// Learning rate of the standardized weight update and of the bias update.
+    pub lr: f32,
+    /// Which parameters are updated.
+    pub scheme: UpdateScheme,
+    /// Seed of the sample order.
+    pub seed: u64,
+    /// Moving-average rate of activation ranges.
+    pub activation_rate: f32,
+    /// Moving-average rate of error ranges.
+    pub error_rate: f32,
+    /// Moving-average rate of weight ranges.
+    pub weight_rate: f32,
+    /// Moving-average rate of the per-structure gradient mean and variance.
+    pub stats_rate: f32,
+    /// Dynamic partial updates, or `None` to update every structure.
+    pub partial: Option<PartialUpdate>,
+}
+
+impl Default for FqtConfig {
+    fn default() -> Self {
+        FqtConfig {
+            epochs: 5,
+            batch: 16,
+            lr: 0.01,
+            scheme: UpdateScheme::All,
+            seed: 0,
+            activation_rate: 0.1,
+            error_rate: 0.1,
+            weight_rate: 0.001,
+            stats_rate: 0.8,
+            partial: None,
+        }
+    }
+}
+
+/// An int8 model resolved for execution.
+pub struct QuantNet<'a> {
+    arch: &'a Architecture,
+    shapes: Vec<Shape>,
+}
+
+/// An error tensor with the quantization it was written in.
+#[derive(Clone, Debug)]
+pub struct QError {
+    /// Codes.
+    pub codes: Vec<i8>,
+    /// Their quantization.
+    pub q: QParams,
+}
+
+/// What the backward pass of one sample produced.
+pub struct SampleGradients {
+    /// Loss of the sample.
+    pub loss: f32,
+    /// Gradients (real units) of the trainable parameters; empty vectors elsewhere.
+    pub grads: Vec<FloatLayer>,
+    /// Real range of every tensor before saturation.
+    pub activation_ranges: Vec<RealRange>,
+    /// Real range of every error tensor computed (not passed through).
+    pub error_ranges: Vec<RealRange>,
+    /// Output channels whose gradient was computed, per layer (`None`: all of them).
+    pub selected: Vec<Option<Vec<u16>>>,
+    /// Mean absolute output error of each trainable layer (real units), for partial updates.
+    pub layer_errors: Vec<f32>,
+    /// Error tensors as the consuming layers used them.
+    pub errors: Vec<Option<QError>>,
+}
+
+impl<'a> QuantNet<'a> {
+    /// Resolve `arch`.
+    pub fn new(arch: &'a Architecture) -> Result<Self, ModelError> {
+        Ok(QuantNet {
+            shapes: arch.shapes()?,
+            arch,
+        })
+    }
+
+    fn geometry(&self, layer: usize, batch: usize) -> Geometry {
+        self.arch
+            .geometry(layer, self.shapes[layer], batch)
+            .expect("geometries were validated by Architecture::shapes")
+    }
+
+    /// Layers whose output keeps the codes and quantization of their input.
+    fn preserves_codes(kind: &LayerKind) -> bool {
+        matches!(
+            kind,
+            LayerKind::Activation(_) | LayerKind::MaxPool { .. } | LayerKind::Flatten
+        )
+    }
+
+    /// Index of the tensor whose range tracker quantizes tensor `t` (code-preserving layers
+    /// share their input's).
+    pub fn range_owner(&self, mut t: usize) -> usize {
+        while t > 0 && Self::preserves_codes(&self.arch.layers[t - 1].kind) {
+            t -= 1;
+        }
+        t
+    }
+
+    /// Quantization of activation tensor `t`.
+    pub fn activation_q(&self, state: &QuantState, t: usize) -> QParams {
+        state.activations[self.range_owner(t)].qparams()
+    }
+
+    /// Quantize float inputs with the input tensor's parameters.
+    pub fn quantize_input(&self, state: &QuantState, input: &[f32]) -> Vec<i8> {
+        let q = self.activation_q(state, 0);
+        input.iter().map(|&v| q.quantize(v)).collect()
+    }
+
+    /// Integer forward pass of `batch` samples; returns every tensor and the real range each
+    /// computed tensor had before saturation.
+    pub fn forward(&self, state: &QuantState, input: Vec<i8>, batch: usize) -> (Vec<Vec<i8>>, Vec<RealRange>) {
+        let n = self.arch.layers.len();
+        let mut tensors: Vec<Vec<i8>> = Vec::with_capacity(n + 1);
+        let mut ranges = vec![RealRange::EMPTY; n + 1];
+        tensors.push(input);
+        for (i, layer) in self.arch.layers.iter().enumerate() {
+            let x = &tensors[i];
+            let in_q = self.activation_q(state, i);
+            let out_q = self.activation_q(state, i + 1);
+            let p = &state.layers[i];
+            let mut y = vec![0i8; batch * numel(self.shapes[i + 1])];
+            let range = match (&layer.kind, self.geometry(i, batch)) {
+                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                    let q = layer_params(in_q, p, out_q, *act);
+                    conv2d::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
+                }
+                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                    let q = layer_params(in_q, p, out_q, *act);
+                    linear::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
+                }
+                (LayerKind::Activation(act), _) => {
+                    activation::forward_q(*act, x, in_q, &mut y);
+                    RealRange::EMPTY
+                }
+                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward_q(&g, x, in_q, out_q, &mut y),
+                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
+                    pool::max_forward_q(&g, x, &mut y);
+                    RealRange::EMPTY
+                }
+                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
+                    pool::global_avg_forward_q(&pool::GlobalPoolGeom { batch, channels, spatial }, x, in_q, out_q, &mut y)
+                }
+                (LayerKind::Add { skip_from }, _) => {
+                    let skip_q = self.activation_q(state, skip_from + 1);
+                    add::forward_q(x, in_q, &tensors[skip_from + 1], skip_q, out_q, &mut y)
+                }
+                (LayerKind::Flatten, _) => {
+                    y.copy_from_slice(x);
+                    RealRange::EMPTY
+                }
+                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+            };
+            ranges[i + 1] = range;
+            tensors.push(y);
+        }
+        (tensors, ranges)
+    }
+
+    /// Backward pass of one sample (forward `tensors`, `label`), with softmax cross-entropy.
+    pub fn backward(
+        &self,
+        state: &QuantState,
+        tensors: &[Vec<i8>],
+        label: u16,
+        trainable: &[Trainable],
+        partial: Option<(PartialUpdate, &[f32])>,
+    ) -> SampleGradients {
+        let n = self.arch.layers.len();
+        let mut errors: Vec<Option<QError>> = vec![None; n + 1];
+        let mut error_ranges = vec![RealRange::EMPTY; n + 1];
+        let mut selected: Vec<Option<Vec<u16>>> = vec![None; n];
+        let mut layer_errors = vec![0.0f32; n];
+        let mut grads: Vec<FloatLayer> = state
+            .layers
+            .iter()
+            .zip(trainable)
+            .map(|(p, t)| FloatLayer {
+                weight: vec![0.0; if t.weight { p.weight.len() } else { 0 }],
+                bias: vec![0.0; if t.bias { p.bias.len() } else { 0 }],
+            })
+            .collect();
+        let err_q = |t: usize| state.errors[t].qparams();
+        let logits_q = self.activation_q(state, n);
+        let mut out_err = vec![0i8; tensors[n].len()];
+        let (loss, range) = loss::softmax_cross_entropy_q(&tensors[n], logits_q, &[label], self.arch.classes, err_q(n), &mut out_err);
+        error_ranges[n] = range;
+        errors[n] = Some(QError {
+            codes: out_err,
+            q: err_q(n),
+        });
+        let Some(lowest) = first_trained_layer(trainable) else {
+            return SampleGradients {
+                loss,
+                grads,
+                activation_ranges: Vec::new(),
+                error_ranges,
+                selected,
+                layer_errors,
+                errors,
+            };
+        };
+        for i in (lowest..n).rev() {
+            let Some(QError { codes: mut err, q: eq }) = errors[i + 1].take() else {
+                continue;
+            };
+            let needs_input_err = i > lowest;
+            let x = &tensors[i];
+            let x_q = self.activation_q(state, i);
+            let layer = &self.arch.layers[i];
+            let p = &state.layers[i];
+            let mut contributions: Vec<(usize, QError, RealRange)> = Vec::new();
+            match (&layer.kind, self.geometry(i, 1)) {
+                (LayerKind::Conv2d { activation: act, .. } | LayerKind::Linear { activation: act, .. }, geometry) => {
+                    activation::backward_mask_q(*act, &tensors[i + 1], self.activation_q(state, i + 1), &mut err, eq);
+                    let (channels_count, spatial) = match geometry {
+                        Geometry::Conv(g) => (g.out_channels, g.out_h() * g.out_w()),
+                        Geometry::Linear(g) => (g.out_features, 1),
+                        other => unreachable!("parametric layer resolved to {other:?}"),
+                    };
+                    if trainable[i].any() {
+                        let mut scores = vec![0.0f32; channels_count];
+                        update::structure_error_scores_q(&err, eq, 1, channels_count, spatial, &mut scores);
+                        layer_errors[i] = scores.iter().sum::<f32>() / channels_count as f32;
+                        if let Some((cfg, error_max)) = partial {
+                            let k = update::partial_update_count(cfg.lambda_min, cfg.lambda_max, layer_errors[i], error_max[i].max(layer_errors[i]), channels_count);
+                            let mut picked = vec![0u16; k];
+                            let list = update::top_k_structures(&scores, k, &mut picked).to_vec();
+                            selected[i] = Some(list);
+                        }
+                    }
+                    let channels = match &selected[i] {
+                        Some(list) => ChannelSet::Subset(list),
+                        None => ChannelSet::All,
+                    };
+                    let mut input_err = vec![0i8; if needs_input_err { x.len() } else { 0 }];
+                    let in_err_q = err_q(i);
+                    let range = match geometry {
+                        Geometry::Conv(g) => {
+                            if trainable[i].weight {
+                                conv2d::weight_backward_q(&g, x, x_q, &err, eq, channels, &mut grads[i].weight);
+                            }
+                            if trainable[i].bias {
+                                conv2d::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
+                            }
+                            needs_input_err.then(|| conv2d::input_backward_q(&g, &p.weight, &p.weight_q, &err, eq, channels, in_err_q, &mut input_err))
+                        }
+                        Geometry::Linear(g) => {
+                            if trainable[i].weight {
+                                linear::weight_backward_q(&g, x, x_q, &err, eq, channels, &mut grads[i].weight);
+                            }
+                            if trainable[i].bias {
+                                linear::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
+                            }
+                            needs_input_err.then(|| linear::input_backward_q(&g, &p.weight, &p.weight_q, &err, eq, channels, in_err_q, &mut input_err))
+                        }
+                        _ => unreachable!(),
+                    };
+                    if let Some(range) = range {
+                        contributions.push((i, QError { codes: input_err, q: in_err_q }, range));
+                    }
+                }
+                (LayerKind::Activation(act), _) => {
+                    activation::backward_mask_q(*act, &tensors[i + 1], x_q, &mut err, eq);
+                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                }
+                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
+                    let mut e = vec![0i8; x.len()];
+                    let range = pool::avg_input_backward_q(&g, &err, eq, err_q(i), &mut e);
+                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                }
+                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
+                    let mut e = vec![0i8; x.len()];
+                    let range = pool::max_input_backward_q(&g, x, &err, eq, err_q(i), &mut e);
+                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                }
+                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
+                    let mut e = vec![0i8; x.len()];
+                    let range = pool::global_avg_input_backward_q(&pool::GlobalPoolGeom { batch: 1, channels, spatial }, &err, eq, err_q(i), &mut e);
+                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                }
+                (LayerKind::Add { skip_from }, _) => {
+                    contributions.push((skip_from + 1, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                }
+                (LayerKind::Flatten, _) => {
+                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                }
+                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+            }
+            for (t, contribution, range) in contributions {
+                if t <= lowest {
+                    continue;
+                }
+                error_ranges[t] = error_ranges[t].merge(range);
+                errors[t] = Some(match errors[t].take() {
+                    None => contribution,
+                    Some(existing) => {
+                        let q = err_q(t);
+                        let mut sum = vec![0i8; existing.codes.len()];
+                        let range = add::forward_q(&existing.codes, existing.q, &contribution.codes, contribution.q, q, &mut sum);
+                        error_ranges[t] = error_ranges[t].merge(range);
+                        QError { codes: sum, q }
+                    }
+                });
+            }
+            errors[i + 1] = Some(QError { codes: err, q: eq });
+        }
+        SampleGradients {
+            loss,
+            grads,
+            activation_ranges: Vec::new(),
+            error_ranges,
+            selected,
+            layer_errors,
+            errors,
+        }
+    }
+
+    /// Predicted class of every sample of `data`.
+    pub fn predict(&self, state: &QuantState, data: &Dataset) -> Vec<usize> {
+        let len = data.sample_len();
+        let classes = self.arch.classes;
+        let chunks: Vec<Vec<usize>> = (0..data.len())
+            .collect::<Vec<_>>()
+            .par_chunks(64)
+            .map(|idx| {
+                let batch = idx.len();
+                let input = self.quantize_input(state, &data.samples[idx[0] * len..(idx[0] + batch) * len]);
+                let (tensors, _) = self.forward(state, input, batch);
+                let logits = tensors.last().expect("at least the input");
+                logits.chunks(classes).map(loss::argmax_q).collect()
+            })
+            .collect();
+        chunks.concat()
+    }
+}
+
+/// The quantized-layer parameters of one conv/linear call.
+fn layer_params<'p>(input: QParams, p: &'p crate::model::QuantLayer, output: QParams, act: activation::Activation) -> conv2d::QLayerParams<'p> {
+    conv2d::QLayerParams {
+        input,
+        weight: &p.weight_q,
+        bias_scale: p.bias_scale,
+        output,
+        activation: act,
+    }
+}
+
+/// Training state that lives beside the model: gradient statistics and partial-update maxima.
+pub struct FqtTrainer {
+    trainable: Vec<Trainable>,
+    stats: Vec<Vec<GradStats>>,
+    error_max: Vec<f32>,
+    cfg: FqtConfig,
+}
+
+/// Summary of one epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochStats {
+    /// Mean training loss.
+    pub loss: f64,
+    /// Fraction of structures whose gradient was computed, over trainable layers and samples.
+    pub computed_fraction: f64,
+}
+
+impl FqtTrainer {
+    /// A trainer for `model` under `cfg`.
+    pub fn new(model: &Model, cfg: FqtConfig) -> Result<Self, ModelError> {
+        let Params::Int8(state) = &model.params else {
+            return Err(ModelError::BadParams(
+                "fully quantized training needs an int8 model; run `mcutrain quantize` first".into(),
+            ));
+        };
+        for (i, l) in state.layers.iter().enumerate() {
+            if l.weight_q.len() > 1 {
+                return Err(ModelError::BadParams(format!(
+                    "layer {i} ({}) has per-channel weight scales; fully quantized training adapts one weight range per tensor: quantize with per-tensor weights",
+                    model.arch.layers[i].name
+                )));
+            }
+        }
+        let trainable = cfg.scheme.trainable(&model.arch);
+        let stats = state
+            .layers
+            .iter()
+            .map(|l| vec![GradStats::default(); l.bias.len()])
+            .collect();
+        Ok(FqtTrainer {
+            error_max: vec![0.0; model.arch.layers.len()],
+            stats,
+            trainable,
+            cfg,
+        })
+    }
+
+    /// One mini-batch: gradients of every sample (in parallel, summed in sample order), the
+    /// updates, then range adaptation. Returns the loss sum and the computed-structure count.
+    pub fn train_batch(&mut self, model: &mut Model, samples: &[&[f32]], labels: &[u16]) -> (f64, usize, usize) {
+        let arch = model.arch.clone();
+        let net = QuantNet::new(&arch).expect("the trainer was built for a valid model");
+        let Params::Int8(state) = &mut model.params else {
+            unreachable!("checked by FqtTrainer::new")
+        };
+        let partial = self.cfg.partial.map(|p| (p, self.error_max.as_slice()));
+        let results: Vec<(SampleGradients, Vec<RealRange>)> = samples
+            .par_iter()
+            .zip(labels)
+            .map(|(sample, &label)| {
+                let input = net.quantize_input(state, sample);
+                let (tensors, act_ranges) = net.forward(state, input, 1);
+                let back = net.backward(state, &tensors, label, &self.trainable, partial);
+                (back, act_ranges)
+            })
+            .collect();
+        let n = arch.layers.len();
+        let mut grads = zeros_like(&results[0].0.grads);
+        let mut touched: Vec<Vec<bool>> = state.layers.iter().map(|l| vec![false; l.bias.len()]).collect();
+        let mut act_ranges = vec![RealRange::EMPTY; n + 1];
+        let mut err_ranges = vec![RealRange::EMPTY; n + 1];
+        let mut loss = 0.0f64;
+        let (mut computed, mut possible) = (0usize, 0usize);
+        for (r, a) in &results {
+            loss += r.loss as f64;
+            for (acc, g) in grads.iter_mut().zip(&r.grads) {
+                acc.weight.iter_mut().zip(&g.weight).for_each(|(a, b)| *a += b);
+                acc.bias.iter_mut().zip(&g.bias).for_each(|(a, b)| *a += b);
+            }
+            for t in 0..=n {
+                act_ranges[t] = act_ranges[t].merge(a[t]);
+                err_ranges[t] = err_ranges[t].merge(r.error_ranges[t]);
+            }
+            for i in 0..n {
+                if !self.trainable[i].any() {
+                    continue;
+                }
+                possible += touched[i].len();
+                match &r.selected[i] {
+                    Some(list) => {
+                        computed += list.len();
+                        list.iter().for_each(|&c| touched[i][c as usize] = true);
+                    }
+                    None => {
+                        computed += touched[i].len();
+                        touched[i].iter_mut().for_each(|t| *t = true);
+                    }
+                }
+                self.error_max[i] = self.error_max[i].max(r.layer_errors[i]);
+            }
+        }
+        let grad_scale = 1.0 / samples.len() as f32;
+        let update_cfg = FqtUpdateConfig {
+            lr: self.cfg.lr,
+            stats_rate: self.cfg.stats_rate,
+            range_rate: self.cfg.weight_rate,
+            eps: 1e-12,
+        };
+        for i in 0..n {
+            let tr = self.trainable[i];
+            if !tr.any() {
+                continue;
+            }
+            let list: Vec<u16> = touched[i].iter().enumerate().filter(|(_, t)| **t).map(|(c, _)| c as u16).collect();
+            let channels = ChannelSet::Subset(&list);
+            let layer = &mut state.layers[i];
+            if tr.weight {
+                let structure_len = layer.weight.len() / layer.bias.len();
+                update::fqt_update_weights(&mut layer.weight, &mut layer.weight_q[0], &mut layer.weight_range, &grads[i].weight, structure_len, channels, &mut self.stats[i], &update_cfg);
+            }
+            if tr.bias {
+                update::fqt_update_bias(&mut layer.bias, layer.bias_scale, &grads[i].bias, channels, self.cfg.lr, grad_scale);
+            }
+        }
+        for t in 1..=n {
+            if net.range_owner(t) == t {
+                state.activations[t].observe(act_ranges[t], self.cfg.activation_rate);
+            }
+            state.errors[t].observe(err_ranges[t], self.cfg.error_rate);
+        }
+        (loss, computed, possible)
+    }
+
+    /// Train `model` on `data` for the configured epochs.
+    pub fn train(&mut self, model: &mut Model, data: &Dataset, mut progress: impl FnMut(usize, usize, usize)) -> Vec<EpochStats> {
+        let mut rng = Rng::new(self.cfg.seed);
+        let batch = self.cfg.batch.max(1);
+        let steps = data.len().div_ceil(batch);
+        let mut out = Vec::new();
+        for epoch in 0..self.cfg.epochs {
+            let order = shuffled(data.len(), &mut rng);
+            let (mut loss, mut computed, mut possible) = (0.0, 0usize, 0usize);
+            for (step, idx) in order.chunks(batch).enumerate() {
+                let samples: Vec<&[f32]> = idx.iter().map(|&i| data.sample(i)).collect();
+                let labels: Vec<u16> = idx.iter().map(|&i| data.labels[i]).collect();
+                let (l, c, p) = self.train_batch(model, &samples, &labels);
+                loss += l;
+                computed += c;
+                possible += p;
+                progress(epoch, step + 1, steps);
+            }
+            out.push(EpochStats {
+                loss: loss / data.len().max(1) as f64,
+                computed_fraction: if possible == 0 { 0.0 } else { computed as f64 / possible as f64 },
+            });
+        }
+        out
+    }
+}
