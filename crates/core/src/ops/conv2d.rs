@@ -799,8 +799,12 @@ impl<X: Term<A>, A: Acc> ErrorPlane<'_, X, A> {
                         for o in outputs.clone() {
                             let e = &self.err[o * out_plane + oh * out_w + first..][..end - first];
                             let w = self.weight(o, kh * g.kernel_w + kw, channel);
-                            for (a, &v) in acc.iter_mut().step_by(stride).zip(e) {
-                                *a += v.term(self.ze) * w;
+                            if stride == 1 {
+                                axpy(&mut acc[..e.len()], e, 1, self.ze, w);
+                            } else {
+                                for (a, &v) in acc.iter_mut().step_by(stride).zip(e) {
+                                    *a += v.term(self.ze) * w;
+                                }
                             }
                         }
                     }
