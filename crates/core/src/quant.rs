@@ -42,9 +42,17 @@ impl QParams {
     /// Symmetric parameters (`zero_point = 0`) covering `[-max_abs, max_abs]` with 127 steps
     /// each side: the usual choice for pretrained weights.
     pub fn symmetric(max_abs: f32) -> Self {
-        let max_abs = if max_abs.is_finite() { max_abs.abs() } else { 0.0 };
+        let max_abs = if max_abs.is_finite() {
+            max_abs.abs()
+        } else {
+            0.0
+        };
         QParams {
-            scale: if max_abs > 1e-8 { max_abs / 127.0 } else { 1e-8 },
+            scale: if max_abs > 1e-8 {
+                max_abs / 127.0
+            } else {
+                1e-8
+            },
             zero_point: 0,
         }
     }
@@ -292,9 +300,21 @@ mod tests {
     #[test]
     fn ema_first_observation_then_smooths() {
         let mut e = RangeEma::new();
-        e.observe(RealRange { min: -1.0, max: 1.0 }, 0.1);
+        e.observe(
+            RealRange {
+                min: -1.0,
+                max: 1.0,
+            },
+            0.1,
+        );
         assert_eq!((e.min, e.max), (-1.0, 1.0));
-        e.observe(RealRange { min: -3.0, max: 2.0 }, 0.5);
+        e.observe(
+            RealRange {
+                min: -3.0,
+                max: 2.0,
+            },
+            0.5,
+        );
         assert_eq!((e.min, e.max), (-2.0, 1.5));
     }
 }

@@ -2,9 +2,9 @@
 //! fine-tuning and fully quantized fine-tuning, each followed by evaluation.
 
 use crate::data::Dataset;
+use crate::engine::accuracy;
 use crate::engine::float::{self, FloatNet, FloatTrainConfig};
 use crate::engine::fqt::{FqtConfig, FqtTrainer, QuantNet};
-use crate::engine::accuracy;
 use crate::model::{Model, ModelError, Params};
 
 /// Accuracy of `model` (float or int8) on `data`.

@@ -15,7 +15,11 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "mcutrain", version, about = "Train fully quantized neural networks for microcontrollers, on the host twin or the device")]
+#[command(
+    name = "mcutrain",
+    version,
+    about = "Train fully quantized neural networks for microcontrollers, on the host twin or the device"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +73,7 @@ struct Output {
 
 #[derive(Args)]
 struct PretrainArgs {
-    /// Architecture (`fashion-shift`).
+    /// Architecture: `fashion-shift` (1x28x28 images), `cnn1d` (time series), `mlp` (any shape).
     #[arg(long, default_value = "fashion-shift")]
     arch: String,
     #[command(flatten)]
@@ -252,7 +256,11 @@ fn load_data(args: &DataArgs, default: Split) -> Result<Dataset> {
     Ok(ds)
 }
 
-fn load_eval(data: &Option<PathBuf>, labels: &Option<PathBuf>, train_args: &DataArgs) -> Result<Option<Dataset>> {
+fn load_eval(
+    data: &Option<PathBuf>,
+    labels: &Option<PathBuf>,
+    train_args: &DataArgs,
+) -> Result<Option<Dataset>> {
     match data {
         Some(path) => Ok(Some(data::load(path, labels.as_deref())?)),
         None if train_args.data.is_none() => {
@@ -280,24 +288,46 @@ fn load_model(path: &Path) -> Result<Model> {
 fn architecture(name: &str) -> Result<mcutrain::model::Architecture> {
     match name {
         "fashion-shift" => Ok(zoo::fashion_shift_backbone()),
-        other => bail!("unknown architecture '{other}'; available: fashion-shift"),
+        other => bail!("unknown architecture '{other}' for `model`; available: fashion-shift"),
     }
 }
 
-fn float_config(epochs: usize, batch: usize, lr: f32, momentum: f32, scheme: UpdateScheme, seed: u64) -> Result<FloatTrainConfig> {
-    if epochs == 0 || batch == 0 || !(lr > 0.0) || !(0.0..1.0).contains(&momentum) {
+fn float_config(
+    epochs: usize,
+    batch: usize,
+    lr: f32,
+    momentum: f32,
+    scheme: UpdateScheme,
+    seed: u64,
+) -> Result<FloatTrainConfig> {
+    if epochs == 0 || batch == 0 || lr.is_nan() || lr <= 0.0 || !(0.0..1.0).contains(&momentum) {
         bail!("need epochs >= 1, batch >= 1, lr > 0 and 0 <= momentum < 1");
     }
-    Ok(FloatTrainConfig { epochs, batch, lr, momentum, scheme, seed })
+    Ok(FloatTrainConfig {
+        epochs,
+        batch,
+        lr,
+        momentum,
+        scheme,
+        seed,
+    })
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
-    let arch = architecture(&a.arch)?;
     let ds = load_data(&a.data, Split::Train)?;
+    let arch = zoo::by_name(&a.arch, [ds.channels, ds.height, ds.width], ds.classes)
+        .map_err(anyhow::Error::msg)?;
     let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
     let mut model = zoo::init_float(&arch, a.data.seed)?;
     check_fit(&model, &ds)?;
-    let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, UpdateScheme::All, a.data.seed)?;
+    let cfg = float_config(
+        a.epochs,
+        a.batch,
+        a.lr,
+        a.momentum,
+        UpdateScheme::All,
+        a.data.seed,
+    )?;
     let steps = ds.len().div_ceil(a.batch) * a.epochs;
     let bar = progress(steps as u64, "pretraining (float32)", false);
     let losses = mcutrain::engine::float::train(&mut model, &ds, &cfg, |s| {
@@ -308,9 +338,22 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     format::save(&a.out, &model)?;
     let accuracy = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
     if a.output.json {
-        println!("{}", json!({"model": a.out, "epochs": a.epochs, "train_samples": ds.len(), "epoch_losses": losses, "accuracy": accuracy, "eval_samples": eval_ds.as_ref().map(|d| d.len())}));
+        println!(
+            "{}",
+            json!({"model": a.out, "epochs": a.epochs, "train_samples": ds.len(), "epoch_losses": losses, "accuracy": accuracy, "eval_samples": eval_ds.as_ref().map(|d| d.len())})
+        );
     } else {
-        println!("pretrained {} on {} samples ({} epochs); losses per epoch: {}", a.arch, ds.len(), a.epochs, losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "pretrained {} on {} samples ({} epochs); losses per epoch: {}",
+            a.arch,
+            ds.len(),
+            a.epochs,
+            losses
+                .iter()
+                .map(|l| format!("{l:.4}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         if let (Some(acc), Some(d)) = (accuracy, &eval_ds) {
             println!("accuracy on {} evaluation samples: {}", d.len(), pct(acc));
         }
@@ -325,13 +368,31 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
     check_fit(&model, &calib)?;
     let quantized = mcutrain::quantize::quantize(&model, &calib, a.calibration_samples)?;
     format::save(&a.out, &quantized)?;
-    let test = if a.data.data.is_none() { Some(data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?) } else { None };
-    let accs = test.as_ref().map(|t| -> Result<(f64, f64)> { Ok((evaluate(&model, t)?, evaluate(&quantized, t)?)) }).transpose()?;
+    let test = if a.data.data.is_none() {
+        Some(data::fashion_mnist(
+            Path::new(data::FASHION_MNIST_DIR),
+            Split::Test,
+        )?)
+    } else {
+        None
+    };
+    let accs = test
+        .as_ref()
+        .map(|t| -> Result<(f64, f64)> { Ok((evaluate(&model, t)?, evaluate(&quantized, t)?)) })
+        .transpose()?;
     if a.output.json {
-        println!("{}", json!({"model": a.out, "calibration_samples": a.calibration_samples.min(calib.len()), "float_accuracy": accs.map(|x| x.0), "int8_accuracy": accs.map(|x| x.1), "samples": test.as_ref().map(|t| t.len())}));
+        println!(
+            "{}",
+            json!({"model": a.out, "calibration_samples": a.calibration_samples.min(calib.len()), "float_accuracy": accs.map(|x| x.0), "int8_accuracy": accs.map(|x| x.1), "samples": test.as_ref().map(|t| t.len())})
+        );
     } else {
         if let Some((f, q)) = accs {
-            println!("test accuracy: float32 {}, int8 {} ({:+.2} pp)", pct(f), pct(q), 100.0 * (q - f));
+            println!(
+                "test accuracy: float32 {}, int8 {} ({:+.2} pp)",
+                pct(f),
+                pct(q),
+                100.0 * (q - f)
+            );
         }
         println!("wrote {}", a.out.display());
     }
@@ -339,13 +400,21 @@ fn quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 fn parse_partial(s: &str) -> Result<PartialUpdate> {
-    let bad = || anyhow::anyhow!("--partial takes LAMBDA_MIN:LAMBDA_MAX with 0 < min <= max <= 1, e.g. 0.1:0.1; got '{s}'");
+    let bad = || {
+        anyhow::anyhow!("--partial takes LAMBDA_MIN:LAMBDA_MAX with 0 < min <= max <= 1, e.g. 0.1:0.1; got '{s}'")
+    };
     let (lo, hi) = s.split_once(':').ok_or_else(bad)?;
-    let (lambda_min, lambda_max): (f32, f32) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
+    let (lambda_min, lambda_max): (f32, f32) = (
+        lo.parse().map_err(|_| bad())?,
+        hi.parse().map_err(|_| bad())?,
+    );
     if !(lambda_min > 0.0 && lambda_min <= lambda_max && lambda_max <= 1.0) {
         return Err(bad());
     }
-    Ok(PartialUpdate { lambda_min, lambda_max })
+    Ok(PartialUpdate {
+        lambda_min,
+        lambda_max,
+    })
 }
 
 fn train(a: TrainArgs) -> Result<()> {
@@ -374,7 +443,7 @@ fn train(a: TrainArgs) -> Result<()> {
             if matches!(model.params, Params::Float(_)) {
                 bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
             }
-            if a.epochs == 0 || a.batch == 0 || !(a.lr > 0.0) {
+            if a.epochs == 0 || a.batch == 0 || a.lr.is_nan() || a.lr <= 0.0 {
                 bail!("need epochs >= 1, batch >= 1 and lr > 0");
             }
             let cfg = FqtConfig {
@@ -395,13 +464,34 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(out) = &a.out {
         format::save(out, &trained)?;
     }
-    let after = eval_ds.as_ref().map(|d| evaluate(&trained, d)).transpose()?;
+    let after = eval_ds
+        .as_ref()
+        .map(|d| evaluate(&trained, d))
+        .transpose()?;
     if a.output.json {
-        println!("{}", json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out}));
+        println!(
+            "{}",
+            json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out})
+        );
     } else {
-        println!("{method} training on {} samples, {} epochs, update {}; losses per epoch: {}", ds.len(), a.epochs, a.update, losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "));
+        println!(
+            "{method} training on {} samples, {} epochs, update {}; losses per epoch: {}",
+            ds.len(),
+            a.epochs,
+            a.update,
+            losses
+                .iter()
+                .map(|l| format!("{l:.4}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         if let (Some(b), Some(f), Some(d)) = (before, after, &eval_ds) {
-            println!("accuracy on {} evaluation samples: before {}, after {}", d.len(), pct(b), pct(f));
+            println!(
+                "accuracy on {} evaluation samples: before {}, after {}",
+                d.len(),
+                pct(b),
+                pct(f)
+            );
         }
         if let Some(out) = &a.out {
             println!("wrote {}", out.display());
@@ -416,9 +506,17 @@ fn eval(a: EvalArgs) -> Result<()> {
     check_fit(&model, &ds)?;
     let acc = evaluate(&model, &ds)?;
     if a.output.json {
-        println!("{}", json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision()}));
+        println!(
+            "{}",
+            json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision()})
+        );
     } else {
-        println!("{} model, {} samples: accuracy {}", model.precision(), ds.len(), pct(acc));
+        println!(
+            "{} model, {} samples: accuracy {}",
+            model.precision(),
+            ds.len(),
+            pct(acc)
+        );
     }
     Ok(())
 }
@@ -432,15 +530,36 @@ fn info(a: InfoArgs) -> Result<()> {
         .layers
         .iter()
         .enumerate()
-        .map(|(i, l)| vec![i.to_string(), l.name.clone(), l.kind.op_name().to_string(), format!("{:?}", shapes[i + 1]), (lens[i].0 + lens[i].1).to_string()])
+        .map(|(i, l)| {
+            vec![
+                i.to_string(),
+                l.name.clone(),
+                l.kind.op_name().to_string(),
+                format!("{:?}", shapes[i + 1]),
+                (lens[i].0 + lens[i].1).to_string(),
+            ]
+        })
         .collect();
     let params = model.arch.param_count()?;
     let macs = model.arch.forward_macs()?;
     if a.output.json {
-        println!("{}", json!({"precision": model.precision(), "input": model.arch.input, "classes": model.arch.classes, "layers": model.arch.layers.len(), "parameters": params, "forward_macs": macs}));
+        println!(
+            "{}",
+            json!({"precision": model.precision(), "input": model.arch.input, "classes": model.arch.classes, "layers": model.arch.layers.len(), "parameters": params, "forward_macs": macs})
+        );
     } else {
-        println!("{}", table(&["#", "layer", "op", "output", "params"], &rows));
-        println!("{} model: input {:?}, {} classes, {} parameters, {} MACs per forward pass", model.precision(), model.arch.input, model.arch.classes, params, macs);
+        println!(
+            "{}",
+            table(&["#", "layer", "op", "output", "params"], &rows)
+        );
+        println!(
+            "{} model: input {:?}, {} classes, {} parameters, {} MACs per forward pass",
+            model.precision(),
+            model.arch.input,
+            model.arch.classes,
+            params,
+            macs
+        );
     }
     Ok(())
 }
@@ -448,7 +567,11 @@ fn info(a: InfoArgs) -> Result<()> {
 fn model_cmd(a: ModelArgs) -> Result<()> {
     let model = zoo::init_float(&architecture(&a.name)?, a.seed)?;
     format::save(&a.out, &model)?;
-    println!("wrote {} ({} parameters)", a.out.display(), model.arch.param_count()?);
+    println!(
+        "wrote {} ({} parameters)",
+        a.out.display(),
+        model.arch.param_count()?
+    );
     Ok(())
 }
 
@@ -458,7 +581,12 @@ fn find_root() -> Result<PathBuf> {
     cwd.ancestors()
         .find(|d| d.join("workloads").is_dir())
         .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow::anyhow!("cannot find the repository root (a folder with workloads/) above {}; pass --root", cwd.display()))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot find the repository root (a folder with workloads/) above {}; pass --root",
+                cwd.display()
+            )
+        })
 }
 
 fn demo(a: DemoArgs) -> Result<()> {
@@ -482,14 +610,26 @@ fn demo(a: DemoArgs) -> Result<()> {
         let p = &w.pretrain;
         let arch = architecture(&w.architecture)?;
         let mut model = zoo::init_float(&arch, p.seed)?;
-        let cfg = float_config(p.epochs, p.batch, p.lr, p.momentum, UpdateScheme::All, p.seed)?;
-        let bar = progress((train.len().div_ceil(p.batch) * p.epochs) as u64, "pretraining (float32)", quiet);
+        let cfg = float_config(
+            p.epochs,
+            p.batch,
+            p.lr,
+            p.momentum,
+            UpdateScheme::All,
+            p.seed,
+        )?;
+        let bar = progress(
+            (train.len().div_ceil(p.batch) * p.epochs) as u64,
+            "pretraining (float32)",
+            quiet,
+        );
         mcutrain::engine::float::train(&mut model, &train, &cfg, |s| {
             bar.inc(1);
             bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
         })?;
         bar.finish_and_clear();
-        let quantized = mcutrain::quantize::quantize(&model, &train, w.quantize.calibration_samples)?;
+        let quantized =
+            mcutrain::quantize::quantize(&model, &train, w.quantize.calibration_samples)?;
         format::save(&float_path, &model)?;
         format::save(&int8_path, &quantized)?;
         (model, quantized)
@@ -497,8 +637,18 @@ fn demo(a: DemoArgs) -> Result<()> {
     let clean_float = evaluate(&float_model, &test)?;
     let clean_int8 = evaluate(&int8_model, &test)?;
     let ad = &w.adapt;
-    let corruptions = a.corruptions.clone().unwrap_or_else(|| ad.corruptions.clone());
-    let float_cfg = float_config(ad.float.epochs, ad.float.batch, ad.float.lr, ad.float.momentum, ad.float.scheme.parse().map_err(anyhow::Error::msg)?, ad.seed)?;
+    let corruptions = a
+        .corruptions
+        .clone()
+        .unwrap_or_else(|| ad.corruptions.clone());
+    let float_cfg = float_config(
+        ad.float.epochs,
+        ad.float.batch,
+        ad.float.lr,
+        ad.float.momentum,
+        ad.float.scheme.parse().map_err(anyhow::Error::msg)?,
+        ad.seed,
+    )?;
     let fqt_cfg = FqtConfig {
         epochs: ad.fqt.epochs,
         batch: ad.fqt.batch,
@@ -511,30 +661,69 @@ fn demo(a: DemoArgs) -> Result<()> {
     let mut shift = Vec::new();
     let mut rows = Vec::new();
     for name in &corruptions {
-        let spec: CorruptionSpec = format!("{name}:{}", ad.severity).parse().map_err(anyhow::Error::msg)?;
+        let spec: CorruptionSpec = format!("{name}:{}", ad.severity)
+            .parse()
+            .map_err(anyhow::Error::msg)?;
         let adapt_set = data::corrupt_dataset(&adapt_pool, spec, ad.seed);
         let test_set = data::corrupt_dataset(&test, spec, ad.seed.wrapping_add(1));
         let before_float = evaluate(&float_model, &test_set)?;
         let before = evaluate(&int8_model, &test_set)?;
         let steps = adapt_set.len().div_ceil(ad.float.batch) * ad.float.epochs;
         let bar = progress(steps as u64, &format!("{name}: float32 fine-tuning"), quiet);
-        let (float_tuned, _) = float_finetune(&float_model, &adapt_set, &float_cfg, |_| bar.inc(1))?;
+        let (float_tuned, _) =
+            float_finetune(&float_model, &adapt_set, &float_cfg, |_| bar.inc(1))?;
         bar.finish_and_clear();
         let float_ft = evaluate(&float_tuned, &test_set)?;
         let steps = adapt_set.len().div_ceil(ad.fqt.batch) * ad.fqt.epochs;
-        let bar = progress(steps as u64, &format!("{name}: int8 FQT fine-tuning"), quiet);
+        let bar = progress(
+            steps as u64,
+            &format!("{name}: int8 FQT fine-tuning"),
+            quiet,
+        );
         let (fqt_tuned, _) = fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
         bar.finish_and_clear();
         let fqt_ft = evaluate(&fqt_tuned, &test_set)?;
-        rows.push(vec![name.clone(), ad.severity.to_string(), pct(before_float), pct(before), pct(float_ft), pct(fqt_ft), format!("{:+.2}", 100.0 * (fqt_ft - float_ft))]);
+        rows.push(vec![
+            name.clone(),
+            ad.severity.to_string(),
+            pct(before_float),
+            pct(before),
+            pct(float_ft),
+            pct(fqt_ft),
+            format!("{:+.2}", 100.0 * (fqt_ft - float_ft)),
+        ]);
         shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft}));
     }
     if a.output.json {
-        println!("{}", json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "float_ft": {"epochs": ad.float.epochs, "lr": ad.float.lr, "scheme": ad.float.scheme}, "fqt_ft": {"epochs": ad.fqt.epochs, "lr": ad.fqt.lr, "scheme": ad.fqt.scheme}, "shift": shift}));
+        println!(
+            "{}",
+            json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "float_ft": {"epochs": ad.float.epochs, "lr": ad.float.lr, "scheme": ad.float.scheme}, "fqt_ft": {"epochs": ad.fqt.epochs, "lr": ad.fqt.lr, "scheme": ad.fqt.scheme}, "shift": shift})
+        );
     } else {
-        println!("{}: clean test accuracy ({} samples): float32 {}, int8 {} ({:+.2} pp)", w.name, test.len(), pct(clean_float), pct(clean_int8), 100.0 * (clean_int8 - clean_float));
+        println!(
+            "{}: clean test accuracy ({} samples): float32 {}, int8 {} ({:+.2} pp)",
+            w.name,
+            test.len(),
+            pct(clean_float),
+            pct(clean_int8),
+            100.0 * (clean_int8 - clean_float)
+        );
         println!("adaptation with {} corrupted samples ({} per class), evaluated on the corrupted test set:\n", adapt_pool.len(), ad.per_class);
-        println!("{}", table(&["corruption", "sev", "float before", "int8 before", "float ft", "fqt ft", "fqt-float pp"], &rows));
+        println!(
+            "{}",
+            table(
+                &[
+                    "corruption",
+                    "sev",
+                    "float before",
+                    "int8 before",
+                    "float ft",
+                    "fqt ft",
+                    "fqt-float pp"
+                ],
+                &rows
+            )
+        );
     }
     Ok(())
 }

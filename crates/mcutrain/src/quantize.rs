@@ -17,7 +17,9 @@ use mcutrain_core::quant::{round_half_up, QParams, RangeEma, RealRange};
 /// `calibration`.
 pub fn quantize(model: &Model, calibration: &Dataset, samples: usize) -> Result<Model, ModelError> {
     let Params::Float(params) = &model.params else {
-        return Err(ModelError::BadParams("the model is already int8; pass a float32 model".into()));
+        return Err(ModelError::BadParams(
+            "the model is already int8; pass a float32 model".into(),
+        ));
     };
     let net = FloatNet::new(&model.arch)?;
     let n = model.arch.layers.len();
@@ -85,7 +87,11 @@ fn quantize_layer(p: &FloatLayer, input_q: QParams) -> QuantLayer {
         weight: p.weight.iter().map(|&w| weight_q.quantize(w)).collect(),
         weight_q: vec![weight_q],
         weight_range,
-        bias: p.bias.iter().map(|&b| round_half_up(b / bias_scale)).collect(),
+        bias: p
+            .bias
+            .iter()
+            .map(|&b| round_half_up(b / bias_scale))
+            .collect(),
         bias_scale,
     }
 }
@@ -101,13 +107,19 @@ pub fn dequantize(model: &Model) -> Result<Model, ModelError> {
         .iter()
         .map(|l| {
             let per_channel = l.weight_q.len() > 1;
-            let structure = if l.bias.is_empty() { 1 } else { l.weight.len() / l.bias.len() };
+            let structure = if l.bias.is_empty() {
+                1
+            } else {
+                l.weight.len() / l.bias.len()
+            };
             FloatLayer {
                 weight: l
                     .weight
                     .iter()
                     .enumerate()
-                    .map(|(k, &w)| l.weight_q[if per_channel { k / structure } else { 0 }].dequantize(w))
+                    .map(|(k, &w)| {
+                        l.weight_q[if per_channel { k / structure } else { 0 }].dequantize(w)
+                    })
                     .collect(),
                 bias: l.bias.iter().map(|&b| b as f32 * l.bias_scale).collect(),
             }

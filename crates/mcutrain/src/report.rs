@@ -9,9 +9,11 @@ pub fn progress(len: u64, message: &str, quiet: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {prefix}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>24} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {prefix}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     bar.set_message(message.to_string());
     bar
@@ -30,7 +32,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             .iter()
             .zip(&widths)
             .enumerate()
-            .map(|(i, (c, w))| if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") })
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
             .collect::<Vec<_>>()
             .join("  ")
     };

@@ -105,14 +105,16 @@ pub struct ShiftWorkload {
 impl ShiftWorkload {
     /// The built-in fashion-shift definition.
     pub fn fashion_shift() -> Self {
-        serde_json::from_str(FASHION_SHIFT_JSON).expect("workloads/fashion-shift.json is valid (tested)")
+        serde_json::from_str(FASHION_SHIFT_JSON)
+            .expect("workloads/fashion-shift.json is valid (tested)")
     }
 
     /// Read a workload file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read workload file {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a valid workload file: {e}", path.display()))
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid workload file: {e}", path.display()))
     }
 }
 

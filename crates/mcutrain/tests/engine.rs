@@ -29,7 +29,10 @@ fn conv(name: &str, out: usize, k: usize, stride: usize, groups: usize, act: Act
 /// Every layer kind once: conv, depthwise conv with stride 2, residual add, pools, flatten,
 /// standalone activation, linear.
 fn small_arch() -> Architecture {
-    let layer = |name: &str, kind| Layer { name: name.into(), kind };
+    let layer = |name: &str, kind| Layer {
+        name: name.into(),
+        kind,
+    };
     Architecture {
         input: [2, 7, 7],
         classes: 3,
@@ -38,12 +41,32 @@ fn small_arch() -> Architecture {
             conv("c1", 4, 1, 1, 1, Activation::None),
             layer("add", LayerKind::Add { skip_from: 0 }),
             conv("dw", 4, 3, 2, 4, Activation::Relu),
-            layer("avg", LayerKind::AvgPool { kernel: (2, 2), stride: (1, 1), padding: (0, 0) }),
-            layer("max", LayerKind::MaxPool { kernel: (2, 2), stride: (1, 1), padding: (1, 1) }),
+            layer(
+                "avg",
+                LayerKind::AvgPool {
+                    kernel: (2, 2),
+                    stride: (1, 1),
+                    padding: (0, 0),
+                },
+            ),
+            layer(
+                "max",
+                LayerKind::MaxPool {
+                    kernel: (2, 2),
+                    stride: (1, 1),
+                    padding: (1, 1),
+                },
+            ),
             layer("relu", LayerKind::Activation(Activation::Relu)),
             layer("gap", LayerKind::GlobalAvgPool),
             layer("flat", LayerKind::Flatten),
-            layer("fc", LayerKind::Linear { out_features: 3, activation: Activation::None }),
+            layer(
+                "fc",
+                LayerKind::Linear {
+                    out_features: 3,
+                    activation: Activation::None,
+                },
+            ),
         ],
     }
 }
@@ -108,7 +131,14 @@ fn whole_graph_float_gradients_match_finite_differences() {
     let loss_of = |p: &[mcutrain::model::FloatLayer]| -> f64 {
         let t = net.forward(p, &data.samples, 2);
         let mut g = zeros_like(p);
-        net.backward(p, &t, &data.labels, &UpdateScheme::BiasOnly(1).trainable(&arch), &mut g).loss
+        net.backward(
+            p,
+            &t,
+            &data.labels,
+            &UpdateScheme::BiasOnly(1).trainable(&arch),
+            &mut g,
+        )
+        .loss
     };
     let tensors = net.forward(&params, &data.samples, 2);
     let mut grads = zeros_like(&params);
@@ -147,7 +177,14 @@ fn float_training_learns_a_separable_problem() {
     let mut model = zoo::init_float(&arch, 1).unwrap();
     let data = synthetic(300, 2);
     let before = evaluate(&model, &data).unwrap();
-    let cfg = FloatTrainConfig { epochs: 15, batch: 10, lr: 0.1, momentum: 0.9, scheme: UpdateScheme::All, seed: 4 };
+    let cfg = FloatTrainConfig {
+        epochs: 15,
+        batch: 10,
+        lr: 0.1,
+        momentum: 0.9,
+        scheme: UpdateScheme::All,
+        seed: 4,
+    };
     let losses = train(&mut model, &data, &cfg, |_| {}).unwrap();
     let after = evaluate(&model, &data).unwrap();
     assert!(losses.last().unwrap() < &losses[0], "{losses:?}");
@@ -158,7 +195,14 @@ fn pretrained_small() -> (Model, Dataset) {
     let arch = small_arch();
     let mut model = zoo::init_float(&arch, 1).unwrap();
     let data = synthetic(300, 2);
-    let cfg = FloatTrainConfig { epochs: 15, batch: 10, lr: 0.1, momentum: 0.9, scheme: UpdateScheme::All, seed: 4 };
+    let cfg = FloatTrainConfig {
+        epochs: 15,
+        batch: 10,
+        lr: 0.1,
+        momentum: 0.9,
+        scheme: UpdateScheme::All,
+        seed: 4,
+    };
     train(&mut model, &data, &cfg, |_| {}).unwrap();
     (model, data)
 }
@@ -169,9 +213,22 @@ fn fqt_recovers_from_a_domain_shift_and_is_deterministic() {
     let int8 = quantize(&float_model, &data, 64).unwrap();
     // Shift: swap the roles of two classes' patterns, so the model must re-learn.
     let mut shifted = data.clone();
-    shifted.labels.iter_mut().for_each(|l| *l = match *l { 0 => 1, 1 => 0, c => c });
+    shifted.labels.iter_mut().for_each(|l| {
+        *l = match *l {
+            0 => 1,
+            1 => 0,
+            c => c,
+        }
+    });
     let before = evaluate(&int8, &shifted).unwrap();
-    let cfg = FqtConfig { epochs: 6, batch: 4, lr: 0.01, scheme: UpdateScheme::All, seed: 3, ..FqtConfig::default() };
+    let cfg = FqtConfig {
+        epochs: 6,
+        batch: 4,
+        lr: 0.01,
+        scheme: UpdateScheme::All,
+        seed: 3,
+        ..FqtConfig::default()
+    };
     let run = || {
         let mut m = int8.clone();
         let mut t = FqtTrainer::new(&m, cfg.clone()).unwrap();
@@ -180,9 +237,16 @@ fn fqt_recovers_from_a_domain_shift_and_is_deterministic() {
     };
     let a = run();
     let after = evaluate(&a, &shifted).unwrap();
-    assert!(before < 0.5 && after > 0.9, "int8 accuracy {before} -> {after}");
+    assert!(
+        before < 0.5 && after > 0.9,
+        "int8 accuracy {before} -> {after}"
+    );
     assert_eq!(a, run(), "two identical FQT runs differ");
-    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
     assert_eq!(a, single, "FQT result depends on the thread count");
 }
 
@@ -190,7 +254,11 @@ fn fqt_recovers_from_a_domain_shift_and_is_deterministic() {
 fn float_training_is_independent_of_thread_count() {
     let run = || pretrained_small().0;
     let a = run();
-    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
     assert_eq!(a, single);
 }
 
@@ -199,22 +267,35 @@ fn frozen_layers_get_no_gradient_and_no_error_below_them() {
     let (model, data) = pretrained_small();
     let arch = &model.arch;
     let int8 = quantize(&model, &data, 32).unwrap();
-    let Params::Int8(state) = &int8.params else { unreachable!() };
+    let Params::Int8(state) = &int8.params else {
+        unreachable!()
+    };
     let net = QuantNet::new(arch).unwrap();
     let trainable = UpdateScheme::LastLayers(1).trainable(arch);
     let input = net.quantize_input(state, data.sample(0));
     let (tensors, _) = net.forward(state, input, 1);
     let back = net.backward(state, &tensors, data.labels[0], &trainable, None);
     let fc = arch.layers.len() - 1;
-    assert!(back.grads[..fc].iter().all(|g| g.weight.is_empty() && g.bias.is_empty()));
+    assert!(back.grads[..fc]
+        .iter()
+        .all(|g| g.weight.is_empty() && g.bias.is_empty()));
     assert!(!back.grads[fc].weight.is_empty());
-    assert!(back.errors[..=fc].iter().all(Option::is_none), "errors propagated below the trained layer");
+    assert!(
+        back.errors[..=fc].iter().all(Option::is_none),
+        "errors propagated below the trained layer"
+    );
 
     let fnet = FloatNet::new(arch).unwrap();
     let p = float_params(&model);
     let t = fnet.forward(p, data.sample(0), 1);
     let mut g = zeros_like(p);
-    let b = fnet.backward(p, &t, &data.labels[..1], &UpdateScheme::BiasOnly(1).trainable(arch), &mut g);
+    let b = fnet.backward(
+        p,
+        &t,
+        &data.labels[..1],
+        &UpdateScheme::BiasOnly(1).trainable(arch),
+        &mut g,
+    );
     assert!(g[fc].weight.iter().all(|&w| w == 0.0) && g[fc].bias.iter().any(|&b| b != 0.0));
     assert!(b.errors[..=fc].iter().all(Option::is_none));
 }

@@ -10,7 +10,9 @@ use mcutrain::quantize::dequantize;
 use std::path::{Path, PathBuf};
 
 fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -24,11 +26,15 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 /// pass of the same (dequantized) weights, over 16 test images.
 #[test]
 fn quantized_errors_and_gradients_follow_the_float_ones() {
-    let int8 = format::load(&repo_file("models/fashion-shift/int8.mcut")).expect("committed int8 model");
+    let int8 =
+        format::load(&repo_file("models/fashion-shift/int8.mcut")).expect("committed int8 model");
     let float = dequantize(&int8).unwrap();
-    let test = fashion_mnist(Path::new(FASHION_MNIST_DIR), Split::Test).expect("Fashion-MNIST installed by scripts/setup.sh");
+    let test = fashion_mnist(Path::new(FASHION_MNIST_DIR), Split::Test)
+        .expect("Fashion-MNIST installed by scripts/setup.sh");
     let arch = &int8.arch;
-    let (Params::Int8(state), Params::Float(fparams)) = (&int8.params, &float.params) else { unreachable!() };
+    let (Params::Int8(state), Params::Float(fparams)) = (&int8.params, &float.params) else {
+        unreachable!()
+    };
     let qnet = QuantNet::new(arch).unwrap();
     let fnet = FloatNet::new(arch).unwrap();
     let trainable = UpdateScheme::All.trainable(arch);
@@ -62,7 +68,10 @@ fn quantized_errors_and_gradients_follow_the_float_ones() {
             continue;
         }
         let c = cosine(&q_err[t], &f_err[t]);
-        println!("error of tensor {t} ({}): cosine {c:.5}", arch.layers[t - 1].name);
+        println!(
+            "error of tensor {t} ({}): cosine {c:.5}",
+            arch.layers[t - 1].name
+        );
         if c < worst_err.0 {
             worst_err = (c, t);
         }
@@ -73,11 +82,24 @@ fn quantized_errors_and_gradients_follow_the_float_ones() {
             continue;
         }
         let c = cosine(&q_grad[l], &f_grad[l]);
-        println!("weight gradient of layer {l} ({}): cosine {c:.5}", arch.layers[l].name);
+        println!(
+            "weight gradient of layer {l} ({}): cosine {c:.5}",
+            arch.layers[l].name
+        );
         if c < worst_grad.0 {
             worst_grad = (c, l);
         }
     }
-    assert!(worst_err.0 > 0.99, "error tensor {} has cosine {}", worst_err.1, worst_err.0);
-    assert!(worst_grad.0 > 0.99, "weight gradient of layer {} has cosine {}", worst_grad.1, worst_grad.0);
+    assert!(
+        worst_err.0 > 0.99,
+        "error tensor {} has cosine {}",
+        worst_err.1,
+        worst_err.0
+    );
+    assert!(
+        worst_grad.0 > 0.99,
+        "weight gradient of layer {} has cosine {}",
+        worst_grad.1,
+        worst_grad.0
+    );
 }

@@ -83,7 +83,8 @@ impl Conv2dGeom {
         self.batch * self.out_channels * self.out_plane()
     }
 
-    /// Elements of the weight tensor: `out_channels * (in_channels / groups) * kernel_h * kernel_w`.
+    /// Elements of the weight tensor:
+    /// `out_channels * (in_channels / groups) * kernel_h * kernel_w`.
     pub fn weight_len(&self) -> usize {
         self.out_channels * self.taps()
     }
@@ -112,7 +113,9 @@ impl Conv2dGeom {
         if sizes.contains(&0) {
             return Err(OpError::ZeroSize);
         }
-        if self.in_channels % self.groups != 0 || self.out_channels % self.groups != 0 {
+        if !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
+        {
             return Err(OpError::BadGroups);
         }
         if self.kernel_h > self.in_h + 2 * self.pad_h || self.kernel_w > self.in_w + 2 * self.pad_w
@@ -220,7 +223,8 @@ pub fn forward(g: &Conv2dGeom, input: &[f32], weight: &[f32], bias: &[f32], outp
 }
 
 /// Input error, the transposed convolution over the selected output channels `S`:
-/// `e_x[n][c][ih][iw] = sum_{o in S of c's group, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
+/// `e_x[n][c][ih][iw] = sum_{o in S, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
+/// (`o` in `c`'s group `g`)
 /// over the taps with `oh*stride_h = ih + pad_h - kh`, `ow*stride_w = iw + pad_w - kw`;
 /// overwrites `in_err` (channels of a group without selected outputs get 0). Scratch: none.
 pub fn input_backward(
@@ -252,9 +256,17 @@ pub fn weight_backward(
     weight_grad: &mut [f32],
 ) {
     check_lengths(g, input.len(), weight_grad.len(), out_err.len());
-    weight_sums(g, input, 0.0, out_err, 0.0, channels, &mut |at, sum: f32| {
-        weight_grad[at] += sum;
-    });
+    weight_sums(
+        g,
+        input,
+        0.0,
+        out_err,
+        0.0,
+        channels,
+        &mut |at, sum: f32| {
+            weight_grad[at] += sum;
+        },
+    );
 }
 
 /// `db[o] += sum_{n, oh, ow} e[n][o][oh][ow]` for the selected output channels. Scratch: none.
@@ -262,9 +274,17 @@ pub fn bias_backward(g: &Conv2dGeom, out_err: &[f32], channels: ChannelSet, bias
     debug_assert_eq!(out_err.len(), g.output_len());
     debug_assert_eq!(bias_grad.len(), g.out_channels);
     let (count, plane) = (g.out_channels, g.out_plane());
-    channel_sums(g.batch, count, plane, out_err, 0.0, channels, &mut |o, sum: f32| {
-        bias_grad[o] += sum;
-    });
+    channel_sums(
+        g.batch,
+        count,
+        plane,
+        out_err,
+        0.0,
+        channels,
+        &mut |o, sum: f32| {
+            bias_grad[o] += sum;
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,9 +319,17 @@ pub fn forward_q(
             let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
             let input = g.group_input(input, n, oc);
             let (zx, zw) = (q.input.zero_point, channel.weight_zero);
-            forward_plane(g, input, zx, taps, zw, channel.bias_acc(b), &mut |at, block| {
-                channel.store(&mut out[at..], block, &mut accs);
-            });
+            forward_plane(
+                g,
+                input,
+                zx,
+                taps,
+                zw,
+                channel.bias_acc(b),
+                &mut |at, block| {
+                    channel.store(&mut out[at..], block, &mut accs);
+                },
+            );
         }
         range = range.merge(channel.real_range(accs));
     }
@@ -313,11 +341,14 @@ pub fn forward_q(
 /// saturated to `[-128, 127]`; overwrites `in_err`.
 ///
 /// With one weight scale (per tensor, or per channel with all scales equal) this is the exact
-/// `i32` form. Distinct per-channel scales use the fixed-point scheme of `ScaleRatios`: each
-/// channel's term is weighted by the integer `r_o = s_w[o] / 2^E` (24 bits, read from the
-/// float bits, `2^E` the unit of the largest scale's mantissa) in an `i64` sum, which is rounded
-/// down by a fixed shift to `i32` and requantized by `2^(E+shift) * s_e / s_ex`: at most half a
-/// step plus `2^(shift-1)` sum units (and `2^-23` of the largest scale) of extra error.
+/// `i32` form. Distinct per-channel scales use a deterministic integer scheme: output channel
+/// `o`'s terms are weighted by the integer ratio `r_o = floor(s_w[o] / 2^E)` (at most 24 bits,
+/// read from the float's bits; `2^E` is the unit of the largest scale's mantissa, so that scale
+/// is exact) and summed in `i64`; the sum is narrowed to `i32` by a round-half-up right shift
+/// `k` fixed by the geometry (so it cannot overflow) and requantized by
+/// `2^(E+k) * s_e / s_ex`. Extra error over the exact form: half a narrowed unit,
+/// `2^(E+k-1) * s_e`, plus below `2^E * s_e` per unit of `sum |(w - z_w)(e - z_e)|` (the ratio
+/// truncation, under `2^-23` of the largest scale).
 ///
 /// Returns the real range before saturation, from the accumulators times their scale.
 /// Scratch: none.
@@ -376,9 +407,17 @@ pub fn bias_backward_q(
     debug_assert_eq!(out_err.len(), g.output_len());
     debug_assert_eq!(bias_grad.len(), g.out_channels);
     let (count, plane, ze) = (g.out_channels, g.out_plane(), out_err_q.zero_point);
-    channel_sums(g.batch, count, plane, out_err, ze, channels, &mut |o, sum: i64| {
-        bias_grad[o] += out_err_q.scale * sum as f32;
-    });
+    channel_sums(
+        g.batch,
+        count,
+        plane,
+        out_err,
+        ze,
+        channels,
+        &mut |o, sum: i64| {
+            bias_grad[o] += out_err_q.scale * sum as f32;
+        },
+    );
 }
 
 fn check_lengths(g: &Conv2dGeom, input: usize, weight: usize, output: usize) {
@@ -488,7 +527,7 @@ pub(crate) fn dot<X: Term<A>, A: Acc>(a: &[X], a_stride: usize, za: A, b: &[X], 
 
 /// [`dot`] in chunks of [`DOT_CHUNK`] elements, totalled in the wide type `W` (`i64` for the
 /// 8-bit forms, so that long sums cannot overflow).
-pub(crate) fn dot_wide<X: Term<A>, A: Acc, W: Acc + From<A>>(
+fn dot_wide<X: Term<A>, A: Acc, W: Acc + From<A>>(
     a: &[X],
     a_stride: usize,
     za: A,
@@ -504,7 +543,13 @@ pub(crate) fn dot_wide<X: Term<A>, A: Acc, W: Acc + From<A>>(
 
 /// Output positions `o < out_len` whose tap `k` reads a real input:
 /// `0 <= o*stride + k - pad < in_len`.
-fn valid_outputs(out_len: usize, in_len: usize, k: usize, stride: usize, pad: usize) -> Range<usize> {
+fn valid_outputs(
+    out_len: usize,
+    in_len: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Range<usize> {
     let start = if pad > k {
         (pad - k).div_ceil(stride)
     } else {
@@ -671,7 +716,7 @@ fn forward_plane_general<X: Term<A>, A: Acc>(
 
 /// Output channels of `group` that `channels` selects, in ascending order for `All` and in
 /// list order for a subset.
-pub(crate) fn group_channels<'a>(
+fn group_channels<'a>(
     channels: ChannelSet<'a>,
     group: Range<usize>,
 ) -> impl Iterator<Item = usize> + Clone + 'a {
@@ -1018,7 +1063,15 @@ impl InputErrorKernel for ConvInputError<'_> {
     ) where
         i8: Term<A>,
     {
-        input_error(self.geom, self.weight, self.out_err, ze, self.channels, channel, emit);
+        input_error(
+            self.geom,
+            self.weight,
+            self.out_err,
+            ze,
+            self.channels,
+            channel,
+            emit,
+        );
     }
 }
 
@@ -1047,7 +1100,10 @@ pub(crate) fn requantize_input_error(
         let mut out = ErrorStore::new(ratios.unit() * s_e, in_err_q);
         let channel = |o: usize| (zw(o) as i64, ratios.ratio(weight_q[o].scale));
         kernel.run(ze as i64, channel, &mut |at, block: &[i64]| {
-            out.store(&mut in_err[at..], block.iter().map(|&acc| ratios.narrow(acc)));
+            out.store(
+                &mut in_err[at..],
+                block.iter().map(|&acc| ratios.narrow(acc)),
+            );
         });
         out.range()
     }
@@ -1075,7 +1131,10 @@ impl ErrorStore {
     fn store(&mut self, out: &mut [i8], accs: impl Iterator<Item = i32>) {
         for (e, acc) in out.iter_mut().zip(accs) {
             self.accs.include(acc);
-            *e = self.zero.saturating_add(self.requant.apply(acc)).clamp(Q_MIN, Q_MAX) as i8;
+            *e = self
+                .zero
+                .saturating_add(self.requant.apply(acc))
+                .clamp(Q_MIN, Q_MAX) as i8;
         }
     }
 
@@ -1097,7 +1156,11 @@ struct ScaleRatios {
 
 impl ScaleRatios {
     fn new(weight_q: &[QParams], max_terms: usize) -> Self {
-        let exponent = weight_q.iter().map(|wq| split_f32(wq.scale).1).max().unwrap_or(0);
+        let exponent = weight_q
+            .iter()
+            .map(|wq| split_f32(wq.scale).1)
+            .max()
+            .unwrap_or(0);
         // |sum| <= max_terms * 255 * 255 * 2^24.
         let bound = ((max_terms as u128) * 255 * 255) << 24;
         let bits = 128 - bound.leading_zeros();
@@ -1146,5 +1209,951 @@ fn split_f32(x: f32) -> (i64, i32) {
         (fraction, -149)
     } else {
         (fraction | 0x80_0000, biased - 150)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::rng::Rng;
+    use proptest::prelude::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    impl Acc for f64 {}
+
+    impl Term<f64> for f64 {
+        fn term(self, _zero: f64) -> f64 {
+            self
+        }
+    }
+
+    /// Standard, depthwise (any kernel and 3x3), grouped and pointwise shapes; each may be 1-D.
+    fn geometry() -> impl Strategy<Value = Conv2dGeom> {
+        let sizes = (1usize..=2, 1usize..=3, 1usize..=3, 1usize..=5, 1usize..=37);
+        let kernel = (
+            1usize..=3,
+            1usize..=3,
+            1usize..=2,
+            1usize..=2,
+            0usize..=2,
+            0usize..=2,
+        );
+        (0usize..5, any::<bool>(), sizes, kernel).prop_filter_map(
+            "kernel larger than the padded input",
+            |(shape, one_d, (batch, c_in, c_out, in_h, in_w), (kh, kw, sh, sw, ph, pw))| {
+                let (groups, c_in, c_out, kh, kw, sh, sw, ph, pw) = match shape {
+                    0 => (1, c_in, c_out, kh, kw, sh, sw, ph, pw),
+                    1 => (c_in + 1, 1, 1, kh, kw, sh, sw, ph, pw),
+                    2 => (c_in + 1, 1, 1, 3, 3, sh, sw, ph, pw),
+                    3 => (2, c_in, c_out, kh, kw, sh, sw, ph, pw),
+                    _ => (c_in % 2 + 1, c_in, c_out, 1, 1, 1, 1, 0, 0),
+                };
+                let (in_h, kh, ph) = if one_d && shape != 2 {
+                    (1, 1, 0)
+                } else {
+                    (in_h, kh, ph)
+                };
+                let g = Conv2dGeom {
+                    batch,
+                    in_channels: groups * c_in,
+                    in_h,
+                    in_w,
+                    out_channels: groups * c_out,
+                    kernel_h: kh,
+                    kernel_w: kw,
+                    stride_h: sh,
+                    stride_w: sw,
+                    pad_h: ph,
+                    pad_w: pw,
+                    groups,
+                };
+                g.validate().ok().map(|_| g)
+            },
+        )
+    }
+
+    pub(crate) fn floats(rng: &mut Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| 2.0 * rng.next_f32() - 1.0).collect()
+    }
+
+    pub(crate) fn codes(rng: &mut Rng, len: usize) -> Vec<i8> {
+        (0..len)
+            .map(|_| (rng.below(256) as i32 - 128) as i8)
+            .collect()
+    }
+
+    pub(crate) fn zero_point(rng: &mut Rng) -> i32 {
+        rng.below(61) as i32 - 30
+    }
+
+    pub(crate) fn abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+
+    pub(crate) fn dequantize(codes: &[i8], q: QParams) -> Vec<f32> {
+        codes.iter().map(|&c| q.dequantize(c)).collect()
+    }
+
+    /// Dequantized weights with per-channel (or per-tensor) qparams.
+    fn dequantize_weights(g: &Conv2dGeom, w: &[i8], wq: &[QParams]) -> Vec<f32> {
+        let taps = g.taps();
+        (0..w.len())
+            .map(|k| channel_qparams(wq, k / taps).dequantize(w[k]))
+            .collect()
+    }
+
+    pub(crate) fn assert_close(got: &[f32], want: &[f32], magnitude: &[f32], rel: f32) {
+        assert_eq!(got.len(), want.len());
+        for k in 0..got.len() {
+            let tol = rel * magnitude[k] + 1e-30;
+            assert!(
+                (got[k] - want[k]).abs() <= tol,
+                "at {k}: {} vs {}",
+                got[k],
+                want[k]
+            );
+        }
+    }
+
+    // -- Reference kernels: the plain loops over every (output, tap) pair. ------------------
+
+    /// Calls `f(input index, weight index, output index)` for every non-padded tap of every
+    /// output, in the order `n, o, oh, ow, i, kh, kw`.
+    fn for_each_tap(g: &Conv2dGeom, mut f: impl FnMut(usize, usize, usize)) {
+        let (out_h, out_w) = (g.out_h() as isize, g.out_w() as isize);
+        let (c_in, c_out) = (g.in_per_group(), g.out_per_group());
+        let (kh_n, kw_n) = (g.kernel_h as isize, g.kernel_w as isize);
+        let (in_h, in_w) = (g.in_h as isize, g.in_w as isize);
+        for n in 0..g.batch {
+            for o in 0..g.out_channels {
+                for oh in 0..out_h {
+                    for ow in 0..out_w {
+                        let y = ((n * g.out_channels + o) as isize * out_h + oh) * out_w + ow;
+                        for i in 0..c_in {
+                            let c = o / c_out * c_in + i;
+                            for kh in 0..kh_n {
+                                for kw in 0..kw_n {
+                                    let ih = oh * g.stride_h as isize + kh - g.pad_h as isize;
+                                    let iw = ow * g.stride_w as isize + kw - g.pad_w as isize;
+                                    if ih < 0 || iw < 0 || ih >= in_h || iw >= in_w {
+                                        continue;
+                                    }
+                                    let x =
+                                        ((n * g.in_channels + c) as isize * in_h + ih) * in_w + iw;
+                                    let w = ((o * c_in + i) as isize * kh_n + kh) * kw_n + kw;
+                                    f(x as usize, w as usize, y as usize);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn ref_forward<X: Term<A>, A: Acc>(
+        g: &Conv2dGeom,
+        x: &[X],
+        zx: A,
+        w: &[X],
+        zw: &dyn Fn(usize) -> A,
+        init: &dyn Fn(usize) -> A,
+    ) -> Vec<A> {
+        let plane = g.out_plane();
+        let mut y: Vec<A> = (0..g.output_len())
+            .map(|k| init(k / plane % g.out_channels))
+            .collect();
+        let taps = g.taps();
+        for_each_tap(g, |xi, wi, yi| {
+            y[yi] += x[xi].term(zx) * w[wi].term(zw(wi / taps))
+        });
+        y
+    }
+
+    fn ref_input_error<X: Term<A>, A: Acc>(
+        g: &Conv2dGeom,
+        w: &[X],
+        e: &[X],
+        ze: A,
+        wterm: &dyn Fn(usize, X) -> A,
+        selected: &dyn Fn(usize) -> bool,
+    ) -> Vec<A> {
+        let mut ex = vec![A::default(); g.input_len()];
+        let taps = g.taps();
+        for_each_tap(g, |xi, wi, yi| {
+            if selected(wi / taps) {
+                ex[xi] += wterm(wi / taps, w[wi]) * e[yi].term(ze);
+            }
+        });
+        ex
+    }
+
+    fn ref_weight_grad<X: Term<A>, A: Acc>(
+        g: &Conv2dGeom,
+        x: &[X],
+        zx: A,
+        e: &[X],
+        ze: A,
+    ) -> Vec<A> {
+        let mut dw = vec![A::default(); g.weight_len()];
+        for_each_tap(g, |xi, wi, yi| dw[wi] += x[xi].term(zx) * e[yi].term(ze));
+        dw
+    }
+
+    /// Accumulators of every output plane from the dispatched kernel, or forced general path.
+    fn forward_accs<X: Term<A>, A: Acc>(
+        g: &Conv2dGeom,
+        x: &[X],
+        zx: A,
+        w: &[X],
+        zw: &dyn Fn(usize) -> A,
+        init: &dyn Fn(usize) -> A,
+        general: bool,
+    ) -> Vec<A> {
+        let mut y = vec![A::default(); g.output_len()];
+        for n in 0..g.batch {
+            for o in 0..g.out_channels {
+                let out = &mut y[Conv2dGeom::plane(n, o, g.out_channels, g.out_plane())];
+                let mut emit = |at: usize, block: &[A]| {
+                    out[at..at + block.len()].copy_from_slice(block);
+                };
+                let (input, taps) = (g.group_input(x, n, o), &w[o * g.taps()..][..g.taps()]);
+                if general {
+                    forward_plane_general(g, input, zx, taps, zw(o), init(o), &mut emit);
+                } else {
+                    forward_plane(g, input, zx, taps, zw(o), init(o), &mut emit);
+                }
+            }
+        }
+        y
+    }
+
+    /// Input-error accumulators from the dispatched kernel, or forced general path.
+    fn input_error_accs<X: Term<A>, A: Acc>(
+        g: &Conv2dGeom,
+        w: &[X],
+        e: &[X],
+        ze: A,
+        channel: &dyn Fn(usize) -> (A, A),
+        general: bool,
+    ) -> Vec<A> {
+        let mut ex = vec![A::default(); g.input_len()];
+        let mut emit = |at: usize, block: &[A]| ex[at..at + block.len()].copy_from_slice(block);
+        if !general {
+            input_error(g, w, e, ze, ChannelSet::All, channel, &mut emit);
+            return ex;
+        }
+        let sample = g.out_channels * g.out_plane();
+        for n in 0..g.batch {
+            for c in 0..g.in_channels {
+                let group = c / g.in_per_group() * g.out_per_group();
+                let plane = ErrorPlane {
+                    geom: g,
+                    weight: w,
+                    err: &e[n * sample..][..sample],
+                    ze,
+                    local: c % g.in_per_group(),
+                };
+                let base = Conv2dGeom::plane(n, c, g.in_channels, g.in_plane()).start;
+                let outputs = group..group + g.out_per_group();
+                plane.general(outputs, &channel, &mut |at, block| emit(base + at, block));
+            }
+        }
+        ex
+    }
+
+    // -- Unit tests. -----------------------------------------------------------------------
+
+    #[test]
+    fn geometry_sizes_and_validation() {
+        let g = Conv2dGeom {
+            batch: 2,
+            in_channels: 4,
+            in_h: 7,
+            in_w: 5,
+            out_channels: 6,
+            kernel_h: 3,
+            kernel_w: 2,
+            stride_h: 2,
+            stride_w: 1,
+            pad_h: 1,
+            pad_w: 0,
+            groups: 2,
+        };
+        assert_eq!(g.validate(), Ok(()));
+        assert_eq!((g.out_h(), g.out_w()), (4, 4));
+        assert_eq!(g.input_len(), 2 * 4 * 7 * 5);
+        assert_eq!(g.output_len(), 2 * 6 * 4 * 4);
+        assert_eq!(g.weight_len(), 6 * 2 * 3 * 2);
+        assert_eq!(g.macs(), 2 * 6 * 4 * 4 * 2 * 3 * 2);
+        assert_eq!(g.scratch_bytes(), 0);
+        let bad_groups = Conv2dGeom { groups: 3, ..g };
+        assert_eq!(bad_groups.validate(), Err(OpError::BadGroups));
+        let too_large = Conv2dGeom { kernel_w: 6, ..g };
+        assert_eq!(too_large.validate(), Err(OpError::KernelTooLarge));
+        let padded = Conv2dGeom {
+            pad_w: 1,
+            ..too_large
+        };
+        assert_eq!(padded.validate(), Ok(()));
+        assert_eq!(
+            Conv2dGeom { stride_h: 0, ..g }.validate(),
+            Err(OpError::ZeroSize)
+        );
+    }
+
+    #[test]
+    fn one_d_forward_by_hand() {
+        // x = [1, 2, 3, 4], kernel [1, 0, -1], padding 1: y[t] = x[t-1] - x[t+1] + 0.5.
+        let g = Conv2dGeom {
+            batch: 1,
+            in_channels: 1,
+            in_h: 1,
+            in_w: 4,
+            out_channels: 1,
+            kernel_h: 1,
+            kernel_w: 3,
+            stride_h: 1,
+            stride_w: 1,
+            pad_h: 0,
+            pad_w: 1,
+            groups: 1,
+        };
+        let mut y = [0.0f32; 4];
+        forward(&g, &[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, -1.0], &[0.5], &mut y);
+        assert_eq!(y, [-1.5, -1.5, -1.5, 3.5]);
+        // The transpose: e_x[t] = e[t+1] - e[t-1].
+        let mut ex = [0.0f32; 4];
+        input_backward(
+            &g,
+            &[1.0, 0.0, -1.0],
+            &[1.0, 10.0, 100.0, 1000.0],
+            ChannelSet::All,
+            &mut ex,
+        );
+        assert_eq!(ex, [10.0, 99.0, 990.0, -100.0]);
+    }
+
+    #[test]
+    fn quantized_forward_by_hand() {
+        // 1x1: acc = (x - 2) * 3 + 4 with s_a = 0.5 * 0.25 = bias_scale, output step 0.25.
+        let g = Conv2dGeom {
+            batch: 1,
+            in_channels: 1,
+            in_h: 1,
+            in_w: 2,
+            out_channels: 1,
+            kernel_h: 1,
+            kernel_w: 1,
+            stride_h: 1,
+            stride_w: 1,
+            pad_h: 0,
+            pad_w: 0,
+            groups: 1,
+        };
+        let weight_q = [QParams {
+            scale: 0.25,
+            zero_point: 0,
+        }];
+        let mut q = QLayerParams {
+            input: QParams {
+                scale: 0.5,
+                zero_point: 2,
+            },
+            weight: &weight_q,
+            bias_scale: 0.125,
+            output: QParams {
+                scale: 0.25,
+                zero_point: -10,
+            },
+            activation: Activation::None,
+        };
+        let mut y = [0i8; 2];
+        // acc 28 -> 3.5 -> code 14 - 10; acc -17 -> -2.125 -> round(-8.5) = -8 -> code -18.
+        let range = forward_q(&g, &[10, -5], &[3], &[4], &q, &mut y);
+        assert_eq!(y, [4, -18]);
+        assert_eq!(
+            range,
+            RealRange {
+                min: -2.125,
+                max: 3.5
+            }
+        );
+        q.activation = Activation::Relu;
+        let range = forward_q(&g, &[10, -5], &[3], &[4], &q, &mut y);
+        assert_eq!(y, [4, -10]);
+        assert_eq!(range, RealRange { min: 0.0, max: 3.5 });
+    }
+
+    #[test]
+    fn scale_ratios_read_the_float_bits() {
+        assert_eq!(split_f32(1.0), (1 << 23, -23));
+        assert_eq!(split_f32(0.75), (3 << 22, -24));
+        let wq = |scale| QParams {
+            scale,
+            zero_point: 0,
+        };
+        let ratios = ScaleRatios::new(&[wq(1.0), wq(0.75), wq(0.25)], 1);
+        assert_eq!(ratios.ratio(1.0), 1 << 23);
+        assert_eq!(ratios.ratio(0.75), 3 << 21);
+        assert_eq!(ratios.ratio(0.25), 1 << 21);
+        // One product needs 16 + 24 bits: narrowed by 9 bits.
+        assert_eq!(ratios.shift, 9);
+        assert_eq!(ratios.unit(), libm::ldexp(1.0, -23 + 9));
+        assert_eq!(ratios.narrow(256), 1);
+        assert_eq!(ratios.narrow(255), 0);
+        assert_eq!(ratios.narrow(-256), 0);
+        assert_eq!(ratios.narrow(-257), -1);
+    }
+
+    #[test]
+    fn per_channel_qparams_with_one_scale_are_the_exact_form() {
+        let g = Conv2dGeom {
+            batch: 2,
+            in_channels: 3,
+            in_h: 5,
+            in_w: 4,
+            out_channels: 4,
+            kernel_h: 3,
+            kernel_w: 3,
+            stride_h: 1,
+            stride_w: 2,
+            pad_h: 1,
+            pad_w: 1,
+            groups: 1,
+        };
+        let mut rng = Rng::new(3);
+        let (w, e) = (
+            codes(&mut rng, g.weight_len()),
+            codes(&mut rng, g.output_len()),
+        );
+        let one = QParams {
+            scale: 0.013,
+            zero_point: 0,
+        };
+        let (eq, exq) = (
+            QParams::from_range(-1.0, 0.7),
+            QParams::from_range(-2.0, 2.5),
+        );
+        let mut per_tensor = vec![0i8; g.input_len()];
+        let mut per_channel = vec![0i8; g.input_len()];
+        let all = ChannelSet::All;
+        let r1 = input_backward_q(&g, &w, &[one], &e, eq, all, exq, &mut per_tensor);
+        let r4 = input_backward_q(&g, &w, &[one; 4], &e, eq, all, exq, &mut per_channel);
+        assert_eq!(per_tensor, per_channel);
+        assert_eq!(r1, r4);
+    }
+
+    // -- Property tests. -------------------------------------------------------------------
+
+    proptest! {
+        #[test]
+        fn kernels_match_the_reference(g in geometry(), seed in any::<u64>()) {
+            check_kernels_match_the_reference(g, seed);
+        }
+
+        #[test]
+        fn float_backward_matches_finite_differences(g in geometry(), seed in any::<u64>()) {
+            check_float_backward_matches_finite_differences(g, seed);
+        }
+
+        #[test]
+        fn channel_subset_restricts_the_full_result(g in geometry(), seed in any::<u64>()) {
+            check_channel_subset_restricts_the_full_result(g, seed);
+        }
+
+        #[test]
+        fn forward_q_matches_float_forward(
+            g in geometry(),
+            seed in any::<u64>(),
+            per_channel in any::<bool>(),
+            act in 0usize..3,
+            bias_ratio in prop_oneof![Just(1.0f32), 0.1f32..3.0],
+        ) {
+            check_forward_q_matches_float_forward(g, seed, per_channel, act, bias_ratio);
+        }
+
+        #[test]
+        fn input_backward_q_matches_float(
+            g in geometry(),
+            seed in any::<u64>(),
+            per_channel in any::<bool>(),
+        ) {
+            check_input_backward_q_matches_float(g, seed, per_channel);
+        }
+
+        #[test]
+        fn gradient_q_matches_float(g in geometry(), seed in any::<u64>()) {
+            check_gradient_q_matches_float(g, seed);
+        }
+    }
+
+    /// Fast paths and the general path against the plain loops: float within 1e-5 of the
+    /// sum of absolute terms, integers exactly.
+    fn check_kernels_match_the_reference(g: Conv2dGeom, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (x, w, b) = (
+            floats(&mut rng, g.input_len()),
+            floats(&mut rng, g.weight_len()),
+            floats(&mut rng, g.out_channels),
+        );
+        let e = floats(&mut rng, g.output_len());
+        let (ax, aw, ab, ae) = (abs(&x), abs(&w), abs(&b), abs(&e));
+        let no_zero = |_: usize| 0.0f32;
+        let want = ref_forward(&g, &x, 0.0, &w, &no_zero, &|o| b[o]);
+        let mag = ref_forward(&g, &ax, 0.0, &aw, &no_zero, &|o| ab[o]);
+        for general in [false, true] {
+            let got = forward_accs(&g, &x, 0.0, &w, &no_zero, &|o| b[o], general);
+            assert_close(&got, &want, &mag, 1e-5);
+        }
+        let mut y = vec![0.0; g.output_len()];
+        forward(&g, &x, &w, &b, &mut y);
+        assert_close(&y, &want, &mag, 1e-5);
+
+        let all = |_: usize| true;
+        let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v, &all);
+        let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v, &all);
+        for general in [false, true] {
+            let got = input_error_accs(&g, &w, &e, 0.0, &|_| (0.0, 1.0), general);
+            assert_close(&got, &want, &mag, 1e-5);
+        }
+        let want = ref_weight_grad(&g, &x, 0.0, &e, 0.0);
+        let mag = ref_weight_grad(&g, &ax, 0.0, &ae, 0.0);
+        let mut dw = vec![0.0; g.weight_len()];
+        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
+        assert_close(&dw, &want, &mag, 1e-5);
+
+        // 8-bit: per-channel zero points, i32 and i64 (with per-channel factors) sums.
+        let (xq, wq, eq) = (
+            codes(&mut rng, g.input_len()),
+            codes(&mut rng, g.weight_len()),
+            codes(&mut rng, g.output_len()),
+        );
+        let (zx, ze) = (zero_point(&mut rng), zero_point(&mut rng));
+        let zw: Vec<i32> = (0..g.out_channels).map(|_| zero_point(&mut rng)).collect();
+        let init: Vec<i32> = (0..g.out_channels)
+            .map(|_| rng.below(2001) as i32 - 1000)
+            .collect();
+        let factor: Vec<i64> = (0..g.out_channels)
+            .map(|_| rng.below(1 << 24) as i64)
+            .collect();
+        let want = ref_forward(&g, &xq, zx, &wq, &|o| zw[o], &|o| init[o]);
+        for general in [false, true] {
+            let got = forward_accs(&g, &xq, zx, &wq, &|o| zw[o], &|o| init[o], general);
+            assert_eq!(&got, &want);
+        }
+        let want = ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]), &all);
+        let want64 = ref_input_error(
+            &g,
+            &wq,
+            &eq,
+            ze as i64,
+            &|o, v| v.term(zw[o] as i64) * factor[o],
+            &all,
+        );
+        for general in [false, true] {
+            let got = input_error_accs(&g, &wq, &eq, ze, &|o| (zw[o], 1), general);
+            assert_eq!(&got, &want);
+            let channel = |o: usize| (zw[o] as i64, factor[o]);
+            let got = input_error_accs(&g, &wq, &eq, ze as i64, &channel, general);
+            assert_eq!(&got, &want64);
+        }
+        let want: Vec<i64> = ref_weight_grad(&g, &xq, zx as i64, &eq, ze as i64);
+        let mut got = vec![0i64; g.weight_len()];
+        weight_sums(&g, &xq, zx, &eq, ze, ChannelSet::All, &mut |k, s: i64| {
+            got[k] += s
+        });
+        assert_eq!(got, want);
+    }
+
+    /// Each float backward against central differences of `L = sum(y * R)`, evaluated in
+    /// f64 with the plain loops; relative error below 1e-3 (of the gradient, or of the sum
+    /// of absolute terms where the gradient cancels).
+    fn check_float_backward_matches_finite_differences(g: Conv2dGeom, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (x, w, b) = (
+            floats(&mut rng, g.input_len()),
+            floats(&mut rng, g.weight_len()),
+            floats(&mut rng, g.out_channels),
+        );
+        let r = floats(&mut rng, g.output_len());
+        let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, w64, b64, r64) = (wide(&x), wide(&w), wide(&b), wide(&r));
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
+            let y = ref_forward(&g, x, 0.0, w, &|_| 0.0, &|o| b[o]);
+            y.iter().zip(&r64).map(|(y, r)| y * r).sum()
+        };
+        let h = 1e-2;
+        let central = |k: usize, which: usize| -> f64 {
+            let (mut xp, mut wp, mut bp) = (x64.clone(), w64.clone(), b64.clone());
+            let (mut xm, mut wm, mut bm) = (x64.clone(), w64.clone(), b64.clone());
+            match which {
+                0 => {
+                    xp[k] += h;
+                    xm[k] -= h;
+                }
+                1 => {
+                    wp[k] += h;
+                    wm[k] -= h;
+                }
+                _ => {
+                    bp[k] += h;
+                    bm[k] -= h;
+                }
+            }
+            (loss(&xp, &wp, &bp) - loss(&xm, &wm, &bm)) / (2.0 * h)
+        };
+        let mut ex = vec![0.0f32; g.input_len()];
+        input_backward(&g, &w, &r, ChannelSet::All, &mut ex);
+        let mut dw = vec![0.0f32; g.weight_len()];
+        weight_backward(&g, &x, &r, ChannelSet::All, &mut dw);
+        let mut db = vec![0.0f32; g.out_channels];
+        bias_backward(&g, &r, ChannelSet::All, &mut db);
+        let (aw, ar, ax) = (abs(&w), abs(&r), abs(&x));
+        let ex_mag = ref_input_error(&g, &aw, &ar, 0.0, &|_, v| v, &|_| true);
+        let dw_mag = ref_weight_grad(&g, &ax, 0.0, &ar, 0.0);
+        let plane = g.out_plane();
+        let db_mag: Vec<f32> = (0..g.out_channels)
+            .map(|o| {
+                (0..g.batch)
+                    .map(|n| {
+                        ar[Conv2dGeom::plane(n, o, g.out_channels, plane)]
+                            .iter()
+                            .sum::<f32>()
+                    })
+                    .sum()
+            })
+            .collect();
+        for (which, analytic, mag) in [(0, &ex, &ex_mag), (1, &dw, &dw_mag), (2, &db, &db_mag)] {
+            for _ in 0..6 {
+                let k = rng.below(analytic.len() as u32) as usize;
+                let fd = central(k, which);
+                let scale = fd.abs().max(mag[k] as f64).max(1e-6);
+                let err = (analytic[k] as f64 - fd).abs() / scale;
+                assert!(
+                    err < 1e-3,
+                    "tensor {} at {}: {} vs {}",
+                    which,
+                    k,
+                    analytic[k],
+                    fd
+                );
+            }
+        }
+    }
+
+    /// A channel subset gives exactly the full result on its channels (and leaves the
+    /// others' gradients alone); its input error is that of the full set with the other
+    /// channels' errors zeroed.
+    fn check_channel_subset_restricts_the_full_result(g: Conv2dGeom, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let mut subset: Vec<u16> = (0..g.out_channels as u16)
+            .filter(|_| rng.below(2) == 0)
+            .collect();
+        for k in (1..subset.len()).rev() {
+            subset.swap(k, rng.below(k as u32 + 1) as usize);
+        }
+        let chosen = |o: usize| subset.contains(&(o as u16));
+        let some = ChannelSet::Subset(&subset);
+        let (x, w, e) = (
+            floats(&mut rng, g.input_len()),
+            floats(&mut rng, g.weight_len()),
+            floats(&mut rng, g.output_len()),
+        );
+        let (dw0, db0) = (
+            floats(&mut rng, g.weight_len()),
+            floats(&mut rng, g.out_channels),
+        );
+        let plane = g.out_plane();
+        let masked = |e: &[f32]| -> Vec<f32> {
+            e.iter()
+                .enumerate()
+                .map(|(k, &v)| {
+                    if chosen(k / plane % g.out_channels) {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
+        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw_all);
+        weight_backward(&g, &x, &e, some, &mut dw_some);
+        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
+        bias_backward(&g, &e, ChannelSet::All, &mut db_all);
+        bias_backward(&g, &e, some, &mut db_some);
+        for k in 0..g.weight_len() {
+            let want = if chosen(k / g.taps()) {
+                dw_all[k]
+            } else {
+                dw0[k]
+            };
+            assert_eq!(dw_some[k], want);
+        }
+        for o in 0..g.out_channels {
+            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
+        }
+        let (mut ex_all, mut ex_some) = (vec![0.0; g.input_len()], vec![1.0; g.input_len()]);
+        input_backward(&g, &w, &masked(&e), ChannelSet::All, &mut ex_all);
+        input_backward(&g, &w, &e, some, &mut ex_some);
+        let mag = ref_input_error(&g, &abs(&w), &abs(&e), 0.0, &|_, v| v, &|_| true);
+        assert_close(&ex_some, &ex_all, &mag, 1e-5);
+
+        // 8-bit: exact, for per-tensor and per-channel weight scales.
+        let (xq, wq, eq) = (
+            codes(&mut rng, g.input_len()),
+            codes(&mut rng, g.weight_len()),
+            codes(&mut rng, g.output_len()),
+        );
+        let (x_q, e_q) = (
+            QParams::from_range(-1.0, 3.0),
+            QParams::from_range(-0.2, 0.1),
+        );
+        let ex_q = QParams::from_range(-0.5, 0.5);
+        let eq_masked: Vec<i8> = eq
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                if chosen(k / plane % g.out_channels) {
+                    v
+                } else {
+                    e_q.zero_point as i8
+                }
+            })
+            .collect();
+        let per_channel: Vec<QParams> = (0..g.out_channels)
+            .map(|o| QParams {
+                scale: 0.001 * (1 + o) as f32,
+                zero_point: o as i32 - 1,
+            })
+            .collect();
+        for weight_q in [&per_channel[..1], &per_channel[..]] {
+            let (mut all_q, mut some_q) = (vec![0i8; g.input_len()], vec![0i8; g.input_len()]);
+            let r_all = input_backward_q(
+                &g,
+                &wq,
+                weight_q,
+                &eq_masked,
+                e_q,
+                ChannelSet::All,
+                ex_q,
+                &mut all_q,
+            );
+            let r_some = input_backward_q(&g, &wq, weight_q, &eq, e_q, some, ex_q, &mut some_q);
+            assert_eq!(&some_q, &all_q);
+            assert_eq!(r_some, r_all);
+        }
+        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
+        weight_backward_q(&g, &xq, x_q, &eq, e_q, ChannelSet::All, &mut dw_all);
+        weight_backward_q(&g, &xq, x_q, &eq, e_q, some, &mut dw_some);
+        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
+        bias_backward_q(&g, &eq, e_q, ChannelSet::All, &mut db_all);
+        bias_backward_q(&g, &eq, e_q, some, &mut db_some);
+        for k in 0..g.weight_len() {
+            assert_eq!(
+                dw_some[k],
+                if chosen(k / g.taps()) {
+                    dw_all[k]
+                } else {
+                    dw0[k]
+                }
+            );
+        }
+        for o in 0..g.out_channels {
+            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
+        }
+    }
+
+    /// The 8-bit forward against the float forward on the dequantized tensors. Bound, in
+    /// output steps: 1/2 (output rounding) + `s_a / (2 s_y)` (the bias requantized to the
+    /// accumulator scale `s_a` is off by at most half a unit) + 1e-5 of the sum of
+    /// absolute terms (float rounding) + 1e-6 relative (fixed-point multipliers). The range
+    /// is the float one within the same real error.
+    fn check_forward_q_matches_float_forward(
+        g: Conv2dGeom,
+        seed: u64,
+        per_channel: bool,
+        act: usize,
+        bias_ratio: f32,
+    ) {
+        let mut rng = Rng::new(seed);
+        let activation = [Activation::None, Activation::Relu, Activation::Relu6][act];
+        let (x, w) = (
+            codes(&mut rng, g.input_len()),
+            codes(&mut rng, g.weight_len()),
+        );
+        let x_q = QParams {
+            scale: 0.005 + 0.05 * rng.next_f32(),
+            zero_point: zero_point(&mut rng),
+        };
+        let channels = if per_channel { g.out_channels } else { 1 };
+        let weight_q: Vec<QParams> = (0..channels)
+            .map(|_| QParams {
+                scale: 0.002 + 0.02 * rng.next_f32(),
+                zero_point: zero_point(&mut rng) / 4,
+            })
+            .collect();
+        let bias: Vec<i32> = (0..g.out_channels)
+            .map(|_| rng.below(20001) as i32 - 10000)
+            .collect();
+        let bias_scale = x_q.scale * weight_q[0].scale * bias_ratio;
+        let (xf, wf) = (dequantize(&x, x_q), dequantize_weights(&g, &w, &weight_q));
+        let bf: Vec<f32> = bias.iter().map(|&b| bias_scale * b as f32).collect();
+        let mut yf = vec![0.0f32; g.output_len()];
+        forward(&g, &xf, &wf, &bf, &mut yf);
+        let mut mag = vec![0.0f32; g.output_len()];
+        forward(&g, &abs(&xf), &abs(&wf), &abs(&bf), &mut mag);
+        let float_range = RealRange::of(&yf);
+        let y_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
+        let q = QLayerParams {
+            input: x_q,
+            weight: &weight_q,
+            bias_scale,
+            output: y_q,
+            activation,
+        };
+        let mut y = vec![0i8; g.output_len()];
+        let range = forward_q(&g, &x, &w, &bias, &q, &mut y);
+
+        let (code_lo, code_hi) = activation.code_bounds(y_q);
+        let (real_lo, real_hi) = activation.real_bounds();
+        let mut want_range = RealRange::EMPTY;
+        let mut range_tol = 0.0f32;
+        for k in 0..y.len() {
+            let s_a =
+                x_q.scale * channel_qparams(&weight_q, k / g.out_plane() % g.out_channels).scale;
+            let exact = y_q.zero_point as f32 + yf[k] / y_q.scale;
+            let want = exact.clamp(code_lo as f32, code_hi as f32);
+            let bound = 0.5
+                + 0.5 * s_a / y_q.scale * 1.000_01
+                + 1e-5 * mag[k] / y_q.scale
+                + 1e-6 * exact.abs();
+            assert!(
+                (y[k] as f32 - want).abs() <= bound,
+                "at {}: {} vs {} (bound {})",
+                k,
+                y[k],
+                want,
+                bound
+            );
+            want_range.include(yf[k].max(real_lo).min(real_hi));
+            range_tol = range_tol.max(0.5 * s_a * 1.000_01 + 1e-5 * mag[k]);
+        }
+        assert!(
+            (range.min - want_range.min).abs() <= range_tol,
+            "{:?} {:?}",
+            range,
+            want_range
+        );
+        assert!(
+            (range.max - want_range.max).abs() <= range_tol,
+            "{:?} {:?}",
+            range,
+            want_range
+        );
+    }
+
+    /// The 8-bit input error against the float one on dequantized tensors. Per-tensor
+    /// bound: 1/2 step + 1e-5 of the absolute terms + 1e-6 relative. Per channel, the
+    /// ratio scheme adds half a narrowed unit `2^(E+shift) * s_e` and one unit `2^E * s_e`
+    /// per unit of `sum |(w - z_w)(e - z_e)|` (each ratio is truncated by under 1).
+    fn check_input_backward_q_matches_float(g: Conv2dGeom, seed: u64, per_channel: bool) {
+        let mut rng = Rng::new(seed);
+        let (w, e) = (
+            codes(&mut rng, g.weight_len()),
+            codes(&mut rng, g.output_len()),
+        );
+        let channels = if per_channel { g.out_channels } else { 1 };
+        let weight_q: Vec<QParams> = (0..channels)
+            .map(|_| QParams {
+                scale: libm::ldexpf(0.5 + 0.5 * rng.next_f32(), rng.below(7) as i32 - 9),
+                zero_point: zero_point(&mut rng) / 4,
+            })
+            .collect();
+        let e_q = QParams {
+            scale: 0.001 + 0.01 * rng.next_f32(),
+            zero_point: zero_point(&mut rng),
+        };
+        let (wf, ef) = (dequantize_weights(&g, &w, &weight_q), dequantize(&e, e_q));
+        let mut exf = vec![0.0f32; g.input_len()];
+        input_backward(&g, &wf, &ef, ChannelSet::All, &mut exf);
+        let mag = ref_input_error(&g, &abs(&wf), &abs(&ef), 0.0, &|_, v| v, &|_| true);
+        // sum |(w - z_w)(e - z_e)| of every input element.
+        let mut int_abs = vec![0i64; g.input_len()];
+        let taps = g.taps();
+        for_each_tap(&g, |xi, wi, yi| {
+            let zw = channel_qparams(&weight_q, wi / taps).zero_point;
+            int_abs[xi] +=
+                ((w[wi] as i64 - zw as i64) * (e[yi] as i64 - e_q.zero_point as i64)).abs();
+        });
+        let float_range = RealRange::of(&exf);
+        let ex_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
+        let mut ex = vec![0i8; g.input_len()];
+        let range = input_backward_q(&g, &w, &weight_q, &e, e_q, ChannelSet::All, ex_q, &mut ex);
+
+        let distinct = weight_q.iter().any(|q| q.scale != weight_q[0].scale);
+        let ratios = ScaleRatios::new(&weight_q, g.out_per_group() * g.kernel_h * g.kernel_w);
+        let s_e = e_q.scale as f64;
+        let mut range_tol = 0.0f64;
+        for k in 0..ex.len() {
+            let mut real_err = 1e-5 * mag[k] as f64;
+            if distinct {
+                real_err += 0.5 * ratios.unit() * s_e
+                    + libm::ldexp(1.0, ratios.exponent) * s_e * int_abs[k] as f64;
+            }
+            let exact = ex_q.zero_point as f64 + exf[k] as f64 / ex_q.scale as f64;
+            let want = exact.clamp(-128.0, 127.0);
+            let bound = 0.5 + real_err / ex_q.scale as f64 + 1e-6 * exact.abs();
+            assert!(
+                (ex[k] as f64 - want).abs() <= bound,
+                "at {}: {} vs {} (bound {})",
+                k,
+                ex[k],
+                want,
+                bound
+            );
+            range_tol = range_tol.max(real_err * 1.000_01);
+        }
+        assert!((range.min as f64 - float_range.min as f64).abs() <= range_tol + 1e-30);
+        assert!((range.max as f64 - float_range.max as f64).abs() <= range_tol + 1e-30);
+    }
+
+    /// 8-bit weight and bias gradients equal the float ones on dequantized tensors up to
+    /// float rounding (they are exact integer sums times one scale).
+    fn check_gradient_q_matches_float(g: Conv2dGeom, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (x, e) = (
+            codes(&mut rng, g.input_len()),
+            codes(&mut rng, g.output_len()),
+        );
+        let x_q = QParams {
+            scale: 0.02 * rng.next_f32() + 0.001,
+            zero_point: zero_point(&mut rng),
+        };
+        let e_q = QParams {
+            scale: 0.002 * rng.next_f32() + 1e-4,
+            zero_point: zero_point(&mut rng),
+        };
+        let (xf, ef) = (dequantize(&x, x_q), dequantize(&e, e_q));
+        let (dw0, db0) = (
+            floats(&mut rng, g.weight_len()),
+            floats(&mut rng, g.out_channels),
+        );
+        let (mut dw, mut dwf) = (dw0.clone(), dw0.clone());
+        weight_backward_q(&g, &x, x_q, &e, e_q, ChannelSet::All, &mut dw);
+        weight_backward(&g, &xf, &ef, ChannelSet::All, &mut dwf);
+        let mut mag = abs(&dw0);
+        weight_backward(&g, &abs(&xf), &abs(&ef), ChannelSet::All, &mut mag);
+        assert_close(&dw, &dwf, &mag, 1e-5);
+        let (mut db, mut dbf) = (db0.clone(), db0.clone());
+        bias_backward_q(&g, &e, e_q, ChannelSet::All, &mut db);
+        bias_backward(&g, &ef, ChannelSet::All, &mut dbf);
+        let mut mag = abs(&db0);
+        bias_backward(&g, &abs(&ef), ChannelSet::All, &mut mag);
+        assert_close(&db, &dbf, &mag, 1e-5);
     }
 }

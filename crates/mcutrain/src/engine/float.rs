@@ -2,7 +2,9 @@
 
 use super::{first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
-use crate::model::{Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, Shape};
+use crate::model::{
+    Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, Shape,
+};
 use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
 use mcutrain_core::rng::Rng;
 use mcutrain_core::update;
@@ -54,11 +56,21 @@ impl<'a> FloatNet<'a> {
             let x = &tensors[i];
             let mut y = vec![0.0f32; batch * crate::model::numel(self.shapes[i + 1])];
             match (&layer.kind, self.geometry(i, batch)) {
-                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                (
+                    LayerKind::Conv2d {
+                        activation: act, ..
+                    },
+                    Geometry::Conv(g),
+                ) => {
                     conv2d::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
                     apply_activation(*act, &mut y);
                 }
-                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                (
+                    LayerKind::Linear {
+                        activation: act, ..
+                    },
+                    Geometry::Linear(g),
+                ) => {
                     linear::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
                     apply_activation(*act, &mut y);
                 }
@@ -66,9 +78,19 @@ impl<'a> FloatNet<'a> {
                 (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward(&g, x, &mut y),
                 (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => pool::max_forward(&g, x, &mut y),
                 (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    pool::global_avg_forward(&pool::GlobalPoolGeom { batch, channels, spatial }, x, &mut y)
+                    pool::global_avg_forward(
+                        &pool::GlobalPoolGeom {
+                            batch,
+                            channels,
+                            spatial,
+                        },
+                        x,
+                        &mut y,
+                    )
                 }
-                (LayerKind::Add { skip_from }, _) => add::forward(x, &tensors[skip_from + 1], &mut y),
+                (LayerKind::Add { skip_from }, _) => {
+                    add::forward(x, &tensors[skip_from + 1], &mut y)
+                }
                 (LayerKind::Flatten, _) => y.copy_from_slice(x),
                 (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
             }
@@ -91,7 +113,8 @@ impl<'a> FloatNet<'a> {
         let n = self.arch.layers.len();
         let mut errors: Vec<Option<Vec<f32>>> = vec![None; n + 1];
         let mut out_err = vec![0.0f32; tensors[n].len()];
-        let loss = loss::softmax_cross_entropy(&tensors[n], labels, self.arch.classes, &mut out_err);
+        let loss =
+            loss::softmax_cross_entropy(&tensors[n], labels, self.arch.classes, &mut out_err);
         errors[n] = Some(out_err);
         let Some(lowest) = first_trained_layer(trainable) else {
             return Backward {
@@ -108,7 +131,12 @@ impl<'a> FloatNet<'a> {
             let layer = &self.arch.layers[i];
             let mut input_err: Option<Vec<f32>> = None;
             match (&layer.kind, self.geometry(i, batch)) {
-                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                (
+                    LayerKind::Conv2d {
+                        activation: act, ..
+                    },
+                    Geometry::Conv(g),
+                ) => {
                     activation::backward(*act, &tensors[i + 1], &mut err);
                     if trainable[i].weight {
                         conv2d::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
@@ -118,11 +146,22 @@ impl<'a> FloatNet<'a> {
                     }
                     if needs_input_err {
                         let mut e = vec![0.0; x.len()];
-                        conv2d::input_backward(&g, &params[i].weight, &err, ChannelSet::All, &mut e);
+                        conv2d::input_backward(
+                            &g,
+                            &params[i].weight,
+                            &err,
+                            ChannelSet::All,
+                            &mut e,
+                        );
                         input_err = Some(e);
                     }
                 }
-                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                (
+                    LayerKind::Linear {
+                        activation: act, ..
+                    },
+                    Geometry::Linear(g),
+                ) => {
                     activation::backward(*act, &tensors[i + 1], &mut err);
                     if trainable[i].weight {
                         linear::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
@@ -132,7 +171,13 @@ impl<'a> FloatNet<'a> {
                     }
                     if needs_input_err {
                         let mut e = vec![0.0; x.len()];
-                        linear::input_backward(&g, &params[i].weight, &err, ChannelSet::All, &mut e);
+                        linear::input_backward(
+                            &g,
+                            &params[i].weight,
+                            &err,
+                            ChannelSet::All,
+                            &mut e,
+                        );
                         input_err = Some(e);
                     }
                 }
@@ -152,7 +197,15 @@ impl<'a> FloatNet<'a> {
                 }
                 (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
                     let mut e = vec![0.0; x.len()];
-                    pool::global_avg_input_backward(&pool::GlobalPoolGeom { batch, channels, spatial }, &err, &mut e);
+                    pool::global_avg_input_backward(
+                        &pool::GlobalPoolGeom {
+                            batch,
+                            channels,
+                            spatial,
+                        },
+                        &err,
+                        &mut e,
+                    );
                     input_err = Some(e);
                 }
                 (LayerKind::Add { skip_from }, _) => {
@@ -274,16 +327,31 @@ pub fn train(
                 .flat_map(|&i| data.samples[i * len..(i + 1) * len].iter().copied())
                 .collect();
             let batch_labels: Vec<u16> = batch_idx.iter().map(|&i| data.labels[i]).collect();
-            let (loss, grads) = batch_gradients(&net, params, &batch_input, &batch_labels, &trainable);
+            let (loss, grads) =
+                batch_gradients(&net, params, &batch_input, &batch_labels, &trainable);
             let t = (epoch * steps + step) as f32 / total_steps as f32;
             let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * t).cos());
             let grad_scale = 1.0 / batch_idx.len() as f32;
             for (i, tr) in trainable.iter().enumerate() {
                 if tr.weight {
-                    update::sgd(&mut params[i].weight, &grads[i].weight, &mut velocity[i].weight, lr, cfg.momentum, grad_scale);
+                    update::sgd(
+                        &mut params[i].weight,
+                        &grads[i].weight,
+                        &mut velocity[i].weight,
+                        lr,
+                        cfg.momentum,
+                        grad_scale,
+                    );
                 }
                 if tr.bias {
-                    update::sgd(&mut params[i].bias, &grads[i].bias, &mut velocity[i].bias, lr, cfg.momentum, grad_scale);
+                    update::sgd(
+                        &mut params[i].bias,
+                        &grads[i].bias,
+                        &mut velocity[i].bias,
+                        lr,
+                        cfg.momentum,
+                        grad_scale,
+                    );
                 }
             }
             epoch_loss += loss;
@@ -326,8 +394,14 @@ pub fn batch_gradients(
     for (l, g) in iter {
         loss += l;
         for (acc, part) in grads.iter_mut().zip(&g) {
-            acc.weight.iter_mut().zip(&part.weight).for_each(|(a, b)| *a += b);
-            acc.bias.iter_mut().zip(&part.bias).for_each(|(a, b)| *a += b);
+            acc.weight
+                .iter_mut()
+                .zip(&part.weight)
+                .for_each(|(a, b)| *a += b);
+            acc.bias
+                .iter_mut()
+                .zip(&part.bias)
+                .for_each(|(a, b)| *a += b);
         }
     }
     (loss, grads)

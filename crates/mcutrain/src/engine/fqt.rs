@@ -10,7 +10,10 @@
 use super::{first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
 use crate::engine::float::{shuffled, zeros_like};
-use crate::model::{numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState, Shape};
+use crate::model::{
+    numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState,
+    Shape,
+};
 use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
 use mcutrain_core::quant::{QParams, RealRange};
 use mcutrain_core::rng::Rng;
@@ -148,7 +151,12 @@ impl<'a> QuantNet<'a> {
 
     /// Integer forward pass of `batch` samples; returns every tensor and the real range each
     /// computed tensor had before saturation.
-    pub fn forward(&self, state: &QuantState, input: Vec<i8>, batch: usize) -> (Vec<Vec<i8>>, Vec<RealRange>) {
+    pub fn forward(
+        &self,
+        state: &QuantState,
+        input: Vec<i8>,
+        batch: usize,
+    ) -> (Vec<Vec<i8>>, Vec<RealRange>) {
         let n = self.arch.layers.len();
         let mut tensors: Vec<Vec<i8>> = Vec::with_capacity(n + 1);
         let mut ranges = vec![RealRange::EMPTY; n + 1];
@@ -160,11 +168,21 @@ impl<'a> QuantNet<'a> {
             let p = &state.layers[i];
             let mut y = vec![0i8; batch * numel(self.shapes[i + 1])];
             let range = match (&layer.kind, self.geometry(i, batch)) {
-                (LayerKind::Conv2d { activation: act, .. }, Geometry::Conv(g)) => {
+                (
+                    LayerKind::Conv2d {
+                        activation: act, ..
+                    },
+                    Geometry::Conv(g),
+                ) => {
                     let q = layer_params(in_q, p, out_q, *act);
                     conv2d::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
                 }
-                (LayerKind::Linear { activation: act, .. }, Geometry::Linear(g)) => {
+                (
+                    LayerKind::Linear {
+                        activation: act, ..
+                    },
+                    Geometry::Linear(g),
+                ) => {
                     let q = layer_params(in_q, p, out_q, *act);
                     linear::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
                 }
@@ -172,13 +190,25 @@ impl<'a> QuantNet<'a> {
                     activation::forward_q(*act, x, in_q, &mut y);
                     RealRange::EMPTY
                 }
-                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward_q(&g, x, in_q, out_q, &mut y),
+                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
+                    pool::avg_forward_q(&g, x, in_q, out_q, &mut y)
+                }
                 (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
                     pool::max_forward_q(&g, x, &mut y);
                     RealRange::EMPTY
                 }
                 (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    pool::global_avg_forward_q(&pool::GlobalPoolGeom { batch, channels, spatial }, x, in_q, out_q, &mut y)
+                    pool::global_avg_forward_q(
+                        &pool::GlobalPoolGeom {
+                            batch,
+                            channels,
+                            spatial,
+                        },
+                        x,
+                        in_q,
+                        out_q,
+                        &mut y,
+                    )
                 }
                 (LayerKind::Add { skip_from }, _) => {
                     let skip_q = self.activation_q(state, skip_from + 1);
@@ -222,7 +252,14 @@ impl<'a> QuantNet<'a> {
         let err_q = |t: usize| state.errors[t].qparams();
         let logits_q = self.activation_q(state, n);
         let mut out_err = vec![0i8; tensors[n].len()];
-        let (loss, range) = loss::softmax_cross_entropy_q(&tensors[n], logits_q, &[label], self.arch.classes, err_q(n), &mut out_err);
+        let (loss, range) = loss::softmax_cross_entropy_q(
+            &tensors[n],
+            logits_q,
+            &[label],
+            self.arch.classes,
+            err_q(n),
+            &mut out_err,
+        );
         error_ranges[n] = range;
         errors[n] = Some(QError {
             codes: out_err,
@@ -240,7 +277,11 @@ impl<'a> QuantNet<'a> {
             };
         };
         for i in (lowest..n).rev() {
-            let Some(QError { codes: mut err, q: eq }) = errors[i + 1].take() else {
+            let Some(QError {
+                codes: mut err,
+                q: eq,
+            }) = errors[i + 1].take()
+            else {
                 continue;
             };
             let needs_input_err = i > lowest;
@@ -250,8 +291,22 @@ impl<'a> QuantNet<'a> {
             let p = &state.layers[i];
             let mut contributions: Vec<(usize, QError, RealRange)> = Vec::new();
             match (&layer.kind, self.geometry(i, 1)) {
-                (LayerKind::Conv2d { activation: act, .. } | LayerKind::Linear { activation: act, .. }, geometry) => {
-                    activation::backward_mask_q(*act, &tensors[i + 1], self.activation_q(state, i + 1), &mut err, eq);
+                (
+                    LayerKind::Conv2d {
+                        activation: act, ..
+                    }
+                    | LayerKind::Linear {
+                        activation: act, ..
+                    },
+                    geometry,
+                ) => {
+                    activation::backward_mask_q(
+                        *act,
+                        &tensors[i + 1],
+                        self.activation_q(state, i + 1),
+                        &mut err,
+                        eq,
+                    );
                     let (channels_count, spatial) = match geometry {
                         Geometry::Conv(g) => (g.out_channels, g.out_h() * g.out_w()),
                         Geometry::Linear(g) => (g.out_features, 1),
@@ -259,10 +314,23 @@ impl<'a> QuantNet<'a> {
                     };
                     if trainable[i].any() {
                         let mut scores = vec![0.0f32; channels_count];
-                        update::structure_error_scores_q(&err, eq, 1, channels_count, spatial, &mut scores);
+                        update::structure_error_scores_q(
+                            &err,
+                            eq,
+                            1,
+                            channels_count,
+                            spatial,
+                            &mut scores,
+                        );
                         layer_errors[i] = scores.iter().sum::<f32>() / channels_count as f32;
                         if let Some((cfg, error_max)) = partial {
-                            let k = update::partial_update_count(cfg.lambda_min, cfg.lambda_max, layer_errors[i], error_max[i].max(layer_errors[i]), channels_count);
+                            let k = update::partial_update_count(
+                                cfg.lambda_min,
+                                cfg.lambda_max,
+                                layer_errors[i],
+                                error_max[i].max(layer_errors[i]),
+                                channels_count,
+                            );
                             let mut picked = vec![0u16; k];
                             let list = update::top_k_structures(&scores, k, &mut picked).to_vec();
                             selected[i] = Some(list);
@@ -277,53 +345,157 @@ impl<'a> QuantNet<'a> {
                     let range = match geometry {
                         Geometry::Conv(g) => {
                             if trainable[i].weight {
-                                conv2d::weight_backward_q(&g, x, x_q, &err, eq, channels, &mut grads[i].weight);
+                                conv2d::weight_backward_q(
+                                    &g,
+                                    x,
+                                    x_q,
+                                    &err,
+                                    eq,
+                                    channels,
+                                    &mut grads[i].weight,
+                                );
                             }
                             if trainable[i].bias {
                                 conv2d::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
                             }
-                            needs_input_err.then(|| conv2d::input_backward_q(&g, &p.weight, &p.weight_q, &err, eq, channels, in_err_q, &mut input_err))
+                            needs_input_err.then(|| {
+                                conv2d::input_backward_q(
+                                    &g,
+                                    &p.weight,
+                                    &p.weight_q,
+                                    &err,
+                                    eq,
+                                    channels,
+                                    in_err_q,
+                                    &mut input_err,
+                                )
+                            })
                         }
                         Geometry::Linear(g) => {
                             if trainable[i].weight {
-                                linear::weight_backward_q(&g, x, x_q, &err, eq, channels, &mut grads[i].weight);
+                                linear::weight_backward_q(
+                                    &g,
+                                    x,
+                                    x_q,
+                                    &err,
+                                    eq,
+                                    channels,
+                                    &mut grads[i].weight,
+                                );
                             }
                             if trainable[i].bias {
                                 linear::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
                             }
-                            needs_input_err.then(|| linear::input_backward_q(&g, &p.weight, &p.weight_q, &err, eq, channels, in_err_q, &mut input_err))
+                            needs_input_err.then(|| {
+                                linear::input_backward_q(
+                                    &g,
+                                    &p.weight,
+                                    &p.weight_q,
+                                    &err,
+                                    eq,
+                                    channels,
+                                    in_err_q,
+                                    &mut input_err,
+                                )
+                            })
                         }
                         _ => unreachable!(),
                     };
                     if let Some(range) = range {
-                        contributions.push((i, QError { codes: input_err, q: in_err_q }, range));
+                        contributions.push((
+                            i,
+                            QError {
+                                codes: input_err,
+                                q: in_err_q,
+                            },
+                            range,
+                        ));
                     }
                 }
                 (LayerKind::Activation(act), _) => {
                     activation::backward_mask_q(*act, &tensors[i + 1], x_q, &mut err, eq);
-                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: err.clone(),
+                            q: eq,
+                        },
+                        RealRange::EMPTY,
+                    ));
                 }
                 (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
                     let mut e = vec![0i8; x.len()];
                     let range = pool::avg_input_backward_q(&g, &err, eq, err_q(i), &mut e);
-                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: e,
+                            q: err_q(i),
+                        },
+                        range,
+                    ));
                 }
                 (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
                     let mut e = vec![0i8; x.len()];
                     let range = pool::max_input_backward_q(&g, x, &err, eq, err_q(i), &mut e);
-                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: e,
+                            q: err_q(i),
+                        },
+                        range,
+                    ));
                 }
                 (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
                     let mut e = vec![0i8; x.len()];
-                    let range = pool::global_avg_input_backward_q(&pool::GlobalPoolGeom { batch: 1, channels, spatial }, &err, eq, err_q(i), &mut e);
-                    contributions.push((i, QError { codes: e, q: err_q(i) }, range));
+                    let range = pool::global_avg_input_backward_q(
+                        &pool::GlobalPoolGeom {
+                            batch: 1,
+                            channels,
+                            spatial,
+                        },
+                        &err,
+                        eq,
+                        err_q(i),
+                        &mut e,
+                    );
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: e,
+                            q: err_q(i),
+                        },
+                        range,
+                    ));
                 }
                 (LayerKind::Add { skip_from }, _) => {
-                    contributions.push((skip_from + 1, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
-                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                    contributions.push((
+                        skip_from + 1,
+                        QError {
+                            codes: err.clone(),
+                            q: eq,
+                        },
+                        RealRange::EMPTY,
+                    ));
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: err.clone(),
+                            q: eq,
+                        },
+                        RealRange::EMPTY,
+                    ));
                 }
                 (LayerKind::Flatten, _) => {
-                    contributions.push((i, QError { codes: err.clone(), q: eq }, RealRange::EMPTY));
+                    contributions.push((
+                        i,
+                        QError {
+                            codes: err.clone(),
+                            q: eq,
+                        },
+                        RealRange::EMPTY,
+                    ));
                 }
                 (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
             }
@@ -337,7 +509,14 @@ impl<'a> QuantNet<'a> {
                     Some(existing) => {
                         let q = err_q(t);
                         let mut sum = vec![0i8; existing.codes.len()];
-                        let range = add::forward_q(&existing.codes, existing.q, &contribution.codes, contribution.q, q, &mut sum);
+                        let range = add::forward_q(
+                            &existing.codes,
+                            existing.q,
+                            &contribution.codes,
+                            contribution.q,
+                            q,
+                            &mut sum,
+                        );
                         error_ranges[t] = error_ranges[t].merge(range);
                         QError { codes: sum, q }
                     }
@@ -365,7 +544,8 @@ impl<'a> QuantNet<'a> {
             .par_chunks(64)
             .map(|idx| {
                 let batch = idx.len();
-                let input = self.quantize_input(state, &data.samples[idx[0] * len..(idx[0] + batch) * len]);
+                let input =
+                    self.quantize_input(state, &data.samples[idx[0] * len..(idx[0] + batch) * len]);
                 let (tensors, _) = self.forward(state, input, batch);
                 let logits = tensors.last().expect("at least the input");
                 logits.chunks(classes).map(loss::argmax_q).collect()
@@ -376,7 +556,12 @@ impl<'a> QuantNet<'a> {
 }
 
 /// The quantized-layer parameters of one conv/linear call.
-fn layer_params<'p>(input: QParams, p: &'p crate::model::QuantLayer, output: QParams, act: activation::Activation) -> conv2d::QLayerParams<'p> {
+fn layer_params<'p>(
+    input: QParams,
+    p: &'p crate::model::QuantLayer,
+    output: QParams,
+    act: activation::Activation,
+) -> conv2d::QLayerParams<'p> {
     conv2d::QLayerParams {
         input,
         weight: &p.weight_q,
@@ -408,7 +593,8 @@ impl FqtTrainer {
     pub fn new(model: &Model, cfg: FqtConfig) -> Result<Self, ModelError> {
         let Params::Int8(state) = &model.params else {
             return Err(ModelError::BadParams(
-                "fully quantized training needs an int8 model; run `mcutrain quantize` first".into(),
+                "fully quantized training needs an int8 model; run `mcutrain quantize` first"
+                    .into(),
             ));
         };
         for (i, l) in state.layers.iter().enumerate() {
@@ -435,7 +621,12 @@ impl FqtTrainer {
 
     /// One mini-batch: gradients of every sample (in parallel, summed in sample order), the
     /// updates, then range adaptation. Returns the loss sum and the computed-structure count.
-    pub fn train_batch(&mut self, model: &mut Model, samples: &[&[f32]], labels: &[u16]) -> (f64, usize, usize) {
+    pub fn train_batch(
+        &mut self,
+        model: &mut Model,
+        samples: &[&[f32]],
+        labels: &[u16],
+    ) -> (f64, usize, usize) {
         let arch = model.arch.clone();
         let net = QuantNet::new(&arch).expect("the trainer was built for a valid model");
         let Params::Int8(state) = &mut model.params else {
@@ -454,7 +645,11 @@ impl FqtTrainer {
             .collect();
         let n = arch.layers.len();
         let mut grads = zeros_like(&results[0].0.grads);
-        let mut touched: Vec<Vec<bool>> = state.layers.iter().map(|l| vec![false; l.bias.len()]).collect();
+        let mut touched: Vec<Vec<bool>> = state
+            .layers
+            .iter()
+            .map(|l| vec![false; l.bias.len()])
+            .collect();
         let mut act_ranges = vec![RealRange::EMPTY; n + 1];
         let mut err_ranges = vec![RealRange::EMPTY; n + 1];
         let mut loss = 0.0f64;
@@ -462,26 +657,29 @@ impl FqtTrainer {
         for (r, a) in &results {
             loss += r.loss as f64;
             for (acc, g) in grads.iter_mut().zip(&r.grads) {
-                acc.weight.iter_mut().zip(&g.weight).for_each(|(a, b)| *a += b);
+                acc.weight
+                    .iter_mut()
+                    .zip(&g.weight)
+                    .for_each(|(a, b)| *a += b);
                 acc.bias.iter_mut().zip(&g.bias).for_each(|(a, b)| *a += b);
             }
             for t in 0..=n {
                 act_ranges[t] = act_ranges[t].merge(a[t]);
                 err_ranges[t] = err_ranges[t].merge(r.error_ranges[t]);
             }
-            for i in 0..n {
+            for (i, layer_touched) in touched.iter_mut().enumerate() {
                 if !self.trainable[i].any() {
                     continue;
                 }
-                possible += touched[i].len();
+                possible += layer_touched.len();
                 match &r.selected[i] {
                     Some(list) => {
                         computed += list.len();
-                        list.iter().for_each(|&c| touched[i][c as usize] = true);
+                        list.iter().for_each(|&c| layer_touched[c as usize] = true);
                     }
                     None => {
-                        computed += touched[i].len();
-                        touched[i].iter_mut().for_each(|t| *t = true);
+                        computed += layer_touched.len();
+                        layer_touched.iter_mut().for_each(|t| *t = true);
                     }
                 }
                 self.error_max[i] = self.error_max[i].max(r.layer_errors[i]);
@@ -499,15 +697,36 @@ impl FqtTrainer {
             if !tr.any() {
                 continue;
             }
-            let list: Vec<u16> = touched[i].iter().enumerate().filter(|(_, t)| **t).map(|(c, _)| c as u16).collect();
+            let list: Vec<u16> = touched[i]
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| **t)
+                .map(|(c, _)| c as u16)
+                .collect();
             let channels = ChannelSet::Subset(&list);
             let layer = &mut state.layers[i];
             if tr.weight {
                 let structure_len = layer.weight.len() / layer.bias.len();
-                update::fqt_update_weights(&mut layer.weight, &mut layer.weight_q[0], &mut layer.weight_range, &grads[i].weight, structure_len, channels, &mut self.stats[i], &update_cfg);
+                update::fqt_update_weights(
+                    &mut layer.weight,
+                    &mut layer.weight_q[0],
+                    &mut layer.weight_range,
+                    &grads[i].weight,
+                    structure_len,
+                    channels,
+                    &mut self.stats[i],
+                    &update_cfg,
+                );
             }
             if tr.bias {
-                update::fqt_update_bias(&mut layer.bias, layer.bias_scale, &grads[i].bias, channels, self.cfg.lr, grad_scale);
+                update::fqt_update_bias(
+                    &mut layer.bias,
+                    layer.bias_scale,
+                    &grads[i].bias,
+                    channels,
+                    self.cfg.lr,
+                    grad_scale,
+                );
             }
         }
         for t in 1..=n {
@@ -520,7 +739,12 @@ impl FqtTrainer {
     }
 
     /// Train `model` on `data` for the configured epochs.
-    pub fn train(&mut self, model: &mut Model, data: &Dataset, mut progress: impl FnMut(usize, usize, usize)) -> Vec<EpochStats> {
+    pub fn train(
+        &mut self,
+        model: &mut Model,
+        data: &Dataset,
+        mut progress: impl FnMut(usize, usize, usize),
+    ) -> Vec<EpochStats> {
         let mut rng = Rng::new(self.cfg.seed);
         let batch = self.cfg.batch.max(1);
         let steps = data.len().div_ceil(batch);
@@ -539,7 +763,11 @@ impl FqtTrainer {
             }
             out.push(EpochStats {
                 loss: loss / data.len().max(1) as f64,
-                computed_fraction: if possible == 0 { 0.0 } else { computed as f64 / possible as f64 },
+                computed_fraction: if possible == 0 {
+                    0.0
+                } else {
+                    computed as f64 / possible as f64
+                },
             });
         }
         out

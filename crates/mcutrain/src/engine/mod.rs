@@ -41,7 +41,11 @@ impl std::str::FromStr for UpdateScheme {
     type Err = String;
     /// `all`, `last:K` or `bias:K`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("update scheme '{s}' is not one of: all, last:K, bias:K (K a positive layer count)");
+        let bad = || {
+            format!(
+                "update scheme '{s}' is not one of: all, last:K, bias:K (K a positive layer count)"
+            )
+        };
         if s == "all" {
             return Ok(UpdateScheme::All);
         }
@@ -104,7 +108,8 @@ pub fn consumers(arch: &Architecture, tensor: usize) -> Vec<usize> {
         .iter()
         .enumerate()
         .filter(|(i, l)| {
-            *i == tensor || matches!(l.kind, LayerKind::Add { skip_from } if skip_from + 1 == tensor)
+            *i == tensor
+                || matches!(l.kind, LayerKind::Add { skip_from } if skip_from + 1 == tensor)
         })
         .map(|(i, _)| i)
         .collect()

@@ -189,7 +189,9 @@ impl Architecture {
                 problem,
             };
             let out = match &layer.kind {
-                LayerKind::Conv2d { .. } | LayerKind::AvgPool { .. } | LayerKind::MaxPool { .. } => {
+                LayerKind::Conv2d { .. }
+                | LayerKind::AvgPool { .. }
+                | LayerKind::MaxPool { .. } => {
                     match self.geometry(index, input, 1).map_err(&bad)? {
                         Geometry::Conv(g) => [g.out_channels, g.out_h(), g.out_w()],
                         Geometry::Pool(g) => [g.channels, g.out_h(), g.out_w()],

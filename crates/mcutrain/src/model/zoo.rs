@@ -1,7 +1,7 @@
 //! Reference architectures of the named workloads (shared/workloads.md) and their seeded
 //! initialisation.
 
-use super::{Architecture, FloatLayer, Layer, LayerKind, Model, ModelError, Params};
+use super::{Architecture, FloatLayer, Layer, LayerKind, Model, ModelError, Params, Shape};
 use mcutrain_core::ops::activation::Activation;
 use mcutrain_core::rng::Rng;
 
@@ -17,7 +17,15 @@ impl Builder {
         self.layers.len() - 1
     }
 
-    fn conv(&mut self, name: String, out: usize, k: usize, stride: usize, groups: usize, act: Activation) {
+    fn conv(
+        &mut self,
+        name: String,
+        out: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        act: Activation,
+    ) {
         self.push(
             name,
             LayerKind::Conv2d {
@@ -39,10 +47,31 @@ impl Builder {
         let cin = self.channels;
         let hidden = cin * expand;
         if expand != 1 {
-            self.conv(format!("block{index}.expand"), hidden, 1, 1, 1, Activation::Relu6);
+            self.conv(
+                format!("block{index}.expand"),
+                hidden,
+                1,
+                1,
+                1,
+                Activation::Relu6,
+            );
         }
-        self.conv(format!("block{index}.depthwise"), hidden, 3, stride, hidden, Activation::Relu6);
-        self.conv(format!("block{index}.project"), out, 1, 1, 1, Activation::None);
+        self.conv(
+            format!("block{index}.depthwise"),
+            hidden,
+            3,
+            stride,
+            hidden,
+            Activation::Relu6,
+        );
+        self.conv(
+            format!("block{index}.project"),
+            out,
+            1,
+            1,
+            1,
+            Activation::None,
+        );
         if stride == 1 && cin == out {
             let skip_from = input_layer.expect("a block follows the stem");
             self.push(format!("block{index}.add"), LayerKind::Add { skip_from });
@@ -79,6 +108,163 @@ pub fn fashion_shift_backbone() -> Architecture {
     }
 }
 
+/// A small 1-D CNN for multichannel time series `[channels, 1, length]`: two convolutions
+/// (kernel 5, ReLU) with a max pool between them, global average pooling and a classifier.
+pub fn cnn1d(input: Shape, classes: usize) -> Architecture {
+    let conv = |name: &str, out: usize| Layer {
+        name: name.into(),
+        kind: LayerKind::Conv2d {
+            out_channels: out,
+            kernel: (1, 5),
+            stride: (1, 1),
+            padding: (0, 2),
+            groups: 1,
+            activation: Activation::Relu,
+        },
+    };
+    let mut layers = vec![conv("conv1", 16)];
+    if input[2] >= 4 {
+        layers.push(Layer {
+            name: "pool1".into(),
+            kind: LayerKind::MaxPool {
+                kernel: (1, 2),
+                stride: (1, 2),
+                padding: (0, 0),
+            },
+        });
+    }
+    layers.push(conv("conv2", 32));
+    layers.push(Layer {
+        name: "pool".into(),
+        kind: LayerKind::GlobalAvgPool,
+    });
+    layers.push(Layer {
+        name: "classifier".into(),
+        kind: LayerKind::Linear {
+            out_features: classes,
+            activation: Activation::None,
+        },
+    });
+    Architecture {
+        input,
+        classes,
+        layers,
+    }
+}
+
+/// A two-layer perceptron (128 hidden ReLU units) for any input shape.
+pub fn mlp(input: Shape, classes: usize) -> Architecture {
+    let linear = |name: &str, out: usize, activation| Layer {
+        name: name.into(),
+        kind: LayerKind::Linear {
+            out_features: out,
+            activation,
+        },
+    };
+    Architecture {
+        input,
+        classes,
+        layers: vec![
+            linear("hidden", 128, Activation::Relu),
+            linear("classifier", classes, Activation::None),
+        ],
+    }
+}
+
+/// Names accepted by [`by_name`].
+pub const ARCHITECTURES: &[&str] = &["fashion-shift", "cnn1d", "mlp"];
+
+/// The architecture `name` for data of per-sample shape `input` with `classes` classes.
+/// `fashion-shift` is fixed to 1x28x28 inputs and 10 classes; the others adapt.
+pub fn by_name(name: &str, input: Shape, classes: usize) -> Result<Architecture, String> {
+    match name {
+        "fashion-shift" => {
+            let arch = fashion_shift_backbone();
+            if input != arch.input || classes > arch.classes {
+                return Err(format!(
+                    "fashion-shift takes 1x28x28 inputs and up to 10 classes, the data has {input:?} and {classes} classes; use --arch cnn1d or mlp"
+                ));
+            }
+            Ok(arch)
+        }
+        "cnn1d" if input[1] == 1 => Ok(cnn1d(input, classes)),
+        "cnn1d" => Err(format!(
+            "cnn1d takes time series [channels, 1, length]; the data has {input:?}"
+        )),
+        "mlp" => Ok(mlp(input, classes)),
+        other => Err(format!(
+            "unknown architecture '{other}'; available: {}",
+            ARCHITECTURES.join(", ")
+        )),
+    }
+}
+
+/// `mbv2-w035-r128` (shared/workloads.md): MobileNetV2 at width multiplier 0.35 for 3x128x128
+/// inputs and 2 classes, the model of the 256KB paper's memory figures. The standard block
+/// table `(t, c, n, s)` = (1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,4,2), (6,96,3,1),
+/// (6,160,3,2), (6,320,1,1) with channels `make_divisible(c * 0.35, 8)` as in the
+/// torchvision/TF reference, a 16-channel stride-2 stem, a 1280-channel last pointwise conv
+/// (the reference does not shrink it below width 1.0), global average pooling and a linear
+/// classifier; ReLU6 everywhere but the projections, batch norm folded away.
+/// 17 blocks (`block1` .. `block17`), about 0.40M parameters and 11.5M MACs per forward pass.
+pub fn mbv2_w035_r128() -> Architecture {
+    const WIDTH: f64 = 0.35;
+    let mut b = Builder {
+        layers: Vec::new(),
+        channels: 3,
+    };
+    b.conv(
+        "stem".into(),
+        make_divisible(32.0 * WIDTH),
+        3,
+        2,
+        1,
+        Activation::Relu6,
+    );
+    let table = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ];
+    let mut index = 0;
+    for (t, c, n, s) in table {
+        for repeat in 0..n {
+            index += 1;
+            let stride = if repeat == 0 { s } else { 1 };
+            b.inverted_residual(index, t, make_divisible(c as f64 * WIDTH), stride);
+        }
+    }
+    b.conv("head.pointwise".into(), 1280, 1, 1, 1, Activation::Relu6);
+    b.push("head.pool".into(), LayerKind::GlobalAvgPool);
+    b.push(
+        "classifier".into(),
+        LayerKind::Linear {
+            out_features: 2,
+            activation: Activation::None,
+        },
+    );
+    Architecture {
+        input: [3, 128, 128],
+        classes: 2,
+        layers: b.layers,
+    }
+}
+
+/// The reference `_make_divisible(v, 8)`: `v` rounded to the nearest multiple of 8 (at least
+/// 8), one step up when rounding lost more than 10%.
+fn make_divisible(v: f64) -> usize {
+    let rounded = (((v + 4.0) as usize) / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * v {
+        rounded + 8
+    } else {
+        rounded
+    }
+}
+
 /// Seeded float initialisation: He-normal weights (`std = sqrt(2 / fan_in)`), zero biases,
 /// and zero weights for the last convolution of every residual branch, so that each residual
 /// block starts as the identity (trainable without batch normalisation).
@@ -89,7 +275,8 @@ pub fn init_float(arch: &Architecture, seed: u64) -> Result<Model, ModelError> {
         .layers
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| matches!(l.kind, LayerKind::Add { .. }).then(|| i - 1))
+        .filter(|(_, l)| matches!(l.kind, LayerKind::Add { .. }))
+        .map(|(i, _)| i - 1)
         .collect();
     let params = lens
         .iter()
