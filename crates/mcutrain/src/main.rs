@@ -9,7 +9,7 @@ use mcutrain::engine::float::FloatTrainConfig;
 use mcutrain::engine::fqt::{FqtConfig, PartialUpdate};
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::{format, zoo, Model, Params};
-use mcutrain::report::{pct, progress, table};
+use mcutrain::report::{milestone, pct, progress, table};
 use mcutrain::workload::ShiftWorkload;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,8 @@ enum Command {
     Info(InfoArgs),
     /// Write a reference architecture with seeded initial weights.
     Model(ModelArgs),
+    /// Compile a training step and print its memory plan (refused over the SRAM budget).
+    Plan(mcutrain::compile::cli::PlanArgs),
 }
 
 /// Where samples come from.
@@ -208,7 +210,7 @@ struct InfoArgs {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Architecture name: `fashion-shift`.
+    /// Architecture name: `fashion-shift` or `mbv2-w035-r128`.
     name: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -226,6 +228,7 @@ fn main() {
         Command::Demo(a) => demo(a),
         Command::Info(a) => info(a),
         Command::Model(a) => model_cmd(a),
+        Command::Plan(a) => mcutrain::compile::cli::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -288,7 +291,10 @@ fn load_model(path: &Path) -> Result<Model> {
 fn architecture(name: &str) -> Result<mcutrain::model::Architecture> {
     match name {
         "fashion-shift" => Ok(zoo::fashion_shift_backbone()),
-        other => bail!("unknown architecture '{other}' for `model`; available: fashion-shift"),
+        "mbv2-w035-r128" => Ok(zoo::mbv2_w035_r128()),
+        other => bail!(
+            "unknown architecture '{other}' for `model`; available: fashion-shift, mbv2-w035-r128"
+        ),
     }
 }
 
@@ -333,6 +339,9 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     let losses = mcutrain::engine::float::train(&mut model, &ds, &cfg, |s| {
         bar.inc(1);
         bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
+        if s.step == s.steps {
+            milestone(&bar, false, &format!("epoch {}/{} done", s.epoch + 1, a.epochs));
+        }
     })?;
     bar.finish_and_clear();
     format::save(&a.out, &model)?;
@@ -626,6 +635,9 @@ fn demo(a: DemoArgs) -> Result<()> {
         mcutrain::engine::float::train(&mut model, &train, &cfg, |s| {
             bar.inc(1);
             bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
+            if s.step == s.steps {
+                milestone(&bar, quiet, &format!("pretraining: epoch {}/{} done", s.epoch + 1, p.epochs));
+            }
         })?;
         bar.finish_and_clear();
         let quantized =
@@ -683,6 +695,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         let (fqt_tuned, _) = fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
         bar.finish_and_clear();
         let fqt_ft = evaluate(&fqt_tuned, &test_set)?;
+        milestone(&bar, quiet, &format!("{name}: before {}, float fine-tuned {}, FQT fine-tuned {}", pct(before), pct(float_ft), pct(fqt_ft)));
         rows.push(vec![
             name.clone(),
             ad.severity.to_string(),

@@ -19,6 +19,19 @@ pub fn progress(len: u64, message: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// A milestone line (end of an epoch, a finished step): above the bar on a terminal, as a
+/// plain stderr line when stderr is not a terminal (logs, CI), nothing when `quiet`.
+pub fn milestone(bar: &ProgressBar, quiet: bool, message: &str) {
+    if quiet {
+        return;
+    }
+    if bar.is_hidden() {
+        eprintln!("{message}");
+    } else {
+        bar.println(message);
+    }
+}
+
 /// Render rows as an aligned text table with a header rule.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

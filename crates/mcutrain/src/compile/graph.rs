@@ -93,7 +93,9 @@ pub enum CompileError {
     #[error("the batch size must be at least 1")]
     ZeroBatch,
     /// Momentum asked for an int8 model.
-    #[error("momentum applies to float32 models; the int8 update keeps gradient statistics instead")]
+    #[error(
+        "momentum applies to float32 models; the int8 update keeps gradient statistics instead"
+    )]
     MomentumNeedsFloat,
 }
 
@@ -103,6 +105,49 @@ pub fn compile(
     updates: &[LayerUpdate],
     options: &PlanOptions,
 ) -> Result<TrainingPlan, CompileError> {
+    let (mut tensors, steps) = build(arch, updates, options)?;
+    let lifetimes = liveness::lifetimes(&tensors, &steps);
+    let (lower_bound_bytes, _) = liveness::lower_bound(&tensors, &lifetimes, steps.len());
+    let (ids, blocks) = arena_blocks(&tensors, &lifetimes);
+    let mut layout = arena::place(&blocks);
+    if options.reorder {
+        // Reordering only shortens gradient lifetimes, so any two tensors live together here
+        // are live together in the naive plan (same tensors, same ids): its layout is valid
+        // here too. Keep it when smaller, since the greedy planner is not monotone.
+        let naive_options = PlanOptions {
+            reorder: false,
+            ..*options
+        };
+        let (naive_tensors, naive_steps) = build(arch, updates, &naive_options)?;
+        let naive_lifetimes = liveness::lifetimes(&naive_tensors, &naive_steps);
+        let (naive_ids, naive_blocks) = arena_blocks(&naive_tensors, &naive_lifetimes);
+        let naive = arena::place(&naive_blocks);
+        if naive.peak < layout.peak && naive_ids == ids && arena::is_valid(&blocks, &naive.offsets)
+        {
+            layout = naive;
+        }
+    }
+    for (id, offset) in ids.iter().zip(&layout.offsets) {
+        tensors[*id].placement = Placement::Arena { offset: *offset };
+    }
+    Ok(TrainingPlan {
+        precision: options.precision,
+        batch: options.batch,
+        reorder: options.reorder,
+        updates: updates.to_vec(),
+        tensors,
+        steps,
+        arena_bytes: layout.peak,
+        lower_bound_bytes,
+    })
+}
+
+/// The tensors and steps of the plan, before arena placement.
+fn build(
+    arch: &Architecture,
+    updates: &[LayerUpdate],
+    options: &PlanOptions,
+) -> Result<(Vec<PlanTensor>, Vec<Step>), CompileError> {
     let shapes = arch.shapes()?;
     if updates.len() != arch.layers.len() {
         return Err(CompileError::SchemeLength {
@@ -155,9 +200,15 @@ pub fn compile(
     } = compiler;
     steps.extend(deferred);
     mark_saved_activations(&mut tensors, &steps);
-    let lifetimes = liveness::lifetimes(&tensors, &steps);
-    let (lower_bound_bytes, _) = liveness::lower_bound(&tensors, &lifetimes, steps.len());
-    let blocks: Vec<(TensorId, arena::Block)> = lifetimes
+    Ok((tensors, steps))
+}
+
+/// The arena tensors' ids and their blocks (aligned size, lifetime).
+fn arena_blocks(
+    tensors: &[PlanTensor],
+    lifetimes: &[Option<liveness::Lifetime>],
+) -> (Vec<TensorId>, Vec<arena::Block>) {
+    lifetimes
         .iter()
         .enumerate()
         .filter_map(|(id, life)| {
@@ -170,21 +221,7 @@ pub fn compile(
                 (id, block)
             })
         })
-        .collect();
-    let layout = arena::place(&blocks.iter().map(|(_, b)| *b).collect::<Vec<_>>());
-    for ((id, _), offset) in blocks.iter().zip(&layout.offsets) {
-        tensors[*id].placement = Placement::Arena { offset: *offset };
-    }
-    Ok(TrainingPlan {
-        precision: options.precision,
-        batch: options.batch,
-        reorder: options.reorder,
-        updates: updates.to_vec(),
-        tensors,
-        steps,
-        arena_bytes: layout.peak,
-        lower_bound_bytes,
-    })
+        .unzip()
 }
 
 /// Parameter geometry of one layer.
@@ -200,13 +237,13 @@ struct LayerParams {
 fn layer_params(arch: &Architecture, shapes: &[Shape]) -> Result<Vec<LayerParams>, ModelError> {
     (0..arch.layers.len())
         .map(|i| {
-            let geometry = arch
-                .geometry(i, shapes[i], 1)
-                .map_err(|problem| ModelError::BadLayer {
-                    index: i,
-                    name: arch.layers[i].name.clone(),
-                    problem,
-                })?;
+            let geometry =
+                arch.geometry(i, shapes[i], 1)
+                    .map_err(|problem| ModelError::BadLayer {
+                        index: i,
+                        name: arch.layers[i].name.clone(),
+                        problem,
+                    })?;
             Ok(match geometry {
                 Geometry::Conv(g) => LayerParams {
                     weight_len: g.weight_len(),
@@ -237,12 +274,14 @@ struct ParamTensors {
     bias: TensorId,
 }
 
+/// The plan under construction.
 struct Compiler<'a> {
     arch: &'a Architecture,
     shapes: &'a [Shape],
     params: &'a [LayerParams],
     updates: &'a [LayerUpdate],
     options: PlanOptions,
+    /// The lowest layer that trains anything: the backward stops there.
     lowest: usize,
     tensors: Vec<PlanTensor>,
     steps: Vec<Step>,
@@ -255,9 +294,19 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn tensor(&mut self, role: TensorRole, category: Category, layer: Option<usize>, bytes: usize) -> TensorId {
+    /// Add a tensor: parameters and optimizer state persist, so do gradients at batch > 1
+    /// (they accumulate over the batch); frozen parameters go to flash.
+    fn tensor(
+        &mut self,
+        role: TensorRole,
+        category: Category,
+        layer: Option<usize>,
+        bytes: usize,
+    ) -> TensorId {
         let persistent = match role {
-            TensorRole::Weight { .. } | TensorRole::Bias { .. } | TensorRole::OptimizerState { .. } => true,
+            TensorRole::Weight { .. }
+            | TensorRole::Bias { .. }
+            | TensorRole::OptimizerState { .. } => true,
             TensorRole::WeightGrad { .. } | TensorRole::BiasGrad { .. } => self.options.batch > 1,
             _ => false,
         };
@@ -278,16 +327,28 @@ impl Compiler<'_> {
     }
 
     /// Append a step of `layer`, with a scratch tensor when the layer's kernel needs one.
-    fn step(&mut self, op: StepOp, layer: Option<usize>, reads: Vec<TensorId>, writes: Vec<TensorId>) {
+    fn step(
+        &mut self,
+        op: StepOp,
+        layer: Option<usize>,
+        reads: Vec<TensorId>,
+        writes: Vec<TensorId>,
+    ) {
         let scratch_bytes = match (op, layer) {
-            (StepOp::Forward | StepOp::InputError | StepOp::WeightGrad | StepOp::BiasGrad, Some(l)) => {
-                self.params[l].scratch
-            }
+            (
+                StepOp::Forward | StepOp::InputError | StepOp::WeightGrad | StepOp::BiasGrad,
+                Some(l),
+            ) => self.params[l].scratch,
             _ => 0,
         };
         let scratch = (scratch_bytes > 0).then(|| {
             let step = self.steps.len();
-            self.tensor(TensorRole::Scratch { step }, Category::Scratch, layer, scratch_bytes)
+            self.tensor(
+                TensorRole::Scratch { step },
+                Category::Scratch,
+                layer,
+                scratch_bytes,
+            )
         });
         self.steps.push(Step {
             op,
@@ -416,7 +477,13 @@ impl Compiler<'_> {
     }
 
     /// The activation mask of layer `i` on its output error; returns the masked error buffer.
-    fn mask(&mut self, i: usize, activation: Activation, output: TensorId, error: TensorId) -> TensorId {
+    fn mask(
+        &mut self,
+        i: usize,
+        activation: Activation,
+        output: TensorId,
+        error: TensorId,
+    ) -> TensorId {
         let masks = match self.options.precision {
             Precision::Int8 => true,
             Precision::Float32 => activation != Activation::None,
@@ -427,11 +494,21 @@ impl Compiler<'_> {
         let shared = self.pending.contains(&Some(error));
         let masked = if shared {
             let bytes = self.tensors[error].bytes;
-            self.tensor(TensorRole::Error { tensor: i + 1 }, Category::Error, Some(i), bytes)
+            self.tensor(
+                TensorRole::Error { tensor: i + 1 },
+                Category::Error,
+                Some(i),
+                bytes,
+            )
         } else {
             error
         };
-        self.step(StepOp::ActivationMask, Some(i), vec![output, error], vec![masked]);
+        self.step(
+            StepOp::ActivationMask,
+            Some(i),
+            vec![output, error],
+            vec![masked],
+        );
         masked
     }
 
@@ -459,8 +536,18 @@ impl Compiler<'_> {
             None => part,
             Some(previous) => {
                 let bytes = self.tensor_bytes(t);
-                let sum = self.tensor(TensorRole::Error { tensor: t }, Category::Error, t.checked_sub(1), bytes);
-                self.step(StepOp::AccumulateError, Some(by), vec![previous, part], vec![sum]);
+                let sum = self.tensor(
+                    TensorRole::Error { tensor: t },
+                    Category::Error,
+                    t.checked_sub(1),
+                    bytes,
+                );
+                self.step(
+                    StepOp::AccumulateError,
+                    Some(by),
+                    vec![previous, part],
+                    vec![sum],
+                );
                 sum
             }
         });
@@ -476,7 +563,12 @@ impl Compiler<'_> {
         let grad_bytes = self.options.precision.gradient_bytes();
         let out_channels = self.params[i].out_channels;
         if update.bias {
-            let grad = self.tensor(TensorRole::BiasGrad { layer: i }, Category::GradientAndState, Some(i), out_channels * grad_bytes);
+            let grad = self.tensor(
+                TensorRole::BiasGrad { layer: i },
+                Category::GradientAndState,
+                Some(i),
+                out_channels * grad_bytes,
+            );
             self.step(StepOp::BiasGrad, Some(i), vec![error], vec![grad]);
             let state = self.velocity(i, out_channels);
             self.update(StepOp::BiasUpdate, i, grad, params.bias, state);
@@ -484,7 +576,12 @@ impl Compiler<'_> {
         if update.weight_channels > 0 {
             let structure_len = self.params[i].weight_len / out_channels;
             let trained_len = update.weight_channels * structure_len;
-            let grad = self.tensor(TensorRole::WeightGrad { layer: i }, Category::GradientAndState, Some(i), trained_len * grad_bytes);
+            let grad = self.tensor(
+                TensorRole::WeightGrad { layer: i },
+                Category::GradientAndState,
+                Some(i),
+                trained_len * grad_bytes,
+            );
             self.step(StepOp::WeightGrad, Some(i), vec![input, error], vec![grad]);
             let state = match self.options.precision {
                 Precision::Int8 => Some(self.tensor(
@@ -503,12 +600,24 @@ impl Compiler<'_> {
     fn velocity(&mut self, i: usize, len: usize) -> Option<TensorId> {
         self.options.momentum.then(|| {
             let bytes = len * self.options.precision.gradient_bytes();
-            self.tensor(TensorRole::OptimizerState { layer: i }, Category::GradientAndState, Some(i), bytes)
+            self.tensor(
+                TensorRole::OptimizerState { layer: i },
+                Category::GradientAndState,
+                Some(i),
+                bytes,
+            )
         })
     }
 
     /// The update of `param` from `grad`: now (reordering) or after the backward.
-    fn update(&mut self, op: StepOp, i: usize, grad: TensorId, param: TensorId, state: Option<TensorId>) {
+    fn update(
+        &mut self,
+        op: StepOp,
+        i: usize,
+        grad: TensorId,
+        param: TensorId,
+        state: Option<TensorId>,
+    ) {
         let mut reads = vec![grad, param];
         let mut writes = vec![param];
         if let Some(state) = state {

@@ -89,13 +89,16 @@ pub fn lower_bound(
     live_bytes(tensors, lifetimes, step_count)
         .into_iter()
         .enumerate()
-        .fold((0, 0), |best, (step, bytes)| {
-            if bytes > best.0 {
-                (bytes, step)
-            } else {
-                best
-            }
-        })
+        .fold(
+            (0, 0),
+            |best, (step, bytes)| {
+                if bytes > best.0 {
+                    (bytes, step)
+                } else {
+                    best
+                }
+            },
+        )
 }
 
 #[cfg(test)]
@@ -134,7 +137,11 @@ mod tests {
             tensor(3, true),
             tensor(5, false),
         ];
-        let steps = vec![step(vec![], vec![0]), step(vec![0], vec![1]), step(vec![1, 0], vec![2])];
+        let steps = vec![
+            step(vec![], vec![0]),
+            step(vec![0], vec![1]),
+            step(vec![1, 0], vec![2]),
+        ];
         let lives = lifetimes(&tensors, &steps);
         assert_eq!(lives[0], Some(Lifetime { first: 0, last: 2 }));
         assert_eq!(lives[1], Some(Lifetime { first: 1, last: 2 }));

@@ -294,12 +294,7 @@ impl TrainingPlan {
     pub fn flash_bytes(&self) -> usize {
         self.tensors
             .iter()
-            .filter(|t| {
-                matches!(
-                    t.role,
-                    TensorRole::Weight { .. } | TensorRole::Bias { .. }
-                )
-            })
+            .filter(|t| matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. }))
             .map(|t| t.bytes)
             .sum()
     }

@@ -99,11 +99,17 @@ struct Entry {
 enum SchemeFile {
     List(Vec<Entry>),
     /// `{"description": ..., "layers": [...]}`; the description is for the reader only.
-    Described { layers: Vec<Entry> },
+    Described {
+        layers: Vec<Entry>,
+    },
 }
 
 /// Per-layer updates from the JSON scheme `text` (see the module documentation).
-pub fn from_json(arch: &Architecture, text: &str, origin: &str) -> Result<Vec<LayerUpdate>, SchemeError> {
+pub fn from_json(
+    arch: &Architecture,
+    text: &str,
+    origin: &str,
+) -> Result<Vec<LayerUpdate>, SchemeError> {
     let file: SchemeFile = serde_json::from_str(text).map_err(|e| SchemeError::File {
         path: origin.to_string(),
         problem: format!(
@@ -111,7 +117,10 @@ pub fn from_json(arch: &Architecture, text: &str, origin: &str) -> Result<Vec<La
         ),
     })?;
     let entries = match file {
-        SchemeFile::List(entries) | SchemeFile::Described { layers: entries, .. } => entries,
+        SchemeFile::List(entries)
+        | SchemeFile::Described {
+            layers: entries, ..
+        } => entries,
     };
     let out_channels = output_channels(arch);
     let mut updates = vec![LayerUpdate::default(); arch.layers.len()];
@@ -160,9 +169,7 @@ fn ratio_eighths(ratio: &RatioText) -> Option<usize> {
     let value = match ratio {
         RatioText::Number(x) => *x,
         RatioText::Text(s) => match s.trim().split_once('/') {
-            Some((num, den)) => {
-                num.trim().parse::<f64>().ok()? / den.trim().parse::<f64>().ok()?
-            }
+            Some((num, den)) => num.trim().parse::<f64>().ok()? / den.trim().parse::<f64>().ok()?,
             None => s.trim().parse().ok()?,
         },
     };
@@ -224,11 +231,27 @@ mod tests {
     fn described_form_and_errors() {
         let arch = zoo::fashion_shift_backbone();
         let ok = r#"{"description": "x", "layers": [{"layer": "classifier", "weight": "1/2"}]}"#;
-        assert_eq!(from_json(&arch, ok, "t").unwrap().last().unwrap().weight_channels, 5);
+        assert_eq!(
+            from_json(&arch, ok, "t")
+                .unwrap()
+                .last()
+                .unwrap()
+                .weight_channels,
+            5
+        );
         let bad = |text: &str| from_json(&arch, text, "t").unwrap_err();
-        assert!(matches!(bad(r#"[{"layer": "nope"}]"#), SchemeError::UnknownLayer(_)));
-        assert!(matches!(bad(r#"[{"layer": "head.pool", "bias": true}]"#), SchemeError::NoParams(_)));
-        assert!(matches!(bad(r#"[{"layer": "classifier", "weight": 0.3}]"#), SchemeError::BadRatio { .. }));
+        assert!(matches!(
+            bad(r#"[{"layer": "nope"}]"#),
+            SchemeError::UnknownLayer(_)
+        ));
+        assert!(matches!(
+            bad(r#"[{"layer": "head.pool", "bias": true}]"#),
+            SchemeError::NoParams(_)
+        ));
+        assert!(matches!(
+            bad(r#"[{"layer": "classifier", "weight": 0.3}]"#),
+            SchemeError::BadRatio { .. }
+        ));
         assert!(matches!(
             bad(r#"[{"layer": "classifier"}, {"layer": "classifier"}]"#),
             SchemeError::Repeated(_)
@@ -244,6 +267,11 @@ mod tests {
         assert!(u.iter().all(|l| l.weight_channels == 0));
         let all = from_update_scheme(&arch, UpdateScheme::All);
         let with_params = arch.layers.iter().filter(|l| l.kind.has_params()).count();
-        assert_eq!(all.iter().filter(|l| l.weight_channels > 0 && l.bias).count(), with_params);
+        assert_eq!(
+            all.iter()
+                .filter(|l| l.weight_channels > 0 && l.bias)
+                .count(),
+            with_params
+        );
     }
 }

@@ -1,0 +1,571 @@
+//! The training-graph compiler and the arena planner, checked from the outside: an independent
+//! liveness checker over plans of random graphs and schemes, the pruning rules, operator
+//! reordering, the memory report's sums, and the `mcutrain plan` command.
+
+use mcutrain::compile::report::{check_budget, MemoryReport};
+use mcutrain::compile::{
+    compile, scheme, Category, LayerUpdate, Placement, PlanOptions, Precision, StepOp, TensorRole,
+    TrainingPlan,
+};
+use mcutrain::engine::UpdateScheme;
+use mcutrain::model::{zoo, Architecture, Layer, LayerKind, ModelError};
+use mcutrain_core::ops::activation::Activation;
+use proptest::prelude::*;
+use std::process::Command;
+
+/// Recomputes every arena tensor's live steps from the step list alone (not with the
+/// compiler's liveness code) and checks: offsets aligned and inside the arena, no two tensors
+/// live at a common step share a byte, every read tensor was written before (or is a
+/// parameter or persistent), and the plan's lower bound is the true maximum of live bytes.
+fn check_liveness(plan: &TrainingPlan) {
+    let steps = plan.steps.len();
+    let mut first = vec![usize::MAX; plan.tensors.len()];
+    let mut last = vec![0usize; plan.tensors.len()];
+    let mut written = vec![false; plan.tensors.len()];
+    for (s, step) in plan.steps.iter().enumerate() {
+        for &r in &step.reads {
+            let t = &plan.tensors[r];
+            let is_param = matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. });
+            assert!(
+                written[r] || is_param || t.persistent,
+                "step {s} ({:?}) reads tensor {r} ({:?}) before any step wrote it",
+                step.op,
+                t.role
+            );
+        }
+        for &id in step
+            .reads
+            .iter()
+            .chain(&step.writes)
+            .chain(step.scratch.iter())
+        {
+            first[id] = first[id].min(s);
+            last[id] = last[id].max(s);
+        }
+        for &w in &step.writes {
+            assert_ne!(
+                plan.tensors[w].placement,
+                Placement::Flash,
+                "step {s} writes flash"
+            );
+            written[w] = true;
+        }
+    }
+    let mut live: Vec<(usize, usize, usize, usize)> = Vec::new(); // (first, last, offset, size)
+    for (id, t) in plan.tensors.iter().enumerate() {
+        let Placement::Arena { offset } = t.placement else {
+            assert_eq!(t.category, Category::FrozenWeight, "tensor {id} in flash");
+            continue;
+        };
+        let size = t.bytes.div_ceil(4) * 4;
+        let span = if t.persistent {
+            (0, steps - 1)
+        } else {
+            assert!(
+                first[id] != usize::MAX,
+                "tensor {id} ({:?}) is never used",
+                t.role
+            );
+            (first[id], last[id])
+        };
+        assert_eq!(offset % 4, 0, "tensor {id} misaligned");
+        assert!(
+            offset + size <= plan.arena_bytes,
+            "tensor {id} beyond the arena"
+        );
+        live.push((span.0, span.1, offset, size));
+    }
+    for (i, a) in live.iter().enumerate() {
+        for b in &live[i + 1..] {
+            let same_time = a.0 <= b.1 && b.0 <= a.1;
+            let same_bytes = a.2 < b.2 + b.3 && b.2 < a.2 + a.3;
+            assert!(
+                !(same_time && same_bytes),
+                "live tensors overlap: {a:?} {b:?}"
+            );
+        }
+    }
+    let bound = (0..steps)
+        .map(|s| {
+            live.iter()
+                .filter(|t| t.0 <= s && s <= t.1)
+                .map(|t| t.3)
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0);
+    assert_eq!(plan.lower_bound_bytes, bound);
+    assert!(plan.arena_bytes >= bound);
+}
+
+/// The pruning rules: no backward step below the lowest trained layer, gradients only for
+/// trained parameters (and their size follows the trained channels), frozen parameters in
+/// flash, and an activation saved only when a backward step reads it.
+fn check_pruning(plan: &TrainingPlan) {
+    let lowest = plan
+        .updates
+        .iter()
+        .position(|u| u.any())
+        .expect("trains something");
+    for step in plan.steps.iter().filter(|s| s.op.is_backward()) {
+        let layer = step.layer.expect("backward steps belong to a layer");
+        assert!(
+            layer >= lowest,
+            "{:?} of layer {layer} below {lowest}",
+            step.op
+        );
+        let u = plan.updates[layer];
+        match step.op {
+            StepOp::WeightGrad | StepOp::WeightUpdate => assert!(u.weight_channels > 0),
+            StepOp::BiasGrad | StepOp::BiasUpdate => assert!(u.bias),
+            StepOp::InputError => assert!(layer > lowest),
+            _ => {}
+        }
+    }
+    for (id, t) in plan.tensors.iter().enumerate() {
+        match t.role {
+            TensorRole::Error { tensor } | TensorRole::ErrorPart { tensor } => {
+                assert!(tensor > lowest, "error of tensor {tensor}, lowest {lowest}")
+            }
+            TensorRole::WeightGrad { layer } | TensorRole::OptimizerState { layer } => {
+                assert!(plan.updates[layer].any())
+            }
+            TensorRole::BiasGrad { layer } => assert!(plan.updates[layer].bias),
+            TensorRole::Weight { layer } => assert_eq!(
+                t.category == Category::FrozenWeight,
+                plan.updates[layer].weight_channels == 0
+            ),
+            TensorRole::Bias { layer } => {
+                assert_eq!(
+                    t.category == Category::FrozenWeight,
+                    !plan.updates[layer].bias
+                )
+            }
+            TensorRole::Activation { .. } => {
+                let read_backward = plan
+                    .steps
+                    .iter()
+                    .any(|s| s.op.is_backward() && s.reads.contains(&id));
+                assert_eq!(read_backward, t.category == Category::SavedActivation);
+            }
+            TensorRole::Scratch { .. } => {}
+        }
+    }
+    let weight_grads = plan
+        .steps
+        .iter()
+        .filter(|s| s.op == StepOp::WeightGrad)
+        .count();
+    let trained_weights = plan
+        .updates
+        .iter()
+        .filter(|u| u.weight_channels > 0)
+        .count();
+    assert_eq!(weight_grads, trained_weights);
+}
+
+/// The report's category and layer sums equal the lower bound.
+fn check_report(arch: &Architecture, plan: &TrainingPlan) {
+    let report = MemoryReport::new(arch, plan);
+    assert_eq!(
+        report.categories.iter().sum::<usize>(),
+        report.lower_bound_bytes
+    );
+    assert_eq!(
+        report.layers.iter().map(|l| l.total()).sum::<usize>(),
+        report.lower_bound_bytes
+    );
+    for (c, (total, category)) in report.categories.iter().zip(Category::SRAM).enumerate() {
+        assert_eq!(
+            report.layers.iter().map(|l| l.at_peak[c]).sum::<usize>(),
+            *total
+        );
+        let all_bytes: usize = plan
+            .tensors
+            .iter()
+            .filter(|t| t.category == category)
+            .map(|t| t.bytes.div_ceil(4) * 4)
+            .sum();
+        assert_eq!(
+            report.layers.iter().map(|l| l.tensors[c]).sum::<usize>(),
+            all_bytes
+        );
+    }
+    assert_eq!(report.peak_bytes, plan.arena_bytes);
+    assert_eq!(report.flash_bytes(), plan.flash_bytes());
+    assert!(report.forward_bytes <= report.lower_bound_bytes);
+}
+
+/// One random layer: (kind selector, out channels, kernel 1 or 3, stride 1 or 2, activation).
+type LayerChoice = (u8, usize, bool, bool, u8);
+
+/// A valid architecture from random choices: layers that do not fit the current shape are
+/// skipped; a linear classifier ends it.
+fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -> Architecture {
+    let activation =
+        |a: u8| [Activation::None, Activation::Relu, Activation::Relu6][a as usize % 3];
+    let mut arch = Architecture {
+        input,
+        classes: 0,
+        layers: Vec::new(),
+    };
+    let mut shapes = vec![input];
+    for (i, &(kind, out, k3, s2, act)) in choices.iter().enumerate() {
+        let shape = *shapes.last().unwrap();
+        let (k, s) = (if k3 { 3 } else { 1 }, if s2 { 2 } else { 1 });
+        let kind = match kind % 9 {
+            0 | 1 => LayerKind::Conv2d {
+                out_channels: out,
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (k / 2, k / 2),
+                groups: 1,
+                activation: activation(act),
+            },
+            2 => LayerKind::Conv2d {
+                out_channels: shape[0],
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (k / 2, k / 2),
+                groups: shape[0],
+                activation: activation(act),
+            },
+            3 => LayerKind::Linear {
+                out_features: out,
+                activation: activation(act),
+            },
+            4 | 5 => match shapes[..shapes.len() - 1].iter().rposition(|&t| t == shape) {
+                Some(t) if t > 0 => LayerKind::Add { skip_from: t - 1 },
+                _ => continue,
+            },
+            6 => LayerKind::MaxPool {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+            7 => [
+                LayerKind::GlobalAvgPool,
+                LayerKind::Flatten,
+                LayerKind::Activation(activation(act)),
+                LayerKind::AvgPool {
+                    kernel: (3, 3),
+                    stride: (1, 1),
+                    padding: (1, 1),
+                },
+            ][act as usize % 4]
+                .clone(),
+            _ => LayerKind::AvgPool {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+        };
+        arch.layers.push(Layer {
+            name: format!("l{i}"),
+            kind,
+        });
+        // With 0 classes a valid graph always fails the output check, which reports the
+        // new layer's output shape.
+        match arch.shapes() {
+            Err(ModelError::BadOutput { shape, .. }) => shapes.push(shape),
+            _ => {
+                arch.layers.pop();
+            }
+        }
+    }
+    arch.layers.push(Layer {
+        name: "classifier".into(),
+        kind: LayerKind::Linear {
+            out_features: classes,
+            activation: Activation::None,
+        },
+    });
+    arch.classes = classes;
+    arch.shapes().expect("a valid random architecture");
+    arch
+}
+
+/// A random per-layer scheme (`None`: frozen, else eighths of the channels and bias) that
+/// trains at least the classifier's bias.
+fn random_updates(arch: &Architecture, picks: &[(u8, bool)]) -> Vec<LayerUpdate> {
+    let text: Vec<String> = arch
+        .layers
+        .iter()
+        .zip(picks.iter().cycle())
+        .filter(|(l, _)| l.kind.has_params())
+        .filter_map(|(l, &(ratio, bias))| {
+            let weight = ["0", "1/8", "1/4", "1/2", "1", "0", "0"][ratio as usize % 7];
+            let bias = bias || l.name == "classifier";
+            (weight != "0" || bias).then(|| {
+                format!(
+                    r#"{{"layer": "{}", "weight": "{weight}", "bias": {bias}}}"#,
+                    l.name
+                )
+            })
+        })
+        .collect();
+    scheme::from_json(arch, &format!("[{}]", text.join(",")), "random").expect("a valid scheme")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn random_graphs_plan_without_overlap(
+        c in 1usize..5, h in 1usize..10, w in 1usize..10,
+        choices in proptest::collection::vec(
+            (any::<u8>(), 1usize..9, any::<bool>(), any::<bool>(), any::<u8>()), 1..14),
+        picks in proptest::collection::vec((any::<u8>(), any::<bool>()), 1..8),
+        classes in 1usize..5,
+        int8 in any::<bool>(),
+        batch in 1usize..4,
+        uniform in 0u8..4,
+        k in 1usize..6,
+    ) {
+        let arch = random_arch([c, h, w], &choices, classes);
+        let updates = match uniform {
+            0 => scheme::from_update_scheme(&arch, UpdateScheme::All),
+            1 => scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(k)),
+            2 => scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(k)),
+            _ => random_updates(&arch, &picks),
+        };
+        let precision = if int8 { Precision::Int8 } else { Precision::Float32 };
+        let mut peaks = Vec::new();
+        for reorder in [true, false] {
+            let options = PlanOptions { precision, batch, reorder, momentum: !int8 && batch > 1 };
+            let plan = compile(&arch, &updates, &options).expect("compiles");
+            check_liveness(&plan);
+            check_pruning(&plan);
+            check_report(&arch, &plan);
+            peaks.push((plan.arena_bytes, plan.lower_bound_bytes));
+        }
+        prop_assert!(peaks[0].1 <= peaks[1].1, "reordering raised the lower bound: {peaks:?}");
+        prop_assert!(peaks[0].0 <= peaks[1].0, "reordering raised the peak: {peaks:?}");
+    }
+}
+
+fn mbv2_plan(updates: &[LayerUpdate], reorder: bool) -> TrainingPlan {
+    let options = PlanOptions {
+        reorder,
+        ..PlanOptions::new(Precision::Int8)
+    };
+    compile(&zoo::mbv2_w035_r128(), updates, &options).expect("compiles")
+}
+
+fn layer_index(arch: &Architecture, name: &str) -> usize {
+    arch.layers.iter().position(|l| l.name == name).unwrap()
+}
+
+#[test]
+fn bias_only_layer_keeps_no_input_activation() {
+    let arch = zoo::fashion_shift_backbone();
+    for precision in [Precision::Int8, Precision::Float32] {
+        let bias_only = scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(1));
+        let plan = compile(&arch, &bias_only, &PlanOptions::new(precision)).unwrap();
+        let classifier = layer_index(&arch, "classifier");
+        let input = |plan: &TrainingPlan| {
+            plan.tensors
+                .iter()
+                .find(|t| t.role == TensorRole::Activation { tensor: classifier })
+                .unwrap()
+                .category
+        };
+        assert_eq!(input(&plan), Category::ForwardActivation, "{precision:?}");
+        let last = scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(1));
+        let plan = compile(&arch, &last, &PlanOptions::new(precision)).unwrap();
+        assert_eq!(input(&plan), Category::SavedActivation, "{precision:?}");
+    }
+}
+
+#[test]
+fn frozen_layers_get_no_gradient_and_nothing_runs_below_the_lowest() {
+    let arch = zoo::mbv2_w035_r128();
+    let updates = scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(5));
+    let plan = mbv2_plan(&updates, true);
+    let lowest = layer_index(&arch, "block17.expand");
+    assert_eq!(updates.iter().position(|u| u.any()), Some(lowest));
+    let gradient_layers: Vec<usize> = plan
+        .tensors
+        .iter()
+        .filter(|t| t.category == Category::GradientAndState)
+        .map(|t| t.layer.unwrap())
+        .collect();
+    assert!(!gradient_layers.is_empty());
+    assert!(gradient_layers.iter().all(|&l| updates[l].any()));
+    let flash: usize = plan
+        .tensors
+        .iter()
+        .filter(|t| t.placement == Placement::Flash)
+        .map(|t| t.layer.unwrap())
+        .max()
+        .unwrap();
+    assert!(flash < lowest, "a trained layer's parameters are in flash");
+    assert!(plan
+        .steps
+        .iter()
+        .filter(|s| s.op.is_backward())
+        .all(|s| s.layer.unwrap() >= lowest));
+    assert!(!plan
+        .steps
+        .iter()
+        .any(|s| s.op == StepOp::InputError && s.layer == Some(lowest)));
+    // Only tensors at and above the lowest trained layer's input are saved.
+    assert!(plan
+        .tensors
+        .iter()
+        .filter(|t| t.category == Category::SavedActivation)
+        .all(|t| matches!(t.role, TensorRole::Activation { tensor } if tensor >= lowest)));
+    check_liveness(&plan);
+    check_pruning(&plan);
+}
+
+#[test]
+fn reordering_frees_gradients_at_batch_one_only() {
+    let arch = zoo::fashion_shift_backbone();
+    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
+    let peak = |batch: usize, reorder: bool| {
+        let options = PlanOptions {
+            batch,
+            reorder,
+            ..PlanOptions::new(Precision::Int8)
+        };
+        compile(&arch, &all, &options).unwrap()
+    };
+    let (reordered, naive) = (peak(1, true), peak(1, false));
+    assert!(reordered.arena_bytes < naive.arena_bytes);
+    let updates_after = |plan: &TrainingPlan| {
+        let last_backward = plan
+            .steps
+            .iter()
+            .rposition(|s| matches!(s.op, StepOp::WeightGrad | StepOp::InputError))
+            .unwrap();
+        plan.steps[last_backward..]
+            .iter()
+            .filter(|s| s.op == StepOp::WeightUpdate)
+            .count()
+    };
+    assert_eq!(updates_after(&reordered), 1);
+    assert_eq!(
+        updates_after(&naive),
+        all.iter().filter(|u| u.weight_channels > 0).count()
+    );
+    // At batch 2 gradients accumulate over the batch: persistent either way.
+    let (b2, b2_naive) = (peak(2, true), peak(2, false));
+    assert!(b2
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.role, TensorRole::WeightGrad { .. }))
+        .all(|t| t.persistent));
+    assert_eq!(b2.lower_bound_bytes, b2_naive.lower_bound_bytes);
+    assert!(b2.arena_bytes >= naive.arena_bytes);
+}
+
+#[test]
+fn channel_ratio_sizes_the_gradient() {
+    let arch = zoo::mbv2_w035_r128();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json"),
+    )
+    .unwrap();
+    let updates = scheme::from_json(&arch, &text, "mbv2-sparse.json").unwrap();
+    let plan = mbv2_plan(&updates, true);
+    let expand = layer_index(&arch, "block17.expand");
+    assert_eq!(updates[expand].weight_channels, 336 / 2);
+    let grad = plan
+        .tensors
+        .iter()
+        .find(|t| t.role == TensorRole::WeightGrad { layer: expand })
+        .unwrap();
+    assert_eq!(grad.bytes, 168 * 56 * 4);
+    let weights = plan
+        .tensors
+        .iter()
+        .find(|t| t.role == TensorRole::Weight { layer: expand })
+        .unwrap();
+    assert_eq!(
+        weights.bytes,
+        336 * 56,
+        "the whole int8 weight tensor is in SRAM"
+    );
+    check_liveness(&plan);
+    check_report(&arch, &plan);
+}
+
+#[test]
+fn mbv2_figures() {
+    let arch = zoo::mbv2_w035_r128();
+    assert_eq!(arch.param_count().unwrap(), 391_650);
+    assert_eq!(arch.forward_macs().unwrap(), 18_943_232);
+    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
+    let (reordered, naive) = (mbv2_plan(&all, true), mbv2_plan(&all, false));
+    assert!(reordered.arena_bytes < naive.arena_bytes);
+    for plan in [&reordered, &naive] {
+        assert!(plan.arena_bytes as f64 <= 1.05 * plan.lower_bound_bytes as f64);
+        check_liveness(plan);
+    }
+}
+
+#[test]
+fn over_budget_is_refused_with_the_contributors() {
+    let arch = zoo::mbv2_w035_r128();
+    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
+    let plan = mbv2_plan(&all, true);
+    let report = MemoryReport::new(&arch, &plan);
+    assert!(check_budget(&report, plan.arena_bytes).is_ok());
+    let refusal = check_budget(&report, 256 * 1024).unwrap_err();
+    let message = refusal.to_string();
+    assert!(message.contains("over the budget"), "{message}");
+    assert!(
+        message.contains("weight gradient of head.pointwise"),
+        "{message}"
+    );
+}
+
+fn mcutrain(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mcutrain"))
+        .args(args)
+        .output()
+        .expect("run mcutrain")
+}
+
+#[test]
+fn plan_command_reports_and_refuses() {
+    let out = mcutrain(&[
+        "plan",
+        "mbv2-w035-r128",
+        "--update",
+        "last:5",
+        "--sram",
+        "4M",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["peak_bytes", "lower_bound_bytes", "flash_bytes"] {
+        assert!(v[key].as_u64().unwrap() > 0, "{key}: {v}");
+    }
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["analytic"], true);
+
+    let out = mcutrain(&[
+        "plan",
+        "mbv2-w035-r128",
+        "--update",
+        "all",
+        "--sram",
+        "256K",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("saved activations"), "{stdout}");
+    assert!(stderr.contains("over the budget of 256.0 KB"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = mcutrain(&["plan", "mbv2-w035-r128", "--update", "nonsense.json"]);
+    assert_eq!(out.status.code(), Some(2));
+}
