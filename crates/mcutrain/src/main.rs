@@ -340,7 +340,11 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         bar.inc(1);
         bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
         if s.step == s.steps {
-            milestone(&bar, false, &format!("epoch {}/{} done", s.epoch + 1, a.epochs));
+            milestone(
+                &bar,
+                false,
+                &format!("epoch {}/{} done", s.epoch + 1, a.epochs),
+            );
         }
     })?;
     bar.finish_and_clear();
@@ -636,7 +640,11 @@ fn demo(a: DemoArgs) -> Result<()> {
             bar.inc(1);
             bar.set_prefix(format!("epoch {} loss {:.4}", s.epoch + 1, s.loss));
             if s.step == s.steps {
-                milestone(&bar, quiet, &format!("pretraining: epoch {}/{} done", s.epoch + 1, p.epochs));
+                milestone(
+                    &bar,
+                    quiet,
+                    &format!("pretraining: epoch {}/{} done", s.epoch + 1, p.epochs),
+                );
             }
         })?;
         bar.finish_and_clear();
@@ -695,7 +703,16 @@ fn demo(a: DemoArgs) -> Result<()> {
         let (fqt_tuned, _) = fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
         bar.finish_and_clear();
         let fqt_ft = evaluate(&fqt_tuned, &test_set)?;
-        milestone(&bar, quiet, &format!("{name}: before {}, float fine-tuned {}, FQT fine-tuned {}", pct(before), pct(float_ft), pct(fqt_ft)));
+        milestone(
+            &bar,
+            quiet,
+            &format!(
+                "{name}: before {}, float fine-tuned {}, FQT fine-tuned {}",
+                pct(before),
+                pct(float_ft),
+                pct(fqt_ft)
+            ),
+        );
         rows.push(vec![
             name.clone(),
             ad.severity.to_string(),

@@ -2,13 +2,15 @@
 //! device run.
 //!
 //! Calibration runs the float model over N samples and records, for every tensor, the real
-//! extremes of the activations and of the error tensors of a backward pass (so fully
-//! quantized training starts with usable error ranges). Weights are quantized per tensor,
+//! extremes of the activations and of the error tensors of a backward pass (errors in units
+//! of each sample's loss gradient, see `engine::fqt::error_unit`), so fully quantized
+//! training starts with usable error ranges. Weights are quantized per tensor,
 //! asymmetric over their real `[min, max]`; biases become `i32` in the accumulator scale
 //! `s_b = s_x * s_w`.
 
 use crate::data::Dataset;
 use crate::engine::float::{zeros_like, FloatNet, CHUNK};
+use crate::engine::fqt::error_unit;
 use crate::engine::UpdateScheme;
 use crate::model::{FloatLayer, Model, ModelError, Params, QuantLayer, QuantState};
 use mcutrain_core::quant::{round_half_up, QParams, RangeEma, RealRange};
@@ -35,10 +37,20 @@ pub fn quantize(model: &Model, calibration: &Dataset, samples: usize) -> Result<
         let tensors = net.forward(params, input, batch);
         let mut grads = zeros_like(params);
         let back = net.backward(params, &tensors, labels, &trainable, &mut grads);
+        let classes = model.arch.classes;
+        let logit_errors = back.errors[n].as_deref().unwrap_or(&[]);
         for t in 0..=n {
             activation_ranges[t] = activation_ranges[t].merge(RealRange::of(&tensors[t]));
-            if let Some(e) = &back.errors[t] {
-                error_ranges[t] = error_ranges[t].merge(RealRange::of(e));
+            let Some(e) = &back.errors[t] else { continue };
+            // Error ranges are kept in units of each sample's loss gradient (fqt::error_unit).
+            let per_sample = e.len() / batch;
+            for (j, sample_err) in e.chunks(per_sample).enumerate() {
+                let unit = error_unit(RealRange::of(&logit_errors[j * classes..(j + 1) * classes]));
+                let r = RealRange::of(sample_err);
+                error_ranges[t] = error_ranges[t].merge(RealRange {
+                    min: r.min / unit,
+                    max: r.max / unit,
+                });
             }
         }
     }

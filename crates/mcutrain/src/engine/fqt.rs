@@ -94,8 +94,6 @@ pub struct SampleGradients {
     pub loss: f32,
     /// Gradients (real units) of the trainable parameters; empty vectors elsewhere.
     pub grads: Vec<FloatLayer>,
-    /// Real range of every tensor before saturation.
-    pub activation_ranges: Vec<RealRange>,
     /// Real range of every error tensor computed (not passed through).
     pub error_ranges: Vec<RealRange>,
     /// Output channels whose gradient was computed, per layer (`None`: all of them).
@@ -249,27 +247,45 @@ impl<'a> QuantNet<'a> {
                 bias: vec![0.0; if t.bias { p.bias.len() } else { 0 }],
             })
             .collect();
-        let err_q = |t: usize| state.errors[t].qparams();
+        // The loss gradient's exact range (a handful of values) fixes this sample's error
+        // unit; every error tracker holds ranges in that unit (see `error_unit`).
         let logits_q = self.activation_q(state, n);
         let mut out_err = vec![0i8; tensors[n].len()];
-        let (loss, range) = loss::softmax_cross_entropy_q(
+        let classes = self.arch.classes;
+        let (_, loss_range) = loss::softmax_cross_entropy_q(
             &tensors[n],
             logits_q,
             &[label],
-            self.arch.classes,
-            err_q(n),
+            classes,
+            QParams::from_range(-1.0, 1.0),
             &mut out_err,
         );
-        error_ranges[n] = range;
+        let unit = error_unit(loss_range);
+        let err_q = |t: usize| {
+            let q = state.errors[t].qparams();
+            QParams {
+                scale: q.scale * unit,
+                zero_point: q.zero_point,
+            }
+        };
+        let out_q = QParams::from_range(loss_range.min, loss_range.max);
+        let (loss, _) = loss::softmax_cross_entropy_q(
+            &tensors[n],
+            logits_q,
+            &[label],
+            classes,
+            out_q,
+            &mut out_err,
+        );
+        error_ranges[n] = scale_range(loss_range, 1.0 / unit);
         errors[n] = Some(QError {
             codes: out_err,
-            q: err_q(n),
+            q: out_q,
         });
         let Some(lowest) = first_trained_layer(trainable) else {
             return SampleGradients {
                 loss,
                 grads,
-                activation_ranges: Vec::new(),
                 error_ranges,
                 selected,
                 layer_errors,
@@ -503,7 +519,7 @@ impl<'a> QuantNet<'a> {
                 if t <= lowest {
                     continue;
                 }
-                error_ranges[t] = error_ranges[t].merge(range);
+                error_ranges[t] = error_ranges[t].merge(scale_range(range, 1.0 / unit));
                 errors[t] = Some(match errors[t].take() {
                     None => contribution,
                     Some(existing) => {
@@ -517,7 +533,7 @@ impl<'a> QuantNet<'a> {
                             q,
                             &mut sum,
                         );
-                        error_ranges[t] = error_ranges[t].merge(range);
+                        error_ranges[t] = error_ranges[t].merge(scale_range(range, 1.0 / unit));
                         QError { codes: sum, q }
                     }
                 });
@@ -527,7 +543,6 @@ impl<'a> QuantNet<'a> {
         SampleGradients {
             loss,
             grads,
-            activation_ranges: Vec::new(),
             error_ranges,
             selected,
             layer_errors,
@@ -552,6 +567,37 @@ impl<'a> QuantNet<'a> {
             })
             .collect();
         chunks.concat()
+    }
+}
+
+/// The error unit of one sample: the largest magnitude of its loss gradient `dL/d logits`
+/// (1 when that is 0).
+///
+/// Back-propagation is linear in the loss gradient, so a sample whose prediction is nearly
+/// right has all its error tensors smaller by the same factor. Error range trackers therefore
+/// hold ranges in this unit, and a sample's error tensor `t` is quantized with
+/// `s_e = s_tracked(t) * unit`: the 8-bit codes follow the magnitude of every sample instead
+/// of a fixed range that would round the errors of well-classified samples to zero. Where the
+/// paper leaves the error scale to the moving average alone, this keeps the moving average
+/// (over the normalized ranges) and adds one multiplication per tensor.
+pub fn error_unit(loss_gradient: RealRange) -> f32 {
+    let magnitude = loss_gradient.min.abs().max(loss_gradient.max.abs());
+    if magnitude > 0.0 && magnitude.is_finite() {
+        magnitude
+    } else {
+        1.0
+    }
+}
+
+/// `range * factor` (empty stays empty).
+fn scale_range(range: RealRange, factor: f32) -> RealRange {
+    if range.is_empty() {
+        range
+    } else {
+        RealRange {
+            min: range.min * factor,
+            max: range.max * factor,
+        }
     }
 }
 
