@@ -122,13 +122,13 @@ struct StandardizedStep<'a> {
 }
 
 impl StandardizedStep<'_> {
-    /// Calls `visit(code, new_real)` for every weight: `new_real = s_w (w - z_w) - lr (g - mu) /
-    /// sigma` in the selected structures, `s_w (w - z_w)` in the others.
+    /// Calls `visit(code, new_real, updated)` for every weight: `new_real = s_w (w - z_w) - lr
+    /// (g - mu) / sigma` in the selected structures (`updated`), `s_w (w - z_w)` in the others.
     fn for_each_new_real(
         &self,
         weights: &mut [i8],
         grads: &[f32],
-        mut visit: impl FnMut(&mut i8, f32),
+        mut visit: impl FnMut(&mut i8, f32, bool),
     ) {
         let structures = weights
             .chunks_exact_mut(self.structure_len)
@@ -139,12 +139,12 @@ impl StandardizedStep<'_> {
                 let step = self.lr / libm::sqrtf(stats.var + self.eps);
                 for (w, &g) in w.iter_mut().zip(g) {
                     let real = self.old_q.dequantize(*w) - step * (g - stats.mean);
-                    visit(w, real);
+                    visit(w, real, true);
                 }
             } else {
                 for w in w.iter_mut() {
                     let real = self.old_q.dequantize(*w);
-                    visit(w, real);
+                    visit(w, real, false);
                 }
             }
         }
@@ -160,9 +160,12 @@ impl StandardizedStep<'_> {
 ///    `cfg.stats_rate`), then the new real weights of the selected structures and the current
 ///    real weights of the others give the tensor's real range, which `w_range` folds in with
 ///    `cfg.range_rate`; `(s_w', z_w') = w_range.qparams()`.
-/// 2. Every weight is written under the new qparams: selected structures get their new value,
-///    the others keep their real value, re-coded (within half a new step while inside the new
-///    range). `w_q` becomes `(s_w', z_w')`.
+/// 2. Every weight is written under the new qparams: selected structures get their new value
+///    with unbiased dithered rounding (`dithered_quantize`: updates smaller than a step are
+///    applied with the right probability instead of being rounded away, which is what lets
+///    8-bit weights learn at small learning rates), the others keep their real value, re-coded
+///    to the nearest code (within half a new step while inside the new range). `w_q` becomes
+///    `(s_w', z_w')`.
 ///
 /// The new real values are recomputed in the second pass instead of stored. Membership of a
 /// structure in a subset costs `O(k)`. `stats.len()` is the number of structures and
@@ -196,11 +199,35 @@ pub fn fqt_update_weights(
         eps: cfg.eps,
     };
     let mut range = RealRange::EMPTY;
-    step.for_each_new_real(weights, grads, |_, real| range.include(real));
+    step.for_each_new_real(weights, grads, |_, real, _| range.include(real));
     w_range.observe(range, cfg.range_rate);
     let new_q = w_range.qparams();
-    step.for_each_new_real(weights, grads, |w, real| *w = new_q.quantize(real));
+    let mut index = 0u32;
+    step.for_each_new_real(weights, grads, |w, real, updated| {
+        *w = if updated {
+            dithered_quantize(new_q, real, index)
+        } else {
+            new_q.quantize(real)
+        };
+        index = index.wrapping_add(1);
+    });
     *w_q = new_q;
+}
+
+/// Unbiased ("stochastic") rounding without random state:
+/// `q = clamp(floor(r / s + u) + z)` with the dither `u` in `[0, 1)` taken from a hash of the
+/// value's bits and its index, so `E[s (q - z)] = r` over changing values while the result
+/// stays a pure function of its inputs (bit-identical on every target).
+fn dithered_quantize(q: QParams, real: f32, index: u32) -> i8 {
+    let mut h = real.to_bits() ^ index.wrapping_mul(0x9E37_79B9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7FEB_352D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846C_A68B);
+    h ^= h >> 16;
+    let dither = (h >> 8) as f32 * (1.0 / 16_777_216.0);
+    let code = libm::floorf(real / q.scale + dither) as i32 + q.zero_point;
+    code.clamp(crate::quant::Q_MIN, crate::quant::Q_MAX) as i8
 }
 
 /// Fully quantized bias update, plain scaled SGD (no gradient standardization: a bias is one
@@ -435,8 +462,11 @@ mod tests {
             } else {
                 before
             };
+            // Updated weights are rounded with a dither (within one step), the others to the
+            // nearest code (within half a step).
+            let tolerance = if (4..8).contains(&i) { 1.0 } else { 0.5 };
             assert!(
-                (after - expect).abs() <= 0.5 * w_q.scale + 1e-6,
+                (after - expect).abs() <= tolerance * w_q.scale + 1e-6,
                 "{i}: {before} -> {after}, expected {expect}"
             );
             if grads[i] != 0.0 {
@@ -444,6 +474,27 @@ mod tests {
                     (after - before) * grads[i] < 0.0,
                     "{i} moved with the gradient"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn dithered_rounding_is_unbiased_and_deterministic() {
+        let q = QParams {
+            scale: 0.1,
+            zero_point: 3,
+        };
+        for &real in &[0.0123f32, -0.271, 0.35, 1.0, -0.049] {
+            let n = 4096;
+            let mean = (0..n)
+                .map(|i| q.dequantize(dithered_quantize(q, real, i)) as f64)
+                .sum::<f64>()
+                / n as f64;
+            assert!((mean - real as f64).abs() < 0.004, "{real}: mean {mean}");
+            for i in 0..n {
+                let code = dithered_quantize(q, real, i);
+                assert_eq!(code, dithered_quantize(q, real, i));
+                assert!((q.dequantize(code) - real).abs() < q.scale + 1e-6);
             }
         }
     }

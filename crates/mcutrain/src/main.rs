@@ -164,6 +164,10 @@ struct TrainArgs {
     /// Dynamic partial updates `LAMBDA_MIN:LAMBDA_MAX` (fqt only), e.g. 0.1:0.1.
     #[arg(long)]
     partial: Option<String>,
+    /// Weight of a new observation in the moving average of the per-structure gradient
+    /// mean and variance (fqt gradient standardization).
+    #[arg(long, default_value_t = FqtConfig::default().stats_rate)]
+    grad_stats_rate: f32,
     /// Where to write the trained model.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -466,6 +470,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 scheme: a.update,
                 seed: a.data.seed,
                 partial: a.partial.as_deref().map(parse_partial).transpose()?,
+                stats_rate: a.grad_stats_rate,
                 ..FqtConfig::default()
             };
             let bar = progress(steps as u64, "training (int8 FQT)", false);
@@ -669,6 +674,20 @@ fn demo(a: DemoArgs) -> Result<()> {
         ad.float.scheme.parse().map_err(anyhow::Error::msg)?,
         ad.seed,
     )?;
+    let float_momentum_cfg = ad
+        .float_momentum
+        .as_ref()
+        .map(|f| -> Result<FloatTrainConfig> {
+            float_config(
+                f.epochs,
+                f.batch,
+                f.lr,
+                f.momentum,
+                f.scheme.parse().map_err(anyhow::Error::msg)?,
+                ad.seed,
+            )
+        })
+        .transpose()?;
     let fqt_cfg = FqtConfig {
         epochs: ad.fqt.epochs,
         batch: ad.fqt.batch,
@@ -694,6 +713,16 @@ fn demo(a: DemoArgs) -> Result<()> {
             float_finetune(&float_model, &adapt_set, &float_cfg, |_| bar.inc(1))?;
         bar.finish_and_clear();
         let float_ft = evaluate(&float_tuned, &test_set)?;
+        let float_ft_momentum = match (&ad.float_momentum, &float_momentum_cfg) {
+            (Some(settings), Some(cfg)) => {
+                let steps = adapt_set.len().div_ceil(settings.batch) * settings.epochs;
+                let bar = progress(steps as u64, &format!("{name}: float32 + momentum"), quiet);
+                let (tuned, _) = float_finetune(&float_model, &adapt_set, cfg, |_| bar.inc(1))?;
+                bar.finish_and_clear();
+                Some(evaluate(&tuned, &test_set)?)
+            }
+            _ => None,
+        };
         let steps = adapt_set.len().div_ceil(ad.fqt.batch) * ad.fqt.epochs;
         let bar = progress(
             steps as u64,
@@ -721,13 +750,14 @@ fn demo(a: DemoArgs) -> Result<()> {
             pct(float_ft),
             pct(fqt_ft),
             format!("{:+.2}", 100.0 * (fqt_ft - float_ft)),
+            float_ft_momentum.map_or_else(|| "-".into(), pct),
         ]);
-        shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft}));
+        shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft, "float_ft_momentum": float_ft_momentum}));
     }
     if a.output.json {
         println!(
             "{}",
-            json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "float_ft": {"epochs": ad.float.epochs, "lr": ad.float.lr, "scheme": ad.float.scheme}, "fqt_ft": {"epochs": ad.fqt.epochs, "lr": ad.fqt.lr, "scheme": ad.fqt.scheme}, "shift": shift})
+            json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "settings": ad, "shift": shift})
         );
     } else {
         println!(
@@ -738,7 +768,16 @@ fn demo(a: DemoArgs) -> Result<()> {
             pct(clean_int8),
             100.0 * (clean_int8 - clean_float)
         );
-        println!("adaptation with {} corrupted samples ({} per class), evaluated on the corrupted test set:\n", adapt_pool.len(), ad.per_class);
+        println!(
+            "adaptation with {} corrupted samples ({} per class), {} epochs each, evaluated on the corrupted test set; float ft: SGD as in FQT (lr {}, momentum {}), fqt ft: fully quantized training (lr {}), both updating {}:\n",
+            adapt_pool.len(),
+            ad.per_class,
+            ad.fqt.epochs,
+            ad.float.lr,
+            ad.float.momentum,
+            ad.fqt.lr,
+            ad.fqt.scheme
+        );
         println!(
             "{}",
             table(
@@ -749,7 +788,8 @@ fn demo(a: DemoArgs) -> Result<()> {
                     "int8 before",
                     "float ft",
                     "fqt ft",
-                    "fqt-float pp"
+                    "fqt-float pp",
+                    "float ft m=0.9"
                 ],
                 &rows
             )

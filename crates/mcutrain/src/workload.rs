@@ -66,8 +66,10 @@ pub struct AdaptSettings {
     pub severity: u8,
     /// Corruptions evaluated.
     pub corruptions: Vec<String>,
-    /// Float fine-tuning.
+    /// Float fine-tuning with the optimizer of FQT (plain SGD): the like-for-like baseline.
     pub float: FloatSettings,
+    /// Float fine-tuning with momentum: the best float reference, reported beside it.
+    pub float_momentum: Option<FloatSettings>,
     /// Fully quantized fine-tuning.
     pub fqt: FqtSettings,
 }

@@ -1,6 +1,6 @@
 //! float32 reference training: forward, backward with pruning, SGD with momentum.
 
-use super::{first_trained_layer, Trainable, UpdateScheme};
+use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
 use crate::model::{
     Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, Shape,
@@ -329,8 +329,7 @@ pub fn train(
             let batch_labels: Vec<u16> = batch_idx.iter().map(|&i| data.labels[i]).collect();
             let (loss, grads) =
                 batch_gradients(&net, params, &batch_input, &batch_labels, &trainable);
-            let t = (epoch * steps + step) as f32 / total_steps as f32;
-            let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * t).cos());
+            let lr = cosine_lr(cfg.lr, epoch * steps + step, total_steps);
             let grad_scale = 1.0 / batch_idx.len() as f32;
             for (i, tr) in trainable.iter().enumerate() {
                 if tr.weight {

@@ -7,7 +7,7 @@
 //! batch's `f32` gradient buffers in sample order, then the updates are applied and the range
 //! trackers fold in the real extremes observed over the batch.
 
-use super::{first_trained_layer, Trainable, UpdateScheme};
+use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
 use crate::engine::float::{shuffled, zeros_like};
 use crate::model::{
@@ -622,6 +622,8 @@ pub struct FqtTrainer {
     trainable: Vec<Trainable>,
     stats: Vec<Vec<GradStats>>,
     error_max: Vec<f32>,
+    /// Learning rate of the next batch ([`FqtTrainer::train`] decays it from `cfg.lr`).
+    lr: f32,
     cfg: FqtConfig,
 }
 
@@ -659,6 +661,7 @@ impl FqtTrainer {
             .collect();
         Ok(FqtTrainer {
             error_max: vec![0.0; model.arch.layers.len()],
+            lr: cfg.lr,
             stats,
             trainable,
             cfg,
@@ -733,7 +736,7 @@ impl FqtTrainer {
         }
         let grad_scale = 1.0 / samples.len() as f32;
         let update_cfg = FqtUpdateConfig {
-            lr: self.cfg.lr,
+            lr: self.lr,
             stats_rate: self.cfg.stats_rate,
             range_rate: self.cfg.weight_rate,
             eps: 1e-12,
@@ -770,7 +773,7 @@ impl FqtTrainer {
                     layer.bias_scale,
                     &grads[i].bias,
                     channels,
-                    self.cfg.lr,
+                    self.lr,
                     grad_scale,
                 );
             }
@@ -784,7 +787,8 @@ impl FqtTrainer {
         (loss, computed, possible)
     }
 
-    /// Train `model` on `data` for the configured epochs.
+    /// Train `model` on `data` for the configured epochs, with the learning rate decayed from
+    /// `cfg.lr` by [`cosine_lr`] over all batches (as float training does).
     pub fn train(
         &mut self,
         model: &mut Model,
@@ -799,6 +803,7 @@ impl FqtTrainer {
             let order = shuffled(data.len(), &mut rng);
             let (mut loss, mut computed, mut possible) = (0.0, 0usize, 0usize);
             for (step, idx) in order.chunks(batch).enumerate() {
+                self.lr = cosine_lr(self.cfg.lr, epoch * steps + step, steps * self.cfg.epochs);
                 let samples: Vec<&[f32]> = idx.iter().map(|&i| data.sample(i)).collect();
                 let labels: Vec<u16> = idx.iter().map(|&i| data.labels[i]).collect();
                 let (l, c, p) = self.train_batch(model, &samples, &labels);
