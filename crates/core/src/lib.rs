@@ -15,6 +15,8 @@
 
 pub mod checksum;
 pub mod ops;
+pub mod plan;
 pub mod quant;
 pub mod rng;
+pub mod selftest;
 pub mod update;

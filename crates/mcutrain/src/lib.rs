@@ -2,6 +2,7 @@
 pub mod adapt;
 pub mod compile;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod quantize;

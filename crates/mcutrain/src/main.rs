@@ -694,6 +694,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         lr: ad.fqt.lr,
         scheme: ad.fqt.scheme.parse().map_err(anyhow::Error::msg)?,
         seed: ad.seed,
+        stats_rate: ad.fqt.grad_stats_rate,
         ..FqtConfig::default()
     };
     let adapt_pool = train.per_class(ad.per_class, ad.seed)?;

@@ -37,6 +37,8 @@ pub struct FqtSettings {
     pub batch: usize,
     /// Learning rate.
     pub lr: f32,
+    /// Weight of a new observation in the gradient statistics' moving average.
+    pub grad_stats_rate: f32,
     /// Update scheme.
     #[serde(default = "all")]
     pub scheme: String,

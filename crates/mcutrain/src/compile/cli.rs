@@ -1,13 +1,17 @@
-//! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--json]`:
-//! compile the training step and print its memory report; a plan over the SRAM budget is
-//! refused (an error, so exit code 2) after the report.
+//! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--json]
+//! [--out PLAN.bin [--lr LR] [--partial MIN:MAX]]`: compile the training step and print its
+//! memory report; a plan over the SRAM budget is refused (an error, so exit code 2) after the
+//! report. With `--out`, a plan that fits is written as a plan file for the device
+//! ([`super::plan_file`]; MODEL must then be an int8 model file).
 
 use super::report::{check_budget, MemoryReport};
-use super::{compile, scheme, LayerUpdate, PlanOptions, Precision};
+use super::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
+use crate::engine::fqt::{FqtConfig, PartialUpdate};
 use crate::engine::UpdateScheme;
 use crate::model::{format, zoo, Architecture, Params};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
+use mcutrain_core::plan::PlanView;
+use std::path::{Path, PathBuf};
 
 /// Element sizes to plan for.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -45,10 +49,25 @@ pub struct PlanArgs {
     /// Print one JSON object on stdout instead of the readable report.
     #[arg(long)]
     pub json: bool,
+    /// Write the plan file for the device here (MODEL must be an int8 model file).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Learning rate stored in the plan file.
+    #[arg(long, default_value_t = FqtConfig::default().lr)]
+    pub lr: f32,
+    /// Dynamic partial updates `LAMBDA_MIN:LAMBDA_MAX` stored in the plan file, e.g. 0.1:0.1.
+    #[arg(long)]
+    pub partial: Option<String>,
 }
 
 /// Run `mcutrain plan`.
 pub fn run(args: PlanArgs) -> Result<()> {
+    if args.out.is_some() && !Path::new(&args.model).is_file() {
+        bail!(
+            "--out writes the model's parameters into the plan: pass an int8 model file, not '{}'",
+            args.model
+        );
+    }
     let (arch, file_precision) = load_architecture(&args.model)?;
     let precision = match args.precision {
         Some(PrecisionArg::Int8) => Precision::Int8,
@@ -66,12 +85,21 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let plan = compile(&arch, &updates, &options)?;
     let report = MemoryReport::new(&arch, &plan);
     let verdict = check_budget(&report, budget);
+    let written = match (&args.out, verdict.is_ok()) {
+        (Some(path), true) => Some(write_plan_file(&args, &plan, path)?),
+        _ => None,
+    };
     if args.json {
         let mut value = report.json();
         value["model"] = args.model.clone().into();
         value["update"] = args.update.clone().into();
         value["budget_bytes"] = budget.into();
         value["fits"] = verdict.is_ok().into();
+        if let (Some(path), Some(file)) = (&args.out, &written) {
+            value["plan_file"] = path.display().to_string().into();
+            value["plan_file_bytes"] = file.file_bytes.into();
+            value["arena_required_bytes"] = file.arena_required.into();
+        }
         println!("{value}");
     } else {
         println!("model {}, update {}", args.model, args.update);
@@ -83,9 +111,72 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 super::report::kb(budget - report.peak_bytes)
             );
         }
+        if let (Some(path), Some(file)) = (&args.out, &written) {
+            println!(
+                "wrote {} ({} B); the device arena needs {} B: the planned {} B plus {} B of training state (range trackers, weight quantization, partial-update lists)",
+                path.display(),
+                file.file_bytes,
+                file.arena_required,
+                plan.arena_bytes,
+                file.arena_required - file.state_offset,
+            );
+        }
     }
     verdict.context("refused")?;
     Ok(())
+}
+
+/// Sizes of a written plan file.
+struct WrittenPlan {
+    file_bytes: usize,
+    state_offset: usize,
+    arena_required: usize,
+}
+
+/// Write the plan file of `plan` with the int8 model file `args.model` and the plan's
+/// hyper-parameters (`--lr`, `--partial`, the other rates at their FQT defaults).
+fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<WrittenPlan> {
+    let model =
+        format::load(Path::new(&args.model)).with_context(|| format!("reading {}", args.model))?;
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", args.lr);
+    }
+    let cfg = FqtConfig {
+        lr: args.lr,
+        partial: args.partial.as_deref().map(parse_partial).transpose()?,
+        ..FqtConfig::default()
+    };
+    let bytes = plan_file::write(plan, &model, &plan_file::train_config(&cfg))
+        .with_context(|| format!("writing the plan file of {}", args.model))?;
+    let aligned = plan_file::AlignedBytes::copy_of(&bytes);
+    let view = PlanView::parse(aligned.as_slice())
+        .map_err(|e| anyhow::anyhow!("the written plan file does not validate: {e}"))?;
+    let written = WrittenPlan {
+        file_bytes: bytes.len(),
+        state_offset: view.state_offset(),
+        arena_required: view.arena_required(),
+    };
+    std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(written)
+}
+
+/// `LAMBDA_MIN:LAMBDA_MAX` with `0 < min <= max <= 1` (as `mcutrain train --partial`).
+pub fn parse_partial(text: &str) -> Result<PartialUpdate> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--partial takes LAMBDA_MIN:LAMBDA_MAX with 0 < min <= max <= 1, e.g. 0.1:0.1; got '{text}'"
+        )
+    };
+    let (lo, hi) = text.split_once(':').ok_or_else(bad)?;
+    let lambda_min: f32 = lo.parse().map_err(|_| bad())?;
+    let lambda_max: f32 = hi.parse().map_err(|_| bad())?;
+    if !(lambda_min > 0.0 && lambda_min <= lambda_max && lambda_max <= 1.0) {
+        return Err(bad());
+    }
+    Ok(PartialUpdate {
+        lambda_min,
+        lambda_max,
+    })
 }
 
 /// The architecture named `model` (a file, or a reference architecture) and the precision the
@@ -150,6 +241,15 @@ mod tests {
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("K").is_err());
+    }
+
+    #[test]
+    fn partial_updates_parse() {
+        let p = parse_partial("0.1:0.5").unwrap();
+        assert_eq!((p.lambda_min, p.lambda_max), (0.1, 0.5));
+        for bad in ["0.5:0.1", "0:1", "0.1", "a:b", "0.1:1.5"] {
+            assert!(parse_partial(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod arena;
 pub mod cli;
 pub mod graph;
 pub mod liveness;
+pub mod plan_file;
 pub mod report;
 pub mod scheme;
 

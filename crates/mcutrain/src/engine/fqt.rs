@@ -67,7 +67,7 @@ impl Default for FqtConfig {
             activation_rate: 0.1,
             error_rate: 0.1,
             weight_rate: 0.001,
-            stats_rate: 0.8,
+            stats_rate: 0.2,
             partial: None,
         }
     }

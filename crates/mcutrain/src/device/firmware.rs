@@ -1,0 +1,456 @@
+//! The firmware build: `cargo build --release` of `firmware/` for thumbv7em-none-eabihf with
+//! the memory budgets in the environment (its `build.rs` writes them into `memory.x`, so an
+//! image over budget fails to link), cached by a hash of the sources, the budgets and the
+//! compiler, under `target/firmware/`.
+//!
+//! Two toolchains are recognised: the pinned rustup toolchain with the target installed
+//! (`rustup target add thumbv7em-none-eabihf`), or, where rustup cannot download it, Debian's
+//! `rustc-web` with its library source, building `core` itself (`-Zbuild-std=core`) and
+//! linking with `arm-none-eabi-ld`. `scripts/setup.sh` installs one of them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{Budget, DeviceError, Footprint};
+
+/// The Rust target of the Cortex-M4F/M7F.
+pub const TARGET: &str = "thumbv7em-none-eabihf";
+/// Memory of QEMU's MPS2 boards (flash and SRAM each): the budget used to measure an image
+/// that does not fit its own.
+const BOARD_MEMORY_BYTES: u64 = 4 << 20;
+/// Environment that a surrounding cargo or shell may set and that must not reach the
+/// firmware's tools: host flags, another target or target directory, or a toolchain other
+/// than the one `rust-toolchain.toml` pins.
+const FOREIGN_ENV: [&str; 6] = [
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_BUILD_TARGET",
+    "CARGO_TARGET_DIR",
+    "RUSTUP_TOOLCHAIN",
+];
+
+/// `program` run in the firmware project without [`FOREIGN_ENV`].
+fn tool(program: &str, project: &Path) -> Command {
+    let mut command = Command::new(program);
+    command.current_dir(project);
+    for var in FOREIGN_ENV {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// The firmware project and where its builds go.
+#[derive(Clone, Debug)]
+pub struct Firmware {
+    repository: PathBuf,
+    target_dir: PathBuf,
+}
+
+/// A built firmware image.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// The ELF file (in the cache; stays valid while the cache is kept).
+    pub elf: PathBuf,
+    /// Its sizes.
+    pub footprint: Footprint,
+    /// The budgets it was linked with.
+    pub budget: Budget,
+    /// True when it came from the cache without running cargo.
+    pub cached: bool,
+}
+
+/// How to compile for the target.
+#[derive(Clone, Debug)]
+enum Toolchain {
+    /// The toolchain that `cargo` selects in `firmware/` has the target.
+    Rustup,
+    /// Debian's `/usr/bin/rustc` and `/usr/bin/cargo` with the library source.
+    DebianBuildStd,
+}
+
+impl Firmware {
+    /// The firmware of this repository (`firmware/` beside `crates/`), built into
+    /// `target/firmware/`.
+    pub fn in_repository() -> Firmware {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        Firmware::new(&repository)
+    }
+
+    /// The firmware of the repository at `repository`.
+    pub fn new(repository: &Path) -> Firmware {
+        Firmware {
+            repository: repository.to_path_buf(),
+            target_dir: repository.join("target/firmware"),
+        }
+    }
+
+    fn project(&self) -> PathBuf {
+        self.repository.join("firmware")
+    }
+
+    /// Builds the image for `budget`, or takes it from the cache. An image over budget is a
+    /// [`DeviceError::OverBudget`] with the linker's message and the sizes of its parts.
+    pub fn build(&self, budget: &Budget) -> Result<Image, DeviceError> {
+        let toolchain = detect_toolchain(&self.project())?;
+        let key = self.cache_key(budget, &toolchain)?;
+        let images = self.target_dir.join("images");
+        let cached = images.join(format!("mcutrain-firmware-{key:016x}.elf"));
+        if let Some(image) = load_image(&cached, budget, true)? {
+            return Ok(image);
+        }
+        fs::create_dir_all(&images).map_err(DeviceError::io("create target/firmware"))?;
+        // One build at a time (threads and processes): cargo writes one output path for
+        // every budget, which must not change before it is copied into the cache.
+        let lock_path = self.target_dir.join("build.lock");
+        let lock = fs::File::create(&lock_path).map_err(DeviceError::io("create build.lock"))?;
+        lock.lock().map_err(DeviceError::io("lock build.lock"))?;
+        if let Some(image) = load_image(&cached, budget, true)? {
+            return Ok(image);
+        }
+        let output = self.cargo_build(budget, &toolchain)?;
+        if !output.status.success() {
+            drop(lock);
+            return Err(self.build_failure(budget, &String::from_utf8_lossy(&output.stderr)));
+        }
+        let built = self
+            .target_dir
+            .join(TARGET)
+            .join("release/mcutrain-firmware");
+        let partial = cached.with_extension("partial");
+        fs::copy(&built, &partial).map_err(DeviceError::io("copy the firmware image"))?;
+        fs::rename(&partial, &cached).map_err(DeviceError::io("store the firmware image"))?;
+        prune_cache(&images);
+        drop(lock);
+        load_image(&cached, budget, false)?
+            .ok_or_else(|| DeviceError::Build(format!("{} vanished", cached.display())))
+    }
+
+    fn cargo_build(
+        &self,
+        budget: &Budget,
+        toolchain: &Toolchain,
+    ) -> Result<std::process::Output, DeviceError> {
+        let mut cargo = match toolchain {
+            Toolchain::Rustup => tool("cargo", &self.project()),
+            Toolchain::DebianBuildStd => {
+                let mut cargo = tool("/usr/bin/cargo", &self.project());
+                cargo
+                    .env("RUSTC", "/usr/bin/rustc")
+                    .env("RUSTC_BOOTSTRAP", "1")
+                    .env(
+                        "CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER",
+                        "arm-none-eabi-ld",
+                    )
+                    .arg("-Zbuild-std=core");
+                cargo
+            }
+        };
+        cargo
+            .args(["build", "--release", "--locked", "--target", TARGET])
+            .arg("--target-dir")
+            .arg(&self.target_dir)
+            .env("MCUTRAIN_SRAM", budget.sram_bytes.to_string())
+            .env("MCUTRAIN_FLASH", budget.flash_bytes.to_string())
+            .env("MCUTRAIN_MIN_STACK", budget.min_stack_bytes.to_string());
+        cargo.output().map_err(|e| DeviceError::MissingTool {
+            what: "cargo".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Classifies a failed build; over budget, measures the image against the board's whole
+    /// memory for the breakdown.
+    fn build_failure(&self, budget: &Budget, stderr: &str) -> DeviceError {
+        let linker = linker_messages(stderr);
+        let over_budget = [
+            "mcutrain budget",
+            "will not fit in region",
+            "stack end address",
+        ]
+        .iter()
+        .any(|marker| linker.contains(marker));
+        if !over_budget {
+            return DeviceError::Build(stderr.trim().to_string());
+        }
+        let unbounded = Budget {
+            sram_bytes: BOARD_MEMORY_BYTES,
+            flash_bytes: BOARD_MEMORY_BYTES,
+            min_stack_bytes: budget.min_stack_bytes,
+        };
+        let breakdown = match self.build(&unbounded) {
+            Ok(image) => breakdown(&image.footprint, budget),
+            Err(e) => format!("(the image does not fit the board's memory either: {e})"),
+        };
+        DeviceError::OverBudget { linker, breakdown }
+    }
+
+    /// FNV-1a over the firmware and core sources, the budgets and the compiler's version.
+    fn cache_key(&self, budget: &Budget, toolchain: &Toolchain) -> Result<u64, DeviceError> {
+        let mut hash = Fnv64::default();
+        let roots = [
+            self.project(),
+            self.repository.join("crates/core"),
+            self.repository.join("rust-toolchain.toml"),
+        ];
+        let mut files = Vec::new();
+        for root in &roots {
+            collect_files(root, &mut files)?;
+        }
+        files.sort();
+        for file in &files {
+            hash.write(file.to_string_lossy().as_bytes());
+            hash.write(
+                &fs::read(file).map_err(DeviceError::io(format!("read {}", file.display())))?,
+            );
+        }
+        for n in [
+            budget.sram_bytes,
+            budget.flash_bytes,
+            budget.min_stack_bytes,
+        ] {
+            hash.write(&n.to_le_bytes());
+        }
+        hash.write(format!("{toolchain:?}").as_bytes());
+        let rustc = match toolchain {
+            Toolchain::Rustup => "rustc",
+            Toolchain::DebianBuildStd => "/usr/bin/rustc",
+        };
+        let version = tool(rustc, &self.project())
+            .arg("-vV")
+            .output()
+            .map_err(DeviceError::io("run rustc -vV"))?;
+        hash.write(&version.stdout);
+        Ok(hash.0)
+    }
+}
+
+/// Cached images kept: the most recently built ones.
+const CACHED_IMAGES: usize = 16;
+
+/// Removes all but the [`CACHED_IMAGES`] newest images (best effort).
+fn prune_cache(images: &Path) {
+    let Ok(entries) = fs::read_dir(images) else {
+        return;
+    };
+    let mut built: Vec<_> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let path = e.path();
+            let elf = path.extension().is_some_and(|x| x == "elf");
+            elf.then_some((e.metadata().ok()?.modified().ok()?, path))
+        })
+        .collect();
+    built.sort();
+    let stale = built.len().saturating_sub(CACHED_IMAGES);
+    for (_, path) in &built[..stale] {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// The image at `path` if it exists.
+fn load_image(path: &Path, budget: &Budget, cached: bool) -> Result<Option<Image>, DeviceError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DeviceError::io(format!("read {}", path.display()))(e)),
+    };
+    Ok(Some(Image {
+        elf: path.to_path_buf(),
+        footprint: Footprint::of_elf(&bytes)?,
+        budget: *budget,
+        cached,
+    }))
+}
+
+/// The Rust toolchain that can build for [`TARGET`], or which tool is missing. The
+/// environment variable `MCUTRAIN_FIRMWARE_TOOLCHAIN=debian` forces Debian's (to test the
+/// fallback where rustup has the target too).
+fn detect_toolchain(project: &Path) -> Result<Toolchain, DeviceError> {
+    let force_debian = std::env::var("MCUTRAIN_FIRMWARE_TOOLCHAIN").is_ok_and(|v| v == "debian");
+    let has = |rustc: &str, relative: &str| {
+        tool(rustc, project)
+            .args(["--print", "sysroot"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(relative))
+            .is_some_and(|path| path.exists())
+    };
+    if !force_debian && has("rustc", &format!("lib/rustlib/{TARGET}/lib")) {
+        return Ok(Toolchain::Rustup);
+    }
+    let debian_source = has("/usr/bin/rustc", "lib/rustlib/src/rust/library/core");
+    let debian_linker = Command::new("arm-none-eabi-ld")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if debian_source && debian_linker {
+        return Ok(Toolchain::DebianBuildStd);
+    }
+    Err(DeviceError::MissingTool {
+        what: format!("the Rust target {TARGET}"),
+        detail: format!(
+            "the toolchain of {} lacks it, and Debian's rustc-web with rust-web-src and \
+             arm-none-eabi-ld is not installed either",
+            project.display()
+        ),
+    })
+}
+
+/// Every file under `root` (or `root` itself), skipping `target` directories.
+fn collect_files(root: &Path, files: &mut Vec<PathBuf>) -> Result<(), DeviceError> {
+    if root.is_file() {
+        files.push(root.to_path_buf());
+        return Ok(());
+    }
+    let entries =
+        fs::read_dir(root).map_err(DeviceError::io(format!("list {}", root.display())))?;
+    for entry in entries {
+        let path = entry.map_err(DeviceError::io("list sources"))?.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                collect_files(&path, files)?;
+            }
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The linker's messages in cargo's output of a failed link (the `= note:` blocks without
+/// the command line), one per line, without the linker's name.
+fn linker_messages(stderr: &str) -> String {
+    let mut lines = Vec::new();
+    let mut in_note = false;
+    for line in stderr.lines() {
+        let mut text = line.trim();
+        if let Some(rest) = text.strip_prefix("= note:") {
+            in_note = true;
+            text = rest.trim();
+        } else if text.starts_with("error") || text.starts_with("warning") {
+            in_note = false;
+        }
+        let command = text.starts_with('"') || text.starts_with("some arguments are omitted");
+        if !in_note || command {
+            continue;
+        }
+        for prefix in ["rust-lld: error:", "arm-none-eabi-ld:"] {
+            text = text.trim_start_matches(prefix).trim();
+        }
+        if !text.is_empty() {
+            lines.push(text);
+        }
+    }
+    lines.join("\n")
+}
+
+/// The image's parts against the budget, e.g.
+/// `SRAM: .data 0 + .bss 60048 = 60048 static + 16384 minimum stack = 76432 > budget 8192`.
+fn breakdown(f: &Footprint, budget: &Budget) -> String {
+    let sram = f.static_ram_bytes() + budget.min_stack_bytes;
+    let flash = f.flash_bytes();
+    let verdict = |need: u64, have: u64| if need > have { '>' } else { '<' };
+    format!(
+        "SRAM: .data {} + .bss {} = {} static + {} minimum stack = {sram} {} budget {} bytes\n\
+         flash: code {} + constants {} + .data {} = {flash} {} budget {} bytes",
+        f.data_bytes,
+        f.bss_bytes,
+        f.static_ram_bytes(),
+        budget.min_stack_bytes,
+        verdict(sram, budget.sram_bytes),
+        budget.sram_bytes,
+        f.code_bytes,
+        f.const_bytes,
+        f.data_bytes,
+        verdict(flash, budget.flash_bytes),
+        budget.flash_bytes,
+    )
+}
+
+/// 64-bit FNV-1a.
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linker_messages_are_taken_from_the_note_block() {
+        let stderr = "   Compiling mcutrain-firmware v0.1.0\n\
+            error: linking with `rust-lld` failed: exit status: 1\n  |\n\
+            \x20 = note: rust-lld: error: \n\
+            \x20         mcutrain budget: static RAM leaves less than the minimum stack\n\
+            \x20         rust-lld: error: section '.bss' will not fit in region 'RAM'\n\n\
+            error: could not compile `mcutrain-firmware` (bin) due to 1 previous error\n";
+        assert_eq!(
+            linker_messages(stderr),
+            "mcutrain budget: static RAM leaves less than the minimum stack\n\
+             section '.bss' will not fit in region 'RAM'"
+        );
+    }
+
+    #[test]
+    fn gnu_ld_messages_drop_the_command_line() {
+        let stderr = "error: linking with `arm-none-eabi-ld` failed: exit status: 1\n  |\n\
+            \x20 = note:  \"arm-none-eabi-ld\" \"-o\" \"firmware\" \"-Tlink.x\"\n\
+            \x20 = note: some arguments are omitted. use `--verbose` to show all linker arguments\n\
+            \x20 = note: arm-none-eabi-ld: firmware section `.bss' will not fit in region `RAM'\n\
+            \x20         arm-none-eabi-ld: region `RAM' overflowed by 51856 bytes\n\n\
+            error: could not compile `mcutrain-firmware`\n";
+        assert_eq!(
+            linker_messages(stderr),
+            "firmware section `.bss' will not fit in region `RAM'\n\
+             region `RAM' overflowed by 51856 bytes"
+        );
+    }
+
+    #[test]
+    fn breakdown_marks_the_exceeded_budget() {
+        let f = Footprint {
+            code_bytes: 1000,
+            const_bytes: 200,
+            data_bytes: 8,
+            bss_bytes: 9000,
+        };
+        let budget = Budget {
+            sram_bytes: 8192,
+            ..Budget::default()
+        };
+        let text = breakdown(&f, &budget);
+        assert!(
+            text.contains("9008 static + 16384 minimum stack = 25392 > budget 8192"),
+            "{text}"
+        );
+        assert!(text.contains("= 1208 < budget 1048576"), "{text}");
+    }
+
+    #[test]
+    fn the_cache_key_follows_the_budget() {
+        let firmware = Firmware::in_repository();
+        let key = |b: &Budget| firmware.cache_key(b, &Toolchain::Rustup).unwrap();
+        let default = Budget::default();
+        assert_eq!(key(&default), key(&default));
+        let smaller = Budget {
+            sram_bytes: 128 << 10,
+            ..default
+        };
+        assert_ne!(key(&default), key(&smaller));
+    }
+}
