@@ -15,6 +15,8 @@ use crate::model::{
     Shape,
 };
 use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
+/// The per-sample error unit, shared with the device executor.
+pub use mcutrain_core::plan::exec::{error_unit, scale_range};
 use mcutrain_core::quant::{QParams, RealRange};
 use mcutrain_core::rng::Rng;
 use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
@@ -567,37 +569,6 @@ impl<'a> QuantNet<'a> {
             })
             .collect();
         chunks.concat()
-    }
-}
-
-/// The error unit of one sample: the largest magnitude of its loss gradient `dL/d logits`
-/// (1 when that is 0).
-///
-/// Back-propagation is linear in the loss gradient, so a sample whose prediction is nearly
-/// right has all its error tensors smaller by the same factor. Error range trackers therefore
-/// hold ranges in this unit, and a sample's error tensor `t` is quantized with
-/// `s_e = s_tracked(t) * unit`: the 8-bit codes follow the magnitude of every sample instead
-/// of a fixed range that would round the errors of well-classified samples to zero. Where the
-/// paper leaves the error scale to the moving average alone, this keeps the moving average
-/// (over the normalized ranges) and adds one multiplication per tensor.
-pub fn error_unit(loss_gradient: RealRange) -> f32 {
-    let magnitude = loss_gradient.min.abs().max(loss_gradient.max.abs());
-    if magnitude > 0.0 && magnitude.is_finite() {
-        magnitude
-    } else {
-        1.0
-    }
-}
-
-/// `range * factor` (empty stays empty).
-fn scale_range(range: RealRange, factor: f32) -> RealRange {
-    if range.is_empty() {
-        range
-    } else {
-        RealRange {
-            min: range.min * factor,
-            max: range.max * factor,
-        }
     }
 }
 
