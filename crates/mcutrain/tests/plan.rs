@@ -2,14 +2,15 @@
 //! liveness checker over plans of random graphs and schemes, the pruning rules, operator
 //! reordering, the memory report's sums, and the `mcutrain plan` command.
 
+mod common;
+use common::random_arch;
 use mcutrain::compile::report::{check_budget, MemoryReport};
 use mcutrain::compile::{
     compile, scheme, Category, LayerUpdate, Placement, PlanOptions, Precision, StepOp, TensorRole,
     TrainingPlan,
 };
 use mcutrain::engine::UpdateScheme;
-use mcutrain::model::{zoo, Architecture, Layer, LayerKind, ModelError};
-use mcutrain_core::ops::activation::Activation;
+use mcutrain::model::{zoo, Architecture};
 use proptest::prelude::*;
 use std::process::Command;
 
@@ -194,95 +195,6 @@ fn check_report(arch: &Architecture, plan: &TrainingPlan) {
     assert_eq!(report.peak_bytes, plan.arena_bytes);
     assert_eq!(report.flash_bytes(), plan.flash_bytes());
     assert!(report.forward_bytes <= report.lower_bound_bytes);
-}
-
-/// One random layer: (kind selector, out channels, kernel 1 or 3, stride 1 or 2, activation).
-type LayerChoice = (u8, usize, bool, bool, u8);
-
-/// A valid architecture from random choices: layers that do not fit the current shape are
-/// skipped; a linear classifier ends it.
-fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -> Architecture {
-    let activation =
-        |a: u8| [Activation::None, Activation::Relu, Activation::Relu6][a as usize % 3];
-    let mut arch = Architecture {
-        input,
-        classes: 0,
-        layers: Vec::new(),
-    };
-    let mut shapes = vec![input];
-    for (i, &(kind, out, k3, s2, act)) in choices.iter().enumerate() {
-        let shape = *shapes.last().unwrap();
-        let (k, s) = (if k3 { 3 } else { 1 }, if s2 { 2 } else { 1 });
-        let kind = match kind % 9 {
-            0 | 1 => LayerKind::Conv2d {
-                out_channels: out,
-                kernel: (k, k),
-                stride: (s, s),
-                padding: (k / 2, k / 2),
-                groups: 1,
-                activation: activation(act),
-            },
-            2 => LayerKind::Conv2d {
-                out_channels: shape[0],
-                kernel: (k, k),
-                stride: (s, s),
-                padding: (k / 2, k / 2),
-                groups: shape[0],
-                activation: activation(act),
-            },
-            3 => LayerKind::Linear {
-                out_features: out,
-                activation: activation(act),
-            },
-            4 | 5 => match shapes[..shapes.len() - 1].iter().rposition(|&t| t == shape) {
-                Some(t) if t > 0 => LayerKind::Add { skip_from: t - 1 },
-                _ => continue,
-            },
-            6 => LayerKind::MaxPool {
-                kernel: (2, 2),
-                stride: (2, 2),
-                padding: (0, 0),
-            },
-            7 => [
-                LayerKind::GlobalAvgPool,
-                LayerKind::Flatten,
-                LayerKind::Activation(activation(act)),
-                LayerKind::AvgPool {
-                    kernel: (3, 3),
-                    stride: (1, 1),
-                    padding: (1, 1),
-                },
-            ][act as usize % 4]
-                .clone(),
-            _ => LayerKind::AvgPool {
-                kernel: (2, 2),
-                stride: (2, 2),
-                padding: (0, 0),
-            },
-        };
-        arch.layers.push(Layer {
-            name: format!("l{i}"),
-            kind,
-        });
-        // With 0 classes a valid graph always fails the output check, which reports the
-        // new layer's output shape.
-        match arch.shapes() {
-            Err(ModelError::BadOutput { shape, .. }) => shapes.push(shape),
-            _ => {
-                arch.layers.pop();
-            }
-        }
-    }
-    arch.layers.push(Layer {
-        name: "classifier".into(),
-        kind: LayerKind::Linear {
-            out_features: classes,
-            activation: Activation::None,
-        },
-    });
-    arch.classes = classes;
-    arch.shapes().expect("a valid random architecture");
-    arch
 }
 
 /// A random per-layer scheme (`None`: frozen, else eighths of the channels and bias) that

@@ -3,15 +3,16 @@
 //! biases, weight quantization, range trackers, losses), every step writes only its planned
 //! outputs and the training state, and corrupt plan files give errors, not panics.
 
+mod common;
+use common::random_arch;
 use mcutrain::compile::plan_file::{self, AlignedBytes};
 use mcutrain::compile::{compile, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
 use mcutrain::data::{fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
 use mcutrain::engine::fqt::{FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
 use mcutrain::engine::UpdateScheme;
-use mcutrain::model::{format, zoo, Architecture, Layer, LayerKind, Model, ModelError, Params};
+use mcutrain::model::{format, zoo, Architecture, Model, Params};
 use mcutrain::quantize::quantize;
 use mcutrain_core::checksum::crc32;
-use mcutrain_core::ops::activation::Activation;
 use mcutrain_core::plan::exec::{self, ExecError, SampleRun};
 use mcutrain_core::plan::{
     PlanError, PlanView, CHECKSUM_START, HEADER_BYTES, LAYER_BYTES, MODEL_TENSOR_BYTES,
@@ -20,93 +21,6 @@ use mcutrain_core::quant::RangeEma;
 use mcutrain_core::rng::Rng;
 use proptest::prelude::*;
 use std::path::Path;
-
-/// One random layer: (kind selector, out channels, kernel 3, stride 2, activation).
-type LayerChoice = (u8, usize, bool, bool, u8);
-
-/// A valid architecture from random choices (the generator of tests/plan.rs): layers that do
-/// not fit the current shape are skipped; a linear classifier ends it.
-fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -> Architecture {
-    let activation =
-        |a: u8| [Activation::None, Activation::Relu, Activation::Relu6][a as usize % 3];
-    let mut arch = Architecture {
-        input,
-        classes: 0,
-        layers: Vec::new(),
-    };
-    let mut shapes = vec![input];
-    for (i, &(kind, out, k3, s2, act)) in choices.iter().enumerate() {
-        let shape = *shapes.last().unwrap();
-        let (k, s) = (if k3 { 3 } else { 1 }, if s2 { 2 } else { 1 });
-        let kind = match kind % 9 {
-            0 | 1 => LayerKind::Conv2d {
-                out_channels: out,
-                kernel: (k, k),
-                stride: (s, s),
-                padding: (k / 2, k / 2),
-                groups: 1,
-                activation: activation(act),
-            },
-            2 => LayerKind::Conv2d {
-                out_channels: shape[0],
-                kernel: (k, k),
-                stride: (s, s),
-                padding: (k / 2, k / 2),
-                groups: shape[0],
-                activation: activation(act),
-            },
-            3 => LayerKind::Linear {
-                out_features: out,
-                activation: activation(act),
-            },
-            4 | 5 => match shapes[..shapes.len() - 1].iter().rposition(|&t| t == shape) {
-                Some(t) if t > 0 => LayerKind::Add { skip_from: t - 1 },
-                _ => continue,
-            },
-            6 => LayerKind::MaxPool {
-                kernel: (2, 2),
-                stride: (2, 2),
-                padding: (0, 0),
-            },
-            7 => [
-                LayerKind::GlobalAvgPool,
-                LayerKind::Flatten,
-                LayerKind::Activation(activation(act)),
-                LayerKind::AvgPool {
-                    kernel: (3, 3),
-                    stride: (1, 1),
-                    padding: (1, 1),
-                },
-            ][act as usize % 4]
-                .clone(),
-            _ => LayerKind::AvgPool {
-                kernel: (2, 2),
-                stride: (2, 2),
-                padding: (0, 0),
-            },
-        };
-        arch.layers.push(Layer {
-            name: format!("l{i}"),
-            kind,
-        });
-        match arch.shapes() {
-            Err(ModelError::BadOutput { shape, .. }) => shapes.push(shape),
-            _ => {
-                arch.layers.pop();
-            }
-        }
-    }
-    arch.layers.push(Layer {
-        name: "classifier".into(),
-        kind: LayerKind::Linear {
-            out_features: classes,
-            activation: Activation::None,
-        },
-    });
-    arch.classes = classes;
-    arch.shapes().expect("a valid random architecture");
-    arch
-}
 
 /// `count` random samples in `[0, 1)` with random labels.
 fn random_data(arch: &Architecture, count: usize, seed: u64) -> Dataset {

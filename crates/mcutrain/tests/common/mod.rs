@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests.
+
+use mcutrain::model::{Architecture, Layer, LayerKind, ModelError};
+use mcutrain_core::ops::activation::Activation;
+
+/// One random layer: (kind selector, out channels, kernel 1 or 3, stride 1 or 2, activation).
+pub type LayerChoice = (u8, usize, bool, bool, u8);
+
+/// A valid architecture from random choices: layers that do not fit the current shape are
+/// skipped; a linear classifier ends it.
+pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -> Architecture {
+    let activation =
+        |a: u8| [Activation::None, Activation::Relu, Activation::Relu6][a as usize % 3];
+    let mut arch = Architecture {
+        input,
+        classes: 0,
+        layers: Vec::new(),
+    };
+    let mut shapes = vec![input];
+    for (i, &(kind, out, k3, s2, act)) in choices.iter().enumerate() {
+        let shape = *shapes.last().unwrap();
+        let (k, s) = (if k3 { 3 } else { 1 }, if s2 { 2 } else { 1 });
+        let kind = match kind % 9 {
+            0 | 1 => LayerKind::Conv2d {
+                out_channels: out,
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (k / 2, k / 2),
+                groups: 1,
+                activation: activation(act),
+            },
+            2 => LayerKind::Conv2d {
+                out_channels: shape[0],
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (k / 2, k / 2),
+                groups: shape[0],
+                activation: activation(act),
+            },
+            3 => LayerKind::Linear {
+                out_features: out,
+                activation: activation(act),
+            },
+            4 | 5 => match shapes[..shapes.len() - 1].iter().rposition(|&t| t == shape) {
+                Some(t) if t > 0 => LayerKind::Add { skip_from: t - 1 },
+                _ => continue,
+            },
+            6 => LayerKind::MaxPool {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+            7 => [
+                LayerKind::GlobalAvgPool,
+                LayerKind::Flatten,
+                LayerKind::Activation(activation(act)),
+                LayerKind::AvgPool {
+                    kernel: (3, 3),
+                    stride: (1, 1),
+                    padding: (1, 1),
+                },
+            ][act as usize % 4]
+                .clone(),
+            _ => LayerKind::AvgPool {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            },
+        };
+        arch.layers.push(Layer {
+            name: format!("l{i}"),
+            kind,
+        });
+        // With 0 classes a valid graph always fails the output check, which reports the
+        // new layer's output shape.
+        match arch.shapes() {
+            Err(ModelError::BadOutput { shape, .. }) => shapes.push(shape),
+            _ => {
+                arch.layers.pop();
+            }
+        }
+    }
+    arch.layers.push(Layer {
+        name: "classifier".into(),
+        kind: LayerKind::Linear {
+            out_features: classes,
+            activation: Activation::None,
+        },
+    });
+    arch.classes = classes;
+    arch.shapes().expect("a valid random architecture");
+    arch
+}
