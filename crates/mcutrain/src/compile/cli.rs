@@ -116,12 +116,16 @@ pub fn run(args: PlanArgs) -> Result<()> {
         }
         if let (Some(path), Some(file)) = (&args.out, &written) {
             println!(
-                "wrote {} ({} B); the device arena needs {} B: the planned {} B plus {} B of training state (range trackers, weight quantization, partial-update lists)",
+                "wrote {} ({} B); the device arena needs {} B: the planned {} B plus {} B of training state ({})",
                 path.display(),
                 file.file_bytes,
                 file.arena_required,
                 plan.arena_bytes,
                 file.arena_required - file.state_offset,
+                match plan.precision {
+                    Precision::Int8 => "sample counter, learning rate, range trackers, weight quantization, partial-update lists",
+                    Precision::Float32 => "sample counter and learning rate",
+                },
             );
         }
     }
