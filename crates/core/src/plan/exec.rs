@@ -5,9 +5,9 @@
 //! kernels a step calls differ (the float32 ones are in `exec_float.rs`, documented there:
 //! the host float engine's kernels at batch 1, gradients folded in sample order).
 //!
-//! For an int8 plan it calls the same `mcutrain-core` kernels as the host reference (`engine::fqt` of the
-//! `mcutrain` crate) with the same quantization parameters, so after the same samples in the
-//! same order both hold the same bits. Per sample: the forward and the backward run with the
+//! For an int8 plan it calls the same `mcutrain-core` kernels as the host reference
+//! (`engine::fqt` of the `mcutrain` crate) with the same quantization parameters, so after
+//! the same samples in the same order both hold the same bits. Per sample: the forward and the backward run with the
 //! range trackers fixed at the start of the batch; the logits error is quantized with its
 //! own range, which also fixes the sample's error unit (see [`error_unit`]); update steps run
 //! during the last sample of a batch (right after their gradient when the plan is
