@@ -6,7 +6,9 @@
 mod common;
 use common::random_arch;
 use mcutrain::compile::plan_file::{self, AlignedBytes};
-use mcutrain::compile::{compile, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
+use mcutrain::compile::{
+    compile, scheme, LayerUpdate, PlanOptions, Precision, StepOp, TrainingPlan,
+};
 use mcutrain::data::{fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
 use mcutrain::engine::fqt::{FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
 use mcutrain::engine::UpdateScheme;
@@ -171,15 +173,16 @@ fn assert_same_bits(expected: &Model, actual: &Model, what: &str) {
     }
 }
 
-/// Planned and reference execution agree, and training changed something.
-fn check_equal_runs(
+/// Planned and reference execution agree bit for bit (losses, parameters, trackers); returns
+/// the trained reference model.
+fn assert_runs_agree(
     model: &Model,
     cfg: &FqtConfig,
     data: &Dataset,
     order: &[usize],
     reorder: bool,
     what: &str,
-) {
+) -> Model {
     let (expected, expected_losses) = reference_run(model, cfg, data, order);
     let (actual, actual_losses) = planned_run(model, cfg, data, order, reorder);
     let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
@@ -189,6 +192,19 @@ fn check_equal_runs(
         "{what}: losses"
     );
     assert_same_bits(&expected, &actual, what);
+    expected
+}
+
+/// Planned and reference execution agree, and training changed something.
+fn check_equal_runs(
+    model: &Model,
+    cfg: &FqtConfig,
+    data: &Dataset,
+    order: &[usize],
+    reorder: bool,
+    what: &str,
+) {
+    let expected = assert_runs_agree(model, cfg, data, order, reorder, what);
     assert_ne!(
         expected.params, model.params,
         "{what}: training changed nothing"
@@ -221,11 +237,40 @@ proptest! {
         };
         let cfg = fqt_config(scheme, batch, partial);
         let order: Vec<usize> = (0..8).chain(0..4).collect();
-        let (expected, expected_losses) = reference_run(&model, &cfg, &data, &order);
-        let (actual, actual_losses) = planned_run(&model, &cfg, &data, &order, reorder);
-        let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
-        prop_assert_eq!(bits(&expected_losses), bits(&actual_losses));
-        assert_same_bits(&expected, &actual, &format!("{scheme} batch {batch} partial {partial}"));
+        let what = format!("{scheme} batch {batch} partial {partial}");
+        assert_runs_agree(&model, &cfg, &data, &order, reorder, &what);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// MobileNetV2-style nets whose frozen blocks run as row-streamed chains and whose trained
+    /// blocks keep clamp masks: planned execution still equals the reference bit for bit.
+    #[test]
+    fn streamed_mobilenets_train_bit_for_bit(
+        c in 1usize..4, h in 4usize..12, w in 4usize..12,
+        blocks in proptest::collection::vec((1usize..5, 1usize..7, any::<bool>()), 2..5),
+        classes in 2usize..4,
+        bias_only in any::<bool>(),
+        k in 1usize..3,
+        batch in 1usize..3,
+        partial in any::<bool>(),
+        reorder in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let arch = common::random_mobilenet([c, h, w], &blocks, classes);
+        let data = random_data(&arch, 6, seed);
+        let model = int8_model(&arch, &data, seed);
+        let scheme = if bias_only { UpdateScheme::BiasOnly(k) } else { UpdateScheme::LastLayers(k) };
+        let cfg = fqt_config(scheme, batch, partial);
+        let (plan, _) = plan_bytes(&model, &cfg, reorder);
+        let has = |op: StepOp| plan.steps.iter().any(|s| s.op == op);
+        prop_assert!(has(StepOp::StreamedForward), "the stem and first block stream");
+        prop_assert!(has(StepOp::ClampMask));
+        let order: Vec<usize> = (0..6).chain(0..6).collect();
+        let what = format!("{scheme} batch {batch} partial {partial}");
+        assert_runs_agree(&model, &cfg, &data, &order, reorder, &what);
     }
 }
 
@@ -427,6 +472,25 @@ fn steps_write_only_their_planned_outputs() {
     let data = random_data(&arch, 4, 7);
     let model = int8_model(&arch, &data, 7);
     check_writes_stay_planned(&model, &fqt_config(UpdateScheme::All, 1, true), &data, 3);
+    // Row-streamed forward steps write only their output and their row windows.
+    let (model, data, _) = streamed_small_plan();
+    check_writes_stay_planned(
+        &model,
+        &fqt_config(UpdateScheme::LastLayers(2), 1, false),
+        &data,
+        3,
+    );
+}
+
+/// A small plan file with a row-streamed forward and clamp masks, and its model.
+fn streamed_small_plan() -> (Model, Dataset, Vec<u8>) {
+    let arch = common::random_mobilenet([1, 6, 5], &[(2, 3, false), (1, 3, true)], 3);
+    let data = random_data(&arch, 4, 13);
+    let model = int8_model(&arch, &data, 13);
+    let cfg = fqt_config(UpdateScheme::LastLayers(2), 2, true);
+    let (plan, bytes) = plan_bytes(&model, &cfg, true);
+    assert!(plan.steps.iter().any(|s| s.op == StepOp::StreamedForward));
+    (model, data, bytes.as_slice().to_vec())
 }
 
 /// A small plan file and the model it was written for.
@@ -485,34 +549,39 @@ fn reseal(bytes: &mut [u8]) {
 
 #[test]
 fn truncated_and_bit_flipped_plans_are_errors() {
-    let (_, data, bytes) = small_plan();
-    assert!(parse_and_run(&bytes, &data, true).is_ok());
+    for (_, data, bytes) in [small_plan(), streamed_small_plan()] {
+        check_truncations_and_bit_flips(&bytes, &data);
+    }
+}
+
+fn check_truncations_and_bit_flips(bytes: &[u8], data: &Dataset) {
+    assert!(parse_and_run(bytes, data, true).is_ok());
     for len in 0..bytes.len() {
         assert!(
-            parse_and_run(&bytes[..len], &data, true).is_err(),
+            parse_and_run(&bytes[..len], data, true).is_err(),
             "prefix of {len} bytes accepted"
         );
     }
     for byte in 0..bytes.len() {
         for bit in 0..8 {
-            let mut flipped = bytes.clone();
+            let mut flipped = bytes.to_vec();
             flipped[byte] ^= 1 << bit;
             assert!(
-                parse_and_run(&flipped, &data, true).is_err(),
+                parse_and_run(&flipped, data, true).is_err(),
                 "flip of bit {bit} of byte {byte} accepted"
             );
         }
     }
-    let mut future = bytes.clone();
+    let mut future = bytes.to_vec();
     future[4] = 2;
     reseal(&mut future);
     assert_eq!(
-        parse_and_run(&future, &data, true),
+        parse_and_run(&future, data, true),
         Err(PlanError::UnsupportedVersion(2))
     );
-    let aligned = AlignedBytes::copy_of(&bytes);
+    let aligned = AlignedBytes::copy_of(bytes);
     let mut shifted = vec![0u8; bytes.len() + 1];
-    shifted[1..].copy_from_slice(&bytes);
+    shifted[1..].copy_from_slice(bytes);
     let shifted = AlignedBytes::copy_of(&shifted);
     assert_eq!(
         PlanView::parse(&shifted.as_slice()[1..]).err(),
@@ -521,7 +590,7 @@ fn truncated_and_bit_flipped_plans_are_errors() {
     // Trailing bytes after the file (a flash partition) are fine.
     let mut padded = aligned.as_slice().to_vec();
     padded.extend([0xFF; 8]);
-    assert!(parse_and_run(&padded, &data, true).is_ok());
+    assert!(parse_and_run(&padded, data, true).is_ok());
 }
 
 /// Byte positions of a plan file's structure: everything after the checksum except the
@@ -569,6 +638,17 @@ proptest! {
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..3),
     ) {
         let (_, data, bytes) = small_plan_cached();
+        let corrupt = corrupt(bytes, &structural_positions(bytes), &edits);
+        let _ = parse_and_run(&corrupt, data, true);
+    }
+
+    /// The same for a plan with a row-streamed forward and clamp masks.
+    #[test]
+    fn resealed_structure_corruptions_of_streamed_plans_never_panic(
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..3),
+    ) {
+        static PLAN: std::sync::OnceLock<(Model, Dataset, Vec<u8>)> = std::sync::OnceLock::new();
+        let (_, data, bytes) = PLAN.get_or_init(streamed_small_plan);
         let corrupt = corrupt(bytes, &structural_positions(bytes), &edits);
         let _ = parse_and_run(&corrupt, data, true);
     }

@@ -17,6 +17,7 @@ pub mod conv2d;
 pub mod linear;
 pub mod loss;
 pub mod pool;
+pub mod stream;
 
 /// Which output channels (structures) of a layer a backward step works on.
 #[derive(Clone, Copy, Debug)]
@@ -80,6 +81,8 @@ pub enum OpError {
     KernelTooLarge,
     /// A slice has the wrong length for the geometry.
     LengthMismatch,
+    /// Layers do not form a streamed chain (count, batch, or a stage's input shape).
+    BadChain,
 }
 
 impl core::fmt::Display for OpError {
@@ -89,6 +92,7 @@ impl core::fmt::Display for OpError {
             OpError::BadGroups => "channels are not divisible by the number of groups",
             OpError::KernelTooLarge => "the kernel is larger than the padded input",
             OpError::LengthMismatch => "a buffer length does not match the shape",
+            OpError::BadChain => "the layers do not form a streamed chain",
         })
     }
 }

@@ -17,7 +17,8 @@
 //! in planned tensors; frozen parameters are read from the plan bytes.
 //!
 //! Supported: int8 plans, any batch, partial updates on or off, reordered or not, every layer
-//! kind of the model IR. Not supported ([`ExecError::Unsupported`]): training a strict subset
+//! kind of the model IR, row-streamed forward steps over frozen convolutions
+//! ([`crate::ops::stream`]) and activation masks from 1-bit clamp masks. Not supported ([`ExecError::Unsupported`]): training a strict subset
 //! of a layer's weight channels (the standardized update re-codes the whole tensor and needs
 //! the whole gradient; see [`init`]).
 //!
@@ -41,7 +42,7 @@ use super::{
     LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
 };
 use crate::ops::conv2d::{self, QLayerParams};
-use crate::ops::{activation, add, linear, loss, pool, ChannelSet};
+use crate::ops::{activation, add, linear, loss, pool, stream, ChannelSet};
 use crate::quant::{QParams, RangeEma, RealRange};
 use crate::update::{self, FqtUpdateConfig};
 
@@ -586,6 +587,8 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
                 codes_mut(region_mut(tensors, input)?).copy_from_slice(self.sample);
             }
             StepOp::Forward => self.forward(step, tensors, state)?,
+            StepOp::StreamedForward => self.streamed_forward(step, tensors, state)?,
+            StepOp::ClampMask => self.clamp_mask(step, tensors, state)?,
             StepOp::Loss => self.loss(step, tensors, state)?,
             StepOp::ActivationMask => self.mask(step, tensors, state)?,
             StepOp::InputError => self.input_error(step, tensors, state)?,
@@ -688,6 +691,84 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         Some(())
     }
 
+    /// Row-streamed forward of the frozen convolutions `first..=last` of the step
+    /// ([`stream::forward_q`], windows in the step's scratch); records every stage's output
+    /// range when training, as the layer-by-layer forward does.
+    fn streamed_forward(
+        &self,
+        step: &StepRecord,
+        tensors: &mut [u8],
+        state: &mut [u8],
+    ) -> Option<()> {
+        let view = self.view;
+        let first = step.layer as usize;
+        let (last, window_bytes) = view.streamed_chain(step)?;
+        let count = last - first + 1;
+        let mut weight_q = [[QParams::from_range(0.0, 0.0)]; stream::MAX_STAGES];
+        for (j, q) in weight_q.iter_mut().enumerate().take(count) {
+            *q = [view.layer(first + j)?.weight_q];
+        }
+        let mut stages: [Option<stream::Stage>; stream::MAX_STAGES] = [None; stream::MAX_STAGES];
+        for (j, slot) in stages.iter_mut().enumerate().take(count) {
+            let i = first + j;
+            let layer = view.layer(i)?;
+            let Geometry::Conv(geom) = view.geometry(i)? else {
+                return None;
+            };
+            // Validation keeps the chain's parameters in flash.
+            let weight = view.flash(&view.tensor(layer.weight_tensor)?, geom.weight_len())?;
+            let bias = view.flash(&view.tensor(layer.bias_tensor)?, geom.out_channels * 4)?;
+            *slot = Some(stream::Stage {
+                geom,
+                weight: codes(weight),
+                bias: words::<i32>(bias)?,
+                q: QLayerParams {
+                    input: self.activation_q(state, i)?,
+                    weight: &weight_q[j],
+                    bias_scale: layer.bias_scale,
+                    output: self.activation_q(state, i + 1)?,
+                    activation: layer.activation,
+                },
+            });
+        }
+        let head = stages[0]?;
+        let stages: [stream::Stage; stream::MAX_STAGES] =
+            core::array::from_fn(|j| stages[j].unwrap_or(head));
+        let x = arena_span(&view.tensor(step.reads[0])?, view.numel(first)?).ok()?;
+        let y = arena_span(&view.tensor(step.writes[0])?, view.numel(last + 1)?).ok()?;
+        let windows = arena_span(&view.tensor(step.scratch)?, window_bytes).ok()?;
+        let [x, y, windows] = split_disjoint(tensors, [x, y, windows])?;
+        let mut ranges = [RealRange::EMPTY; stream::MAX_STAGES];
+        stream::forward_q(
+            &stages[..count],
+            codes(x),
+            codes_mut(y),
+            codes_mut(windows),
+            &mut ranges[..count],
+        );
+        if self.mode != Mode::Infer {
+            for (j, range) in ranges.iter().enumerate().take(count) {
+                merge_seen(state, first + j + 1, Track::Activation, *range)?;
+            }
+        }
+        Some(())
+    }
+
+    /// The clamp mask of layer `i`'s output, which its activation mask step reads.
+    fn clamp_mask(&self, step: &StepRecord, tensors: &mut [u8], state: &mut [u8]) -> Option<()> {
+        let view = self.view;
+        let i = step.layer as usize;
+        let layer = view.layer(i)?;
+        let len = view.numel(i + 1)?;
+        let output = arena_span(&view.tensor(step.reads[0])?, len).ok()?;
+        let bits = activation::clamp_mask_bytes(len);
+        let mask = arena_span(&view.tensor(step.writes[0])?, bits).ok()?;
+        let [output, mask] = split_disjoint(tensors, [output, mask])?;
+        let output_q = self.activation_q(state, i + 1)?;
+        activation::clamp_mask_q(layer.activation, codes(output), output_q, mask);
+        Some(())
+    }
+
     /// Softmax cross-entropy: a first pass finds the loss gradient's range, which fixes the
     /// sample's error unit and the logits error's quantization `from_range(min, max)`; the
     /// second pass writes the error with it.
@@ -721,7 +802,14 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let len = view.numel(i + 1)?;
         let error = view.tensor(step.reads[1])?;
         let error_q = self.error_q(state, &error)?;
-        let output = arena_span(&view.tensor(step.reads[0])?, len).ok()?;
+        let output = view.tensor(step.reads[0])?;
+        let from_bits = output.role == TensorRole::ClampMask;
+        let output_len = if from_bits {
+            activation::clamp_mask_bytes(len)
+        } else {
+            len
+        };
+        let output = arena_span(&output, output_len).ok()?;
         let masked = arena_span(&view.tensor(step.writes[0])?, len).ok()?;
         if step.writes[0] != step.reads[1] {
             let source = arena_span(&error, len).ok()?;
@@ -729,14 +817,18 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
             to.copy_from_slice(from);
         }
         let [output, masked] = split_disjoint(tensors, [output, masked])?;
-        let output_q = self.activation_q(state, i + 1)?;
-        activation::backward_mask_q(
-            layer.activation,
-            codes(output),
-            output_q,
-            codes_mut(masked),
-            error_q,
-        );
+        if from_bits {
+            activation::backward_mask_bits_q(output, codes_mut(masked), error_q);
+        } else {
+            let output_q = self.activation_q(state, i + 1)?;
+            activation::backward_mask_q(
+                layer.activation,
+                codes(output),
+                output_q,
+                codes_mut(masked),
+                error_q,
+            );
+        }
         match view.header().config.partial {
             Some(partial) if layer.trains() => {
                 self.select_channels(&layer, i, codes(masked), error_q, partial, state)

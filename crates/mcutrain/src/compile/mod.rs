@@ -122,10 +122,16 @@ pub enum TensorRole {
         /// Layer index.
         layer: usize,
     },
-    /// Kernel scratch of one step.
+    /// Kernel scratch of one step (the row windows of a [`StepOp::StreamedForward`]).
     Scratch {
         /// Step index.
         step: usize,
+    },
+    /// The clamp mask of an activation (one bit per element), kept for the backward pass
+    /// instead of the activation when only the activation mask reads it.
+    ClampMask {
+        /// Model tensor index.
+        tensor: usize,
     },
 }
 
@@ -227,6 +233,13 @@ pub enum StepOp {
     WeightUpdate,
     /// Bias update from the gradient (runs after the last sample of a batch).
     BiasUpdate,
+    /// Forward of a chain of frozen convolutions, from the step's layer to the layer whose
+    /// output it writes, computed a few rows at a time: the intermediate activations exist
+    /// only as row windows in the step's scratch (`mcutrain_core::ops::stream`).
+    StreamedForward,
+    /// The 1-bit clamp mask of the layer's output, which its activation mask step reads
+    /// instead of the output.
+    ClampMask,
 }
 
 impl StepOp {
@@ -243,12 +256,21 @@ impl StepOp {
             StepOp::BiasGrad => "bias gradient",
             StepOp::WeightUpdate => "weight update",
             StepOp::BiasUpdate => "bias update",
+            StepOp::StreamedForward => "row-streamed forward",
+            StepOp::ClampMask => "clamp mask",
         }
     }
 
     /// True for the steps after the forward pass and the loss.
     pub fn is_backward(self) -> bool {
-        !matches!(self, StepOp::LoadInput | StepOp::Forward | StepOp::Loss)
+        !matches!(
+            self,
+            StepOp::LoadInput
+                | StepOp::Forward
+                | StepOp::StreamedForward
+                | StepOp::ClampMask
+                | StepOp::Loss
+        )
     }
 }
 

@@ -388,6 +388,7 @@ fn role_of(role: TensorRole) -> (file::TensorRole, usize) {
         TensorRole::BiasGrad { layer } => (file::TensorRole::BiasGrad, layer),
         TensorRole::OptimizerState { layer } => (file::TensorRole::OptimizerState, layer),
         TensorRole::Scratch { step } => (file::TensorRole::Scratch, step),
+        TensorRole::ClampMask { tensor } => (file::TensorRole::ClampMask, tensor),
     }
 }
 
@@ -404,6 +405,8 @@ fn op_of(op: StepOp) -> file::StepOp {
         StepOp::BiasGrad => file::StepOp::BiasGrad,
         StepOp::WeightUpdate => file::StepOp::WeightUpdate,
         StepOp::BiasUpdate => file::StepOp::BiasUpdate,
+        StepOp::StreamedForward => file::StepOp::StreamedForward,
+        StepOp::ClampMask => file::StepOp::ClampMask,
     }
 }
 
