@@ -69,6 +69,48 @@ impl Iterator for ChannelIter<'_> {
     }
 }
 
+/// A weight tensor `[structures][structure_len]` held in two parts: the first structures in
+/// `head`, the others in `tail`. When only some output channels of a layer train, the trained
+/// ones live in SRAM and the frozen ones stay in flash; a whole tensor is `head` alone.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightParts<'a, X> {
+    /// The first structures.
+    pub head: &'a [X],
+    /// The remaining structures.
+    pub tail: &'a [X],
+}
+
+impl<'a, X> WeightParts<'a, X> {
+    /// One slice holding every structure.
+    pub fn whole(weight: &'a [X]) -> Self {
+        WeightParts {
+            head: weight,
+            tail: &[],
+        }
+    }
+
+    /// Weights in both parts.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// True without weights.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Structure `s` of `structure_len` weights (a structure lies in one part, since `head`
+    /// holds whole structures).
+    #[inline(always)]
+    pub fn structure(&self, s: usize, structure_len: usize) -> &'a [X] {
+        let start = s * structure_len;
+        match start.checked_sub(self.head.len()) {
+            None => &self.head[start..start + structure_len],
+            Some(at) => &self.tail[at..at + structure_len],
+        }
+    }
+}
+
 /// Why an operator geometry is unusable. Small and non-exhaustive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

@@ -339,6 +339,18 @@ impl<'a> PlanView<'a> {
         self.bytes.get(start..start.checked_add(len)?)
     }
 
+    /// Bytes of a parameter tensor's flash contents: its size, except for the weights of a
+    /// layer that trains a strict subset of its output channels, whose arena tensor holds the
+    /// trained channels and whose flash contents the whole weight tensor (the frozen channels
+    /// are read there). `None` when the tensor's layer is invalid.
+    pub fn flash_bytes(&self, tensor: &TensorRecord) -> Option<usize> {
+        if tensor.role != TensorRole::Weight {
+            return Some(tensor.bytes as usize);
+        }
+        let (channels, structure) = self.geometry(tensor.index as usize)?.params()?;
+        channels.checked_mul(structure)
+    }
+
     /// Elements of one sample of model tensor `t`.
     pub fn numel(&self, t: usize) -> Option<usize> {
         self.model_tensor(t)?.numel()
@@ -612,6 +624,8 @@ impl<'a> PlanView<'a> {
         let (channels, structure) = (channels as u64, structure as u64);
         let trained = layer.weight_channels as u64;
         let bytes = match role {
+            // The trained channels only, when a strict subset trains (see `flash_bytes`).
+            TensorRole::Weight if trained > 0 && trained < channels => trained * structure,
             TensorRole::Weight => channels * structure,
             TensorRole::Bias => channels * 4,
             TensorRole::WeightGrad if trained > 0 => trained * structure * 4,
@@ -646,7 +660,7 @@ impl<'a> PlanView<'a> {
             Some(offset) => {
                 in_flash
                     && offset.is_multiple_of(4)
-                    && self.flash(&tensor, tensor.bytes as usize).is_some()
+                    && self.flash(&tensor, self.flash_bytes(&tensor)?).is_some()
             }
             None => !in_flash,
         };

@@ -12,7 +12,9 @@
 //! - the weight gradient (reads the layer's INPUT) and, with reordering, the weight update.
 //!
 //! Pruning: nothing below the lowest trained layer runs backward; frozen parameters get no
-//! gradient and stay in flash; an activation is kept after the forward only when a backward
+//! gradient and stay in flash (in int8 plans, so do the frozen channels of a layer that trains
+//! a strict subset of its weight channels: the int8 executor updates those channels under the
+//! layer's fixed quantization, so the others never change); an activation is kept after the forward only when a backward
 //! step reads it (a bias-only layer keeps no input activation). Errors of a tensor read by two
 //! layers are summed out of place ([`StepOp::AccumulateError`]); an add passes its output error
 //! to both inputs without a copy, a flatten passes it through.
@@ -390,11 +392,16 @@ impl Compiler<'_> {
         } else {
             Placement::Arena { offset: 0 }
         };
+        let flash_bytes = match role {
+            TensorRole::Weight { .. } | TensorRole::Bias { .. } => bytes,
+            _ => 0,
+        };
         self.tensors.push(PlanTensor {
             role,
             category,
             layer,
             bytes,
+            flash_bytes,
             persistent,
             placement,
         });
@@ -574,12 +581,22 @@ impl Compiler<'_> {
             }
         };
         let precision = self.options.precision;
+        let weight_bytes = weight_len * precision.element_bytes();
+        // int8 layers that train a strict subset of their channels keep only those in SRAM
+        // (they update under a fixed quantization; see the module documentation).
+        let subset = update.weight_channels > 0 && update.weight_channels < out_channels;
+        let sram_bytes = if subset && precision == Precision::Int8 {
+            weight_bytes / out_channels * update.weight_channels
+        } else {
+            weight_bytes
+        };
         let weight = self.tensor(
             TensorRole::Weight { layer: i },
             category(update.weight_channels > 0),
             Some(i),
-            weight_len * precision.element_bytes(),
+            sram_bytes,
         );
+        self.tensors[weight].flash_bytes = weight_bytes;
         let bias = self.tensor(
             TensorRole::Bias { layer: i },
             category(update.bias),

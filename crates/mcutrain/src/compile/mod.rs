@@ -200,8 +200,13 @@ pub struct PlanTensor {
     pub category: Category,
     /// Layer it belongs to (`None`: the model input and its error).
     pub layer: Option<usize>,
-    /// Exact size in bytes.
+    /// Exact size in bytes (in the arena, or in flash for a frozen parameter).
     pub bytes: usize,
+    /// Bytes of its contents in flash: a frozen parameter, or the initial value of a trained
+    /// one, which for an int8 layer that trains a strict subset of its weight channels is the
+    /// whole weight tensor while only the trained channels (`bytes`) are in the arena; 0 for
+    /// tensors that are not parameters.
+    pub flash_bytes: usize,
     /// Kept across samples and batches (trained parameters, optimizer state, and gradient
     /// accumulators at batch > 1): live over the whole plan.
     pub persistent: bool,
@@ -315,10 +320,6 @@ impl TrainingPlan {
     /// Bytes read from flash: frozen weights and biases, plus the initial values of the
     /// trained ones (copied to SRAM at start). Code size is not included.
     pub fn flash_bytes(&self) -> usize {
-        self.tensors
-            .iter()
-            .filter(|t| matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. }))
-            .map(|t| t.bytes)
-            .sum()
+        self.tensors.iter().map(|t| t.flash_bytes).sum()
     }
 }

@@ -471,12 +471,13 @@ pub fn trained_model(view: &PlanView, arena: &[u8], base: &Model) -> Result<Mode
         }
         let params = exec::layer_params(view, arena, i)
             .ok_or_else(|| PlanFileError::Read(format!("layer {i}'s parameters")))?;
-        if params.weight.len() != layer.weight.len() || params.bias.len() != layer.bias.len() {
+        let weight_len = params.weight.len() + params.frozen_weight.len();
+        if weight_len != layer.weight.len() || params.bias.len() != layer.bias.len() {
             return Err(PlanFileError::Mismatch(format!(
                 "layer {i} has other parameter sizes in the plan"
             )));
         }
-        layer.weight = params.weight.to_vec();
+        layer.weight = [params.weight, params.frozen_weight].concat();
         layer.weight_q = vec![params.weight_q];
         layer.weight_range = params.weight_range;
         layer.bias = params.bias.to_vec();

@@ -160,14 +160,14 @@ impl MemoryReport {
             .map(|t| (describe(arch, plan, t), aligned(t.bytes)))
             .collect();
         contributors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let param_bytes = |category: Category| -> usize {
-            plan.tensors
-                .iter()
-                .filter(|t| matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. }))
-                .filter(|t| t.category == category)
-                .map(|t| t.bytes)
-                .sum()
-        };
+        // Flash bytes of trained parameters beyond their SRAM copy are frozen channels.
+        let trained_bytes: usize = plan
+            .tensors
+            .iter()
+            .filter(|t| t.category == Category::TrainedWeight)
+            .map(|t| t.bytes)
+            .sum();
+        let flash_frozen_bytes = plan.flash_bytes() - trained_bytes;
         let peak_step_name = step_name(arch, plan, peak_step);
         let element = plan.precision.element_bytes();
         let shapes = arch.shapes().unwrap_or_default();
@@ -217,8 +217,8 @@ impl MemoryReport {
             contributors,
             streamed,
             clamp_masks,
-            flash_frozen_bytes: param_bytes(Category::FrozenWeight),
-            flash_trained_bytes: param_bytes(Category::TrainedWeight),
+            flash_frozen_bytes,
+            flash_trained_bytes: trained_bytes,
             precision: plan.precision.name(),
             batch: plan.batch,
             reorder: plan.reorder,

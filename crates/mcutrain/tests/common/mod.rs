@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+use mcutrain::compile::{scheme, LayerUpdate};
 use mcutrain::model::{Architecture, Layer, LayerKind, ModelError};
 use mcutrain_core::ops::activation::Activation;
 
@@ -171,4 +172,26 @@ pub fn random_mobilenet(input: [usize; 3], blocks: &[BlockChoice], classes: usiz
     };
     arch.shapes().expect("a valid random mobilenet");
     arch
+}
+
+/// A random per-layer scheme (`None`: frozen, else eighths of the channels and bias) that
+/// trains at least the classifier's bias.
+pub fn random_updates(arch: &Architecture, picks: &[(u8, bool)]) -> Vec<LayerUpdate> {
+    let text: Vec<String> = arch
+        .layers
+        .iter()
+        .zip(picks.iter().cycle())
+        .filter(|(l, _)| l.kind.has_params())
+        .filter_map(|(l, &(ratio, bias))| {
+            let weight = ["0", "1/8", "1/4", "1/2", "1", "0", "0"][ratio as usize % 7];
+            let bias = bias || l.name == "classifier";
+            (weight != "0" || bias).then(|| {
+                format!(
+                    r#"{{"layer": "{}", "weight": "{weight}", "bias": {bias}}}"#,
+                    l.name
+                )
+            })
+        })
+        .collect();
+    scheme::from_json(arch, &format!("[{}]", text.join(",")), "random").expect("a valid scheme")
 }
