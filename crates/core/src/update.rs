@@ -129,7 +129,37 @@ struct StandardizedStep<'a> {
     eps: f32,
 }
 
-impl StandardizedStep<'_> {
+impl<'a> StandardizedStep<'a> {
+    /// Fold each selected structure's gradient into its statistics (`cfg.stats_rate`), then
+    /// the step from the weights in `old_q`.
+    fn observe(
+        old_q: QParams,
+        weights: &[i8],
+        grads: &[f32],
+        structure_len: usize,
+        channels: ChannelSet<'a>,
+        stats: &'a mut [GradStats],
+        cfg: &FqtUpdateConfig,
+    ) -> Self {
+        debug_assert!(structure_len > 0);
+        debug_assert_eq!(weights.len(), stats.len() * structure_len);
+        debug_assert_eq!(grads.len(), weights.len());
+        for c in channels.iter(stats.len()) {
+            stats[c].observe(
+                &grads[c * structure_len..(c + 1) * structure_len],
+                cfg.stats_rate,
+            );
+        }
+        StandardizedStep {
+            old_q,
+            structure_len,
+            channels,
+            stats,
+            lr: cfg.lr,
+            eps: cfg.eps,
+        }
+    }
+
     /// Calls `visit(code, new_real, updated)` for every weight: `new_real = s_w (w - z_w) - lr
     /// (g - mu) / sigma` in the selected structures (`updated`), `s_w (w - z_w)` in the others.
     fn for_each_new_real(
@@ -189,23 +219,7 @@ pub fn fqt_update_weights(
     stats: &mut [GradStats],
     cfg: &FqtUpdateConfig,
 ) {
-    debug_assert!(structure_len > 0);
-    debug_assert_eq!(weights.len(), stats.len() * structure_len);
-    debug_assert_eq!(grads.len(), weights.len());
-    for c in channels.iter(stats.len()) {
-        stats[c].observe(
-            &grads[c * structure_len..(c + 1) * structure_len],
-            cfg.stats_rate,
-        );
-    }
-    let step = StandardizedStep {
-        old_q: *w_q,
-        structure_len,
-        channels,
-        stats,
-        lr: cfg.lr,
-        eps: cfg.eps,
-    };
+    let step = StandardizedStep::observe(*w_q, weights, grads, structure_len, channels, stats, cfg);
     let mut range = RealRange::EMPTY;
     step.for_each_new_real(weights, grads, |_, real, _| range.include(real));
     w_range.observe(range, cfg.range_rate);
@@ -220,6 +234,35 @@ pub fn fqt_update_weights(
         index = index.wrapping_add(1);
     });
     *w_q = new_q;
+}
+
+/// The standardized step of [`fqt_update_weights`] under a fixed weight quantization `w_q`
+/// (the 256KB paper's rule: trained weights stay on the deployed int8 grid). For `c` in
+/// `channels`, `stats[c]` folds in the structure's gradient, then each of its weights becomes
+/// `dithered_quantize(w_q, (w - z_w) * s_w - lr * (g - mu_c) / sigma_c)`; the other structures
+/// keep their codes, and neither `w_q` nor a range tracker changes.
+///
+/// Since nothing outside the selected structures changes, `weights` may be the first
+/// structures of a layer only: a layer that trains a subset of its output channels keeps those
+/// in SRAM and the others in flash. Dithering indices count weights from the first structure,
+/// as in [`fqt_update_weights`]. Scratch: none.
+pub fn fqt_update_weights_fixed(
+    weights: &mut [i8],
+    w_q: QParams,
+    grads: &[f32],
+    structure_len: usize,
+    channels: ChannelSet<'_>,
+    stats: &mut [GradStats],
+    cfg: &FqtUpdateConfig,
+) {
+    let step = StandardizedStep::observe(w_q, weights, grads, structure_len, channels, stats, cfg);
+    let mut index = 0u32;
+    step.for_each_new_real(weights, grads, |w, real, updated| {
+        if updated {
+            *w = dithered_quantize(w_q, real, index);
+        }
+        index = index.wrapping_add(1);
+    });
 }
 
 /// Unbiased ("stochastic") rounding without random state:
@@ -403,6 +446,41 @@ mod tests {
             (p[0] - 0.9354).abs() < 1e-6 && (p[1] + 2.0108).abs() < 1e-6,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn fixed_quantization_update_moves_only_the_selected_structures() {
+        let q = QParams {
+            scale: 0.1,
+            zero_point: 3,
+        };
+        let cfg = FqtUpdateConfig {
+            lr: 0.25,
+            stats_rate: 0.5,
+            range_rate: 0.001,
+            eps: 1e-12,
+        };
+        // Two structures of two weights; the first has a constant gradient (sigma = 0 would
+        // divide by sqrt(eps), so give it a spread).
+        let mut weights = [13i8, 3, -7, 40];
+        let grads = [1.0f32, -1.0, 5.0, 5.0];
+        let mut stats = [GradStats::new(); 2];
+        fqt_update_weights_fixed(
+            &mut weights,
+            q,
+            &grads,
+            2,
+            ChannelSet::Subset(&[0]),
+            &mut stats,
+            &cfg,
+        );
+        // Structure 0: mean 0, var 1, step 0.25: reals 1.0 - 0.25 = 0.75 and 0.0 + 0.25.
+        // Codes floor(r / 0.1 + u) + 3 with u in [0, 1): 10 or 11, and 5 or 6.
+        assert!((10..=11).contains(&weights[0]), "{weights:?}");
+        assert!((5..=6).contains(&weights[1]), "{weights:?}");
+        assert_eq!(&weights[2..], &[-7, 40], "unselected structure unchanged");
+        assert!(stats[0].initialized && !stats[1].initialized);
+        assert_eq!((stats[0].mean, stats[0].var), (0.0, 1.0));
     }
 
     #[test]

@@ -10,14 +10,16 @@ use mcutrain::compile::{
     TrainingPlan,
 };
 use mcutrain::engine::UpdateScheme;
-use mcutrain::model::{zoo, Architecture};
+use mcutrain::model::{zoo, Architecture, LayerKind};
 use proptest::prelude::*;
 use std::process::Command;
 
 /// Recomputes every arena tensor's live steps from the step list alone (not with the
 /// compiler's liveness code) and checks: offsets aligned and inside the arena, no two tensors
-/// live at a common step share a byte, every read tensor was written before (or is a
-/// parameter or persistent), and the plan's lower bound is the true maximum of live bytes.
+/// live at a common step share a byte (so a step's writes, in place or into a reused region,
+/// only ever overwrite bytes of tensors that are dead), every read tensor was written before
+/// (or is a parameter or persistent), and the plan's lower bound is the true maximum of live
+/// bytes.
 fn check_liveness(plan: &TrainingPlan) {
     let steps = plan.steps.len();
     let mut first = vec![usize::MAX; plan.tensors.len()];
@@ -52,7 +54,8 @@ fn check_liveness(plan: &TrainingPlan) {
             written[w] = true;
         }
     }
-    let mut live: Vec<(usize, usize, usize, usize)> = Vec::new(); // (first, last, offset, size)
+    // (first, last, offset, size, id)
+    let mut live: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
     for (id, t) in plan.tensors.iter().enumerate() {
         let Placement::Arena { offset } = t.placement else {
             assert_eq!(t.category, Category::FrozenWeight, "tensor {id} in flash");
@@ -74,7 +77,7 @@ fn check_liveness(plan: &TrainingPlan) {
             offset + size <= plan.arena_bytes,
             "tensor {id} beyond the arena"
         );
-        live.push((span.0, span.1, offset, size));
+        live.push((span.0, span.1, offset, size, id));
     }
     for (i, a) in live.iter().enumerate() {
         for b in &live[i + 1..] {
@@ -84,6 +87,22 @@ fn check_liveness(plan: &TrainingPlan) {
                 !(same_time && same_bytes),
                 "live tensors overlap: {a:?} {b:?}"
             );
+        }
+    }
+    // Every byte a step writes belongs to the written tensor alone at that step.
+    for (s, step) in plan.steps.iter().enumerate() {
+        for &w in step.writes.iter().chain(step.scratch.iter()) {
+            let Some(target) = live.iter().find(|t| t.4 == w) else {
+                continue;
+            };
+            for other in live.iter().filter(|t| t.4 != w && t.0 <= s && s <= t.1) {
+                let same_bytes = target.2 < other.2 + other.3 && other.2 < target.2 + target.3;
+                assert!(
+                    !same_bytes,
+                    "step {s} ({:?}) writes tensor {w} over live tensor {}",
+                    step.op, other.4
+                );
+            }
         }
     }
     let bound = (0..steps)
@@ -150,6 +169,16 @@ fn check_pruning(plan: &TrainingPlan) {
                 assert_eq!(read_backward, t.category == Category::SavedActivation);
             }
             TensorRole::Scratch { .. } => {}
+            TensorRole::ClampMask { .. } => {
+                assert_eq!(t.category, Category::SavedActivation);
+                let readers: Vec<&mcutrain::compile::Step> = plan
+                    .steps
+                    .iter()
+                    .filter(|s| s.reads.contains(&id))
+                    .collect();
+                assert_eq!(readers.len(), 1, "clamp mask {id} read once");
+                assert_eq!(readers[0].op, StepOp::ActivationMask);
+            }
         }
     }
     let weight_grads = plan
@@ -163,6 +192,94 @@ fn check_pruning(plan: &TrainingPlan) {
         .filter(|u| u.weight_channels > 0)
         .count();
     assert_eq!(weight_grads, trained_weights);
+}
+
+/// The memory-saving steps, checked against the architecture (shapes recomputed here):
+/// - a row-streamed forward covers at least two frozen convolutions; none of its intermediate
+///   activations is stored, each has the next convolution as its only consumer, and its
+///   scratch is exactly the stages' row windows `sum in_channels * kernel_h * in_w`;
+/// - a clamp mask is one bit per element of the activation it replaces, written right after
+///   that activation by the layer that produced it, and no backward step reads that activation;
+/// - int8 plans miss no clamp mask (no activation is read in the backward by its activation
+///   mask alone), and float plans use neither step.
+fn check_memory_ops(arch: &Architecture, plan: &TrainingPlan) {
+    let shapes = arch.shapes().unwrap();
+    let stored = |t: usize| {
+        plan.tensors
+            .iter()
+            .any(|x| x.role == TensorRole::Activation { tensor: t })
+    };
+    for (s, step) in plan.steps.iter().enumerate() {
+        match step.op {
+            StepOp::StreamedForward => {
+                assert_eq!(plan.precision, Precision::Int8);
+                let first = step.layer.unwrap();
+                let TensorRole::Activation { tensor: end } = plan.tensors[step.writes[0]].role
+                else {
+                    panic!("a streamed forward writes an activation");
+                };
+                let last = end - 1;
+                assert!(last > first, "a chain of one layer at step {s}");
+                let mut windows = 0;
+                for (j, [channels, _, width]) in shapes.iter().enumerate().take(end).skip(first) {
+                    let LayerKind::Conv2d { kernel, .. } = arch.layers[j].kind else {
+                        panic!("layer {j} in a chain is not a convolution");
+                    };
+                    assert!(!plan.updates[j].any(), "layer {j} in a chain trains");
+                    windows += channels * kernel.0 * width;
+                    if j > first {
+                        assert!(!stored(j), "streamed tensor {j} is stored");
+                        let readers = arch.layers.iter().enumerate().filter(|(i, l)| {
+                            *i == j
+                                || matches!(l.kind, LayerKind::Add { skip_from } if skip_from + 1 == j)
+                        });
+                        assert_eq!(readers.count(), 1, "streamed tensor {j} has other readers");
+                    }
+                }
+                let scratch = step.scratch.expect("a streamed forward has row windows");
+                assert_eq!(plan.tensors[scratch].bytes, windows);
+            }
+            StepOp::ClampMask => {
+                assert_eq!(plan.precision, Precision::Int8);
+                let (output, mask) = (step.reads[0], step.writes[0]);
+                let TensorRole::Activation { tensor } = plan.tensors[output].role else {
+                    panic!("a clamp mask reads an activation");
+                };
+                assert_eq!(plan.tensors[mask].role, TensorRole::ClampMask { tensor });
+                assert_eq!(step.layer, Some(tensor - 1));
+                assert_eq!(
+                    plan.tensors[mask].bytes,
+                    plan.tensors[output].bytes.div_ceil(8)
+                );
+                assert!(
+                    plan.steps[s - 1].writes.contains(&output),
+                    "the clamp mask follows the forward"
+                );
+                assert!(plan
+                    .steps
+                    .iter()
+                    .all(|b| !(b.op.is_backward() && b.reads.contains(&output))));
+            }
+            _ => {}
+        }
+    }
+    for (id, t) in plan.tensors.iter().enumerate() {
+        if !matches!(t.role, TensorRole::Activation { .. }) {
+            continue;
+        }
+        let mut readers = plan
+            .steps
+            .iter()
+            .filter(|s| s.op.is_backward() && s.reads.contains(&id))
+            .peekable();
+        let only_masks =
+            readers.peek().is_some() && readers.all(|s| s.op == StepOp::ActivationMask);
+        assert!(
+            !(only_masks && plan.precision == Precision::Int8),
+            "tensor {id} ({:?}) is kept whole for its activation mask only",
+            t.role
+        );
+    }
 }
 
 /// The report's category and layer sums equal the lower bound.
@@ -197,28 +314,6 @@ fn check_report(arch: &Architecture, plan: &TrainingPlan) {
     assert!(report.forward_bytes <= report.lower_bound_bytes);
 }
 
-/// A random per-layer scheme (`None`: frozen, else eighths of the channels and bias) that
-/// trains at least the classifier's bias.
-fn random_updates(arch: &Architecture, picks: &[(u8, bool)]) -> Vec<LayerUpdate> {
-    let text: Vec<String> = arch
-        .layers
-        .iter()
-        .zip(picks.iter().cycle())
-        .filter(|(l, _)| l.kind.has_params())
-        .filter_map(|(l, &(ratio, bias))| {
-            let weight = ["0", "1/8", "1/4", "1/2", "1", "0", "0"][ratio as usize % 7];
-            let bias = bias || l.name == "classifier";
-            (weight != "0" || bias).then(|| {
-                format!(
-                    r#"{{"layer": "{}", "weight": "{weight}", "bias": {bias}}}"#,
-                    l.name
-                )
-            })
-        })
-        .collect();
-    scheme::from_json(arch, &format!("[{}]", text.join(",")), "random").expect("a valid scheme")
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -239,7 +334,7 @@ proptest! {
             0 => scheme::from_update_scheme(&arch, UpdateScheme::All),
             1 => scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(k)),
             2 => scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(k)),
-            _ => random_updates(&arch, &picks),
+            _ => common::random_updates(&arch, &picks),
         };
         let precision = if int8 { Precision::Int8 } else { Precision::Float32 };
         let mut peaks = Vec::new();
@@ -248,11 +343,43 @@ proptest! {
             let plan = compile(&arch, &updates, &options).expect("compiles");
             check_liveness(&plan);
             check_pruning(&plan);
+            check_memory_ops(&arch, &plan);
             check_report(&arch, &plan);
             peaks.push((plan.arena_bytes, plan.lower_bound_bytes));
         }
         prop_assert!(peaks[0].1 <= peaks[1].1, "reordering raised the lower bound: {peaks:?}");
         prop_assert!(peaks[0].0 <= peaks[1].0, "reordering raised the peak: {peaks:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// MobileNetV2-style nets, where frozen blocks stream and trained blocks keep clamp masks,
+    /// under the independent checks.
+    #[test]
+    fn random_mobilenets_stream_and_plan_without_overlap(
+        c in 1usize..4, h in 4usize..20, w in 4usize..20,
+        blocks in proptest::collection::vec((1usize..5, 1usize..9, any::<bool>()), 1..6),
+        picks in proptest::collection::vec((any::<u8>(), any::<bool>()), 1..8),
+        batch in 1usize..3,
+        uniform in 0u8..3,
+        k in 1usize..5,
+    ) {
+        let arch = common::random_mobilenet([c, h, w], &blocks, 3);
+        let updates = match uniform {
+            0 => scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(k)),
+            1 => scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(k)),
+            _ => common::random_updates(&arch, &picks),
+        };
+        for reorder in [true, false] {
+            let options = PlanOptions { batch, reorder, ..PlanOptions::new(Precision::Int8) };
+            let plan = compile(&arch, &updates, &options).expect("compiles");
+            check_liveness(&plan);
+            check_pruning(&plan);
+            check_memory_ops(&arch, &plan);
+            check_report(&arch, &plan);
+        }
     }
 }
 
@@ -262,6 +389,15 @@ fn mbv2_plan(updates: &[LayerUpdate], reorder: bool) -> TrainingPlan {
         ..PlanOptions::new(Precision::Int8)
     };
     compile(&zoo::mbv2_w035_r128(), updates, &options).expect("compiles")
+}
+
+/// The sparse scheme of `workloads/mbv2-sparse.json`.
+fn mbv2_sparse(arch: &Architecture) -> Vec<LayerUpdate> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json"),
+    )
+    .unwrap();
+    scheme::from_json(arch, &text, "mbv2-sparse.json").unwrap()
 }
 
 fn layer_index(arch: &Architecture, name: &str) -> usize {
@@ -326,7 +462,7 @@ fn frozen_layers_get_no_gradient_and_nothing_runs_below_the_lowest() {
         .tensors
         .iter()
         .filter(|t| t.category == Category::SavedActivation)
-        .all(|t| matches!(t.role, TensorRole::Activation { tensor } if tensor >= lowest)));
+        .all(|t| matches!(t.role, TensorRole::Activation { tensor } | TensorRole::ClampMask { tensor } if tensor >= lowest)));
     check_liveness(&plan);
     check_pruning(&plan);
 }
@@ -375,11 +511,7 @@ fn reordering_frees_gradients_at_batch_one_only() {
 #[test]
 fn channel_ratio_sizes_the_gradient() {
     let arch = zoo::mbv2_w035_r128();
-    let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json"),
-    )
-    .unwrap();
-    let updates = scheme::from_json(&arch, &text, "mbv2-sparse.json").unwrap();
+    let updates = mbv2_sparse(&arch);
     let plan = mbv2_plan(&updates, true);
     let expand = layer_index(&arch, "block17.expand");
     assert_eq!(updates[expand].weight_channels, 336 / 2);
@@ -394,13 +526,59 @@ fn channel_ratio_sizes_the_gradient() {
         .iter()
         .find(|t| t.role == TensorRole::Weight { layer: expand })
         .unwrap();
+    assert_eq!(weights.bytes, 168 * 56, "the trained channels are in SRAM");
     assert_eq!(
-        weights.bytes,
+        weights.flash_bytes,
         336 * 56,
-        "the whole int8 weight tensor is in SRAM"
+        "the whole tensor is in flash"
     );
+    // Float plans keep the whole tensor in SRAM (their executor re-codes nothing, but does not
+    // read a split tensor yet).
+    let options = PlanOptions::new(Precision::Float32);
+    let float = compile(&arch, &updates, &options).unwrap();
+    let float_weights = float
+        .tensors
+        .iter()
+        .find(|t| t.role == TensorRole::Weight { layer: expand })
+        .unwrap();
+    assert_eq!(float_weights.bytes, 336 * 56 * 4);
     check_liveness(&plan);
     check_report(&arch, &plan);
+}
+
+#[test]
+fn mbv2_sparse_streams_its_frozen_blocks_and_masks_its_trained_ones() {
+    let arch = zoo::mbv2_w035_r128();
+    let updates = mbv2_sparse(&arch);
+    let plan = mbv2_plan(&updates, true);
+    check_liveness(&plan);
+    check_memory_ops(&arch, &plan);
+    let report = MemoryReport::new(&arch, &plan);
+    let chains: Vec<&str> = report.streamed.iter().map(|c| c.layers.as_str()).collect();
+    assert_eq!(chains[0], "stem..block2.project");
+    assert_eq!(chains.last(), Some(&"block10.expand..block10.project"));
+    // The 64x64x48 expand output of block2 is never stored.
+    let expand = layer_index(&arch, "block2.expand");
+    assert!(!plan
+        .tensors
+        .iter()
+        .any(|t| t.role == TensorRole::Activation { tensor: expand + 1 }));
+    // block12.depthwise trains its bias only: its output is kept as a clamp mask.
+    let depthwise = layer_index(&arch, "block12.depthwise");
+    let mask = plan
+        .tensors
+        .iter()
+        .find(|t| {
+            t.role
+                == TensorRole::ClampMask {
+                    tensor: depthwise + 1,
+                }
+        })
+        .expect("a clamp mask");
+    assert_eq!(mask.bytes, 192 * 8 * 8 / 8);
+    assert!(report
+        .peak_step_name
+        .starts_with("row-streamed forward of stem"));
 }
 
 #[test]
@@ -477,6 +655,23 @@ fn plan_command_reports_and_refuses() {
     assert!(stdout.contains("saved activations"), "{stdout}");
     assert!(stderr.contains("over the budget of 256.0 KB"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let sparse =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json");
+    let out = mcutrain(&[
+        "plan",
+        "mbv2-w035-r128",
+        "--update",
+        sparse.to_str().unwrap(),
+        "--sram",
+        "4M",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("row-streamed forward, intermediate activations never stored: stem..")
+            && stdout.contains("clamp masks: "),
+        "{stdout}"
+    );
 
     let out = mcutrain(&["plan", "mbv2-w035-r128", "--update", "nonsense.json"]);
     assert_eq!(out.status.code(), Some(2));

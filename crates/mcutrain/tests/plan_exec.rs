@@ -14,7 +14,9 @@ use exec_checks::{
     RandomTraining,
 };
 use mcutrain::compile::plan_file::{self, AlignedBytes};
-use mcutrain::compile::{compile, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
+use mcutrain::compile::{
+    compile, scheme, LayerUpdate, PlanOptions, Precision, StepOp, TrainingPlan,
+};
 use mcutrain::data::Dataset;
 use mcutrain::engine::fqt::{FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
 use mcutrain::engine::UpdateScheme;
@@ -45,15 +47,29 @@ fn fqt_config(scheme: UpdateScheme, batch: usize, partial: bool) -> FqtConfig {
     }
 }
 
+/// What `cfg.scheme` trains per layer of `model`.
+fn scheme_updates(model: &Model, cfg: &FqtConfig) -> Vec<LayerUpdate> {
+    scheme::from_update_scheme(&model.arch, cfg.scheme)
+}
+
 /// A plan file of `model` under `cfg`, copied to aligned storage.
 fn plan_bytes(model: &Model, cfg: &FqtConfig, reorder: bool) -> (TrainingPlan, AlignedBytes) {
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
+    plan_bytes_with(model, &scheme_updates(model, cfg), cfg, reorder)
+}
+
+/// A plan file of `model` training `updates` with the hyper-parameters of `cfg`.
+fn plan_bytes_with(
+    model: &Model,
+    updates: &[LayerUpdate],
+    cfg: &FqtConfig,
+    reorder: bool,
+) -> (TrainingPlan, AlignedBytes) {
     let options = PlanOptions {
         batch: cfg.batch,
         reorder,
         ..PlanOptions::new(Precision::Int8)
     };
-    let plan = compile(&model.arch, &updates, &options).expect("compiles");
+    let plan = compile(&model.arch, updates, &options).expect("compiles");
     let bytes = plan_file::write(&plan, model, &plan_file::train_config(cfg)).expect("writes");
     (plan, AlignedBytes::copy_of(&bytes))
 }
@@ -68,12 +84,14 @@ fn input_codes(view: &PlanView, data: &Dataset, i: usize) -> Vec<i8> {
 /// every batch.
 fn reference_run(
     model: &Model,
+    updates: &[LayerUpdate],
     cfg: &FqtConfig,
     data: &Dataset,
     order: &[usize],
 ) -> (Model, Vec<f64>) {
     let mut model = model.clone();
-    let mut trainer = FqtTrainer::new(&model, cfg.clone()).expect("per-tensor int8 model");
+    let mut trainer =
+        FqtTrainer::with_updates(&model, cfg.clone(), updates).expect("per-tensor int8 model");
     let losses = order
         .chunks(cfg.batch)
         .map(|idx| {
@@ -88,12 +106,13 @@ fn reference_run(
 /// The executor over the same samples; the trained model and the loss of every batch.
 fn planned_run(
     model: &Model,
+    updates: &[LayerUpdate],
     cfg: &FqtConfig,
     data: &Dataset,
     order: &[usize],
     reorder: bool,
 ) -> (Model, Vec<f64>) {
-    let (_, bytes) = plan_bytes(model, cfg, reorder);
+    let (_, bytes) = plan_bytes_with(model, updates, cfg, reorder);
     let view = PlanView::parse(bytes.as_slice()).expect("parses");
     let mut arena = AlignedBytes::zeroed(view.arena_required());
     exec::init(&view, arena.as_mut_slice()).expect("init");
@@ -153,6 +172,29 @@ fn assert_same_bits(expected: &Model, actual: &Model, what: &str) {
     }
 }
 
+/// Planned and reference execution agree bit for bit (losses, parameters, trackers); returns
+/// the trained reference model.
+fn assert_runs_agree(
+    model: &Model,
+    updates: &[LayerUpdate],
+    cfg: &FqtConfig,
+    data: &Dataset,
+    order: &[usize],
+    reorder: bool,
+    what: &str,
+) -> Model {
+    let (expected, expected_losses) = reference_run(model, updates, cfg, data, order);
+    let (actual, actual_losses) = planned_run(model, updates, cfg, data, order, reorder);
+    let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&expected_losses),
+        bits(&actual_losses),
+        "{what}: losses"
+    );
+    assert_same_bits(&expected, &actual, what);
+    expected
+}
+
 /// Planned and reference execution agree, and training changed something.
 fn check_equal_runs(
     model: &Model,
@@ -162,15 +204,8 @@ fn check_equal_runs(
     reorder: bool,
     what: &str,
 ) {
-    let (expected, expected_losses) = reference_run(model, cfg, data, order);
-    let (actual, actual_losses) = planned_run(model, cfg, data, order, reorder);
-    let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
-    assert_eq!(
-        bits(&expected_losses),
-        bits(&actual_losses),
-        "{what}: losses"
-    );
-    assert_same_bits(&expected, &actual, what);
+    let updates = scheme_updates(model, cfg);
+    let expected = assert_runs_agree(model, &updates, cfg, data, order, reorder, what);
     assert_ne!(
         expected.params, model.params,
         "{what}: training changed nothing"
@@ -187,11 +222,42 @@ proptest! {
         let model = int8_model(&t.arch, &data, t.seed);
         let cfg = fqt_config(scheme, batch, partial);
         let order = RandomTraining::ORDER;
-        let (expected, expected_losses) = reference_run(&model, &cfg, &data, &order);
-        let (actual, actual_losses) = planned_run(&model, &cfg, &data, &order, t.reorder);
-        let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
-        prop_assert_eq!(bits(&expected_losses), bits(&actual_losses));
-        assert_same_bits(&expected, &actual, &format!("{scheme} batch {batch} partial {partial}"));
+        let what = format!("{scheme} batch {batch} partial {partial}");
+        let updates = scheme_updates(&model, &cfg);
+        assert_runs_agree(&model, &updates, &cfg, &data, &order, t.reorder, &what);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// MobileNetV2-style nets whose frozen blocks run as row-streamed chains and whose trained
+    /// blocks keep clamp masks: planned execution still equals the reference bit for bit.
+    #[test]
+    fn streamed_mobilenets_train_bit_for_bit(
+        c in 1usize..4, h in 4usize..12, w in 4usize..12,
+        blocks in proptest::collection::vec((1usize..5, 1usize..7, any::<bool>()), 2..5),
+        classes in 2usize..4,
+        bias_only in any::<bool>(),
+        k in 1usize..3,
+        batch in 1usize..3,
+        partial in any::<bool>(),
+        reorder in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let arch = common::random_mobilenet([c, h, w], &blocks, classes);
+        let data = random_data(&arch, 6, seed);
+        let model = int8_model(&arch, &data, seed);
+        let scheme = if bias_only { UpdateScheme::BiasOnly(k) } else { UpdateScheme::LastLayers(k) };
+        let cfg = fqt_config(scheme, batch, partial);
+        let (plan, _) = plan_bytes(&model, &cfg, reorder);
+        let has = |op: StepOp| plan.steps.iter().any(|s| s.op == op);
+        prop_assert!(has(StepOp::StreamedForward), "the stem and first block stream");
+        prop_assert!(has(StepOp::ClampMask));
+        let order: Vec<usize> = (0..6).chain(0..6).collect();
+        let what = format!("{scheme} batch {batch} partial {partial}");
+        let updates = scheme_updates(&model, &cfg);
+        assert_runs_agree(&model, &updates, &cfg, &data, &order, reorder, &what);
     }
 }
 
@@ -295,6 +361,21 @@ fn steps_write_only_their_planned_outputs() {
     let data = random_data(&arch, 4, 7);
     let model = int8_model(&arch, &data, 7);
     check_planned_writes(&model, &fqt_config(UpdateScheme::All, 1, true), &data, 3);
+    // Row-streamed forward steps write only their output and their row windows.
+    let (model, data, _) = streamed_small_plan();
+    let cfg = fqt_config(UpdateScheme::LastLayers(2), 1, false);
+    check_planned_writes(&model, &cfg, &data, 3);
+}
+
+/// A small plan file with a row-streamed forward and clamp masks, and its model.
+fn streamed_small_plan() -> (Model, Dataset, Vec<u8>) {
+    let arch = common::random_mobilenet([1, 6, 5], &[(2, 3, false), (1, 3, true)], 3);
+    let data = random_data(&arch, 4, 13);
+    let model = int8_model(&arch, &data, 13);
+    let cfg = fqt_config(UpdateScheme::LastLayers(2), 2, true);
+    let (plan, bytes) = plan_bytes(&model, &cfg, true);
+    assert!(plan.steps.iter().any(|s| s.op == StepOp::StreamedForward));
+    (model, data, bytes.as_slice().to_vec())
 }
 
 /// A small plan file and the model it was written for.
@@ -332,13 +413,27 @@ fn parse_and_run_codes(bytes: &[u8], data: &Dataset, run: bool) -> Result<(), Pl
 
 #[test]
 fn truncated_and_bit_flipped_plans_are_errors() {
-    let (_, data, bytes) = small_plan();
-    check_truncations_and_bit_flips(&bytes, |b| parse_and_run_codes(b, &data, true));
+    for (_, data, bytes) in [small_plan(), streamed_small_plan()] {
+        check_truncations_and_bit_flips(&bytes, |b| parse_and_run_codes(b, &data, true));
+    }
 }
 
 // Int8: edits of values may overflow the kernels' `i32` accumulators (data, not structure),
 // so edits anywhere only reach the validation.
 resealed_corruption_properties!(small_plan, parse_and_run_codes, false);
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Structural edits of a plan with a row-streamed forward and clamp masks: an error or a
+    /// run, never a panic.
+    #[test]
+    fn resealed_structure_corruptions_of_streamed_plans_never_panic(edits in edits(2)) {
+        static PLAN: std::sync::OnceLock<(Model, Dataset, Vec<u8>)> = std::sync::OnceLock::new();
+        let (_, data, bytes) = PLAN.get_or_init(streamed_small_plan);
+        let _ = parse_and_run_codes(&resealed_corruption(bytes, &edits, true), data, true);
+    }
+}
 
 #[test]
 fn executor_arguments_and_arena_state_are_checked() {
@@ -388,18 +483,99 @@ fn executor_arguments_and_arena_state_are_checked() {
     );
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Sparse updates with channel ratios: the trained channels in the arena, the frozen ones
+    /// in the plan, updated under a fixed quantization by both the executor and the
+    /// reference, bit for bit.
+    #[test]
+    fn sparse_channel_ratios_train_bit_for_bit(
+        c in 1usize..4, h in 4usize..10, w in 4usize..10,
+        blocks in proptest::collection::vec((1usize..5, 1usize..9, any::<bool>()), 1..4),
+        picks in proptest::collection::vec((any::<u8>(), any::<bool>()), 1..8),
+        batch in 1usize..3,
+        reorder in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let arch = common::random_mobilenet([c, h, w], &blocks, 3);
+        let data = random_data(&arch, 6, seed);
+        let model = int8_model(&arch, &data, seed);
+        let updates = common::random_updates(&arch, &picks);
+        let cfg = fqt_config(UpdateScheme::All, batch, false);
+        let order: Vec<usize> = (0..6).chain(0..6).collect();
+        let what = format!("sparse {updates:?} batch {batch}");
+        assert_runs_agree(&model, &updates, &cfg, &data, &order, reorder, &what);
+    }
+}
+
+/// The mbv2-w035-r128 sparse workload itself (`workloads/mbv2-sparse.json`, seeded weights
+/// calibrated on random images): planned execution over its arena equals the reference.
 #[test]
-fn sparse_channel_ratios_are_refused_by_the_executor() {
-    let (model, _) = fashion_shift();
-    let mut updates: Vec<LayerUpdate> =
-        scheme::from_update_scheme(&model.arch, UpdateScheme::LastLayers(1));
+fn mbv2_sparse_workload_trains_bit_for_bit() {
+    let arch = zoo::mbv2_w035_r128();
+    let data = random_data(&arch, 4, 3);
+    let model = int8_model(&arch, &data, 3);
+    let text = std::fs::read_to_string(repo_file("workloads/mbv2-sparse.json")).unwrap();
+    let updates = scheme::from_json(&arch, &text, "mbv2-sparse.json").unwrap();
+    let cfg = fqt_config(UpdateScheme::All, 1, false);
+    let (plan, bytes) = plan_bytes_with(&model, &updates, &cfg, true);
+    assert!(plan.steps.iter().any(|s| s.op == StepOp::StreamedForward));
+    let view = PlanView::parse(bytes.as_slice()).unwrap();
+    println!(
+        "mbv2-w035-r128 sparse: planned arena {} B, with training state {} B",
+        plan.arena_bytes,
+        view.arena_required()
+    );
+    let order = [0, 1, 2, 3];
+    let trained = assert_runs_agree(&model, &updates, &cfg, &data, &order, true, "mbv2 sparse");
+    assert_ne!(trained.params, model.params);
+}
+
+#[test]
+fn sparse_channel_ratios_keep_the_frozen_channels_in_flash() {
+    let (model, data) = fashion_shift();
+    let mut updates = scheme::from_update_scheme(&model.arch, UpdateScheme::LastLayers(2));
     let classifier = updates.len() - 1;
+    let head = classifier - 2;
     updates[classifier].weight_channels = 5; // half of the 10 outputs
-    let plan = compile(&model.arch, &updates, &PlanOptions::new(Precision::Int8)).unwrap();
-    let cfg = fqt_config(UpdateScheme::LastLayers(1), 1, false);
-    let bytes = plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap();
-    let bytes = AlignedBytes::copy_of(&bytes);
-    let view = PlanView::parse(bytes.as_slice()).expect("the file format holds channel ratios");
+    updates[head].weight_channels = 192 / 4;
+    let cfg = fqt_config(UpdateScheme::All, 1, false);
+    let (plan, _) = plan_bytes_with(&model, &updates, &cfg, true);
+    let weights = |layer: usize| {
+        plan.tensors
+            .iter()
+            .find(|t| t.role == mcutrain::compile::TensorRole::Weight { layer })
+            .unwrap()
+    };
+    assert_eq!(weights(classifier).bytes, 5 * 192);
+    assert_eq!(weights(classifier).flash_bytes, 10 * 192);
+    assert_eq!(weights(head).bytes, 48 * 48);
+    let order: Vec<usize> = (0..data.len()).collect();
+    let trained = assert_runs_agree(&model, &updates, &cfg, &data, &order, true, "fashion-shift");
+    let Params::Int8(before) = &model.params else {
+        unreachable!()
+    };
+    let Params::Int8(after) = &trained.params else {
+        unreachable!()
+    };
+    let (b, a) = (&before.layers[classifier], &after.layers[classifier]);
+    assert_ne!(
+        a.weight[..5 * 192],
+        b.weight[..5 * 192],
+        "trained channels moved"
+    );
+    assert_eq!(
+        a.weight[5 * 192..],
+        b.weight[5 * 192..],
+        "frozen channels kept"
+    );
+    assert_eq!(a.weight_q, b.weight_q, "the quantization is fixed");
+    // Dynamic partial updates select among all channels: refused with a channel subset.
+    let partial = fqt_config(UpdateScheme::All, 1, true);
+    assert!(FqtTrainer::with_updates(&model, partial.clone(), &updates).is_err());
+    let (_, bytes_partial) = plan_bytes_with(&model, &updates, &partial, true);
+    let view = PlanView::parse(bytes_partial.as_slice()).expect("the format holds it");
     let mut arena = AlignedBytes::zeroed(view.arena_required());
     assert_eq!(
         exec::init(&view, arena.as_mut_slice()),

@@ -159,6 +159,28 @@ proptest! {
         };
         equal_runs(&model, &run, &data, &RandomTraining::ORDER);
     }
+
+    /// MobileNetV2-style nets with frozen blocks: float32 plans keep every activation (no
+    /// row-streamed chains or clamp masks, which are int8 forms) and still train bit for bit.
+    #[test]
+    fn mobilenets_train_bit_for_bit(
+        c in 1usize..4, h in 4usize..10, w in 4usize..10,
+        blocks in proptest::collection::vec((1usize..5, 1usize..7, any::<bool>()), 2..4),
+        k in 1usize..3,
+        momentum in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let arch = common::random_mobilenet([c, h, w], &blocks, 3);
+        let data = random_data(&arch, 8, seed);
+        let model = zoo::init_float(&arch, seed).unwrap();
+        let run = Run {
+            scheme: UpdateScheme::LastLayers(k),
+            batch: 2,
+            momentum: if momentum { 0.9 } else { 0.0 },
+            reorder: true,
+        };
+        equal_runs(&model, &run, &data, &RandomTraining::ORDER);
+    }
 }
 
 fn fashion_shift() -> (Model, Dataset) {

@@ -1,8 +1,9 @@
 //! Element-wise activations (identity, ReLU, ReLU6), float and 8-bit.
 //!
 //! Quantized activations keep the qparams of their input: the forward is a clamp of the codes,
-//! and the backward masks the error where the activation (or the 8-bit storage) clipped.
-//! None of these functions needs scratch memory.
+//! and the backward masks the error where the activation (or the 8-bit storage) clipped, from
+//! the output codes or from a 1-bit clamp mask of them. None of these functions needs scratch
+//! memory.
 
 use crate::quant::{QParams, Q_MAX, Q_MIN};
 
@@ -121,9 +122,51 @@ pub fn backward_mask_q(
     let (lo, hi) = act.code_bounds(output_q);
     let zero = err_q.zero_point as i8;
     for (e, &y) in err.iter_mut().zip(output) {
-        let y = y as i32;
-        if y <= lo || y >= hi {
+        if clamped(y, lo, hi) {
             *e = zero;
+        }
+    }
+}
+
+/// True where [`backward_mask_q`] zeroes the error: the code sits at a bound `lo` or `hi`.
+#[inline(always)]
+fn clamped(code: i8, lo: i32, hi: i32) -> bool {
+    let code = code as i32;
+    code <= lo || code >= hi
+}
+
+/// Bytes of a clamp mask of `len` outputs: one bit each, `ceil(len / 8)`.
+pub fn clamp_mask_bytes(len: usize) -> usize {
+    len.div_ceil(8)
+}
+
+/// The clamp mask of `output` (codes in `output_q`): bit `i % 8` of `mask[i / 8]` is 1 where
+/// [`backward_mask_q`] would zero the error (the code at a bound of `act` or of the storage),
+/// else 0; unused bits of the last byte are 0. Keeping this mask instead of the output cuts a
+/// tensor saved for the backward pass to an eighth. `mask` holds [`clamp_mask_bytes`] of
+/// `output.len()`. Scratch: none.
+pub fn clamp_mask_q(act: Activation, output: &[i8], output_q: QParams, mask: &mut [u8]) {
+    debug_assert_eq!(mask.len(), clamp_mask_bytes(output.len()));
+    let (lo, hi) = act.code_bounds(output_q);
+    for (byte, codes) in mask.iter_mut().zip(output.chunks(8)) {
+        *byte = codes
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (b, &y)| bits | (clamped(y, lo, hi) as u8) << b);
+    }
+}
+
+/// In place `err[i] = z_err` (real 0) where bit `i` of the clamp `mask` ([`clamp_mask_q`]) is
+/// set, else unchanged: the same result as [`backward_mask_q`] on the output the mask was
+/// made from. Scratch: none.
+pub fn backward_mask_bits_q(mask: &[u8], err: &mut [i8], err_q: QParams) {
+    debug_assert_eq!(mask.len(), clamp_mask_bytes(err.len()));
+    let zero = err_q.zero_point as i8;
+    for (errors, &byte) in err.chunks_mut(8).zip(mask) {
+        for (b, e) in errors.iter_mut().enumerate() {
+            if byte >> b & 1 != 0 {
+                *e = zero;
+            }
         }
     }
 }
@@ -227,6 +270,32 @@ mod tests {
     }
 
     proptest! {
+        /// The mask kept as bits zeroes exactly the errors the mask on the output zeroes.
+        #[test]
+        fn bit_mask_equals_the_mask_on_the_output(
+            output in proptest::collection::vec(any::<i8>(), 0..80),
+            errors in proptest::collection::vec(any::<i8>(), 80),
+            scale in 0.001f32..0.2,
+            zero_point in -128i32..=127,
+            err_zero in -128i32..=127,
+        ) {
+            let out_q = QParams { scale, zero_point };
+            let err_q = QParams { scale: 0.01, zero_point: err_zero };
+            for act in ALL {
+                let mut want = errors[..output.len()].to_vec();
+                backward_mask_q(act, &output, out_q, &mut want, err_q);
+                let mut mask = std::vec![0xFFu8; clamp_mask_bytes(output.len())];
+                clamp_mask_q(act, &output, out_q, &mut mask);
+                let mut got = errors[..output.len()].to_vec();
+                backward_mask_bits_q(&mask, &mut got, err_q);
+                prop_assert_eq!(&got, &want);
+                let used = output.len() % 8;
+                if used != 0 {
+                    prop_assert_eq!(mask[mask.len() - 1] >> used, 0, "unused bits are 0");
+                }
+            }
+        }
+
         #[test]
         fn forward_q_agrees_with_float_on_dequantized_codes(
             codes in proptest::collection::vec(any::<i8>(), 1..64),

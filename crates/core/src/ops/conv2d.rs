@@ -28,7 +28,7 @@
 use core::ops::{Add, AddAssign, Mul, Range};
 
 use crate::ops::activation::Activation;
-use crate::ops::{ChannelSet, OpError};
+use crate::ops::{ChannelSet, OpError, WeightParts};
 use crate::quant::{QParams, RealRange, Requant, Q_MAX, Q_MIN};
 
 /// Shape of a convolution over a batch-major NCHW input `[batch][in_channels][in_h][in_w]`,
@@ -130,6 +130,32 @@ impl Conv2dGeom {
     /// 16 values on the stack.
     pub fn scratch_bytes(&self) -> usize {
         0
+    }
+
+    /// The geometry of output channels `0..channels` alone, when they are whole groups (or
+    /// `groups == 1`): it reads the first `in_channels * groups' / groups` input channels, and
+    /// at batch 1 its input, output and weights are prefixes of this geometry's. `None` when
+    /// `channels` is 0, above `out_channels`, or splits a group of several channels.
+    pub fn output_prefix(&self, channels: usize) -> Option<Conv2dGeom> {
+        if channels == 0 || channels > self.out_channels {
+            return None;
+        }
+        if self.groups == 1 {
+            return Some(Conv2dGeom {
+                out_channels: channels,
+                ..*self
+            });
+        }
+        let per_group = self.out_per_group();
+        channels.is_multiple_of(per_group).then(|| {
+            let groups = channels / per_group;
+            Conv2dGeom {
+                in_channels: groups * self.in_per_group(),
+                out_channels: channels,
+                groups,
+                ..*self
+            }
+        })
     }
 
     /// `C_i`: input channels per group.
@@ -237,7 +263,7 @@ pub fn input_backward(
     check_lengths(g, in_err.len(), weight.len(), out_err.len());
     input_error(
         g,
-        weight,
+        WeightParts::whole(weight),
         out_err,
         0.0,
         channels,
@@ -306,6 +332,19 @@ pub fn forward_q(
     q: &QLayerParams,
     output: &mut [i8],
 ) -> RealRange {
+    forward_parts_q(g, input, WeightParts::whole(weight), bias, q, output)
+}
+
+/// [`forward_q`] with the weights in two parts (the first output channels in `weight.head`,
+/// the rest in `weight.tail`): the same sums, so the same result. Scratch: none.
+pub fn forward_parts_q(
+    g: &Conv2dGeom,
+    input: &[i8],
+    weight: WeightParts<i8>,
+    bias: &[i32],
+    q: &QLayerParams,
+    output: &mut [i8],
+) -> RealRange {
     check_lengths(g, input.len(), weight.len(), output.len());
     debug_assert_eq!(bias.len(), g.out_channels);
     debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_channels);
@@ -314,7 +353,7 @@ pub fn forward_q(
     for (oc, &b) in bias.iter().enumerate() {
         let channel = OutputChannel::new(q, oc);
         let mut accs = AccRange::EMPTY;
-        let taps = &weight[oc * g.taps()..][..g.taps()];
+        let taps = weight.structure(oc, g.taps());
         for n in 0..g.batch {
             let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
             let input = g.group_input(input, n, oc);
@@ -356,6 +395,32 @@ pub fn forward_q(
 pub fn input_backward_q(
     g: &Conv2dGeom,
     weight: &[i8],
+    weight_q: &[QParams],
+    out_err: &[i8],
+    out_err_q: QParams,
+    channels: ChannelSet,
+    in_err_q: QParams,
+    in_err: &mut [i8],
+) -> RealRange {
+    input_backward_parts_q(
+        g,
+        WeightParts::whole(weight),
+        weight_q,
+        out_err,
+        out_err_q,
+        channels,
+        in_err_q,
+        in_err,
+    )
+}
+
+/// [`input_backward_q`] with the weights in two parts (the first output channels in
+/// `weight.head`, the rest in `weight.tail`): the same sums, so the same result.
+/// Scratch: none.
+#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
+pub fn input_backward_parts_q(
+    g: &Conv2dGeom,
+    weight: WeightParts<i8>,
     weight_q: &[QParams],
     out_err: &[i8],
     out_err_q: QParams,
@@ -736,7 +801,7 @@ fn group_channels<'a>(
 /// `(z_w, factor) = channel(o)`, handed to `emit(index in in_err, block)`.
 fn input_error<X: Term<A>, A: Acc>(
     g: &Conv2dGeom,
-    weight: &[X],
+    weight: WeightParts<X>,
     err: &[X],
     ze: A,
     channels: ChannelSet,
@@ -771,7 +836,7 @@ fn input_error<X: Term<A>, A: Acc>(
 /// One input-error plane: input channel `local` of its group, one sample's error `err`.
 struct ErrorPlane<'a, X, A> {
     geom: &'a Conv2dGeom,
-    weight: &'a [X],
+    weight: WeightParts<'a, X>,
     err: &'a [X],
     ze: A,
     local: usize,
@@ -784,7 +849,7 @@ impl<X: Term<A>, A: Acc> ErrorPlane<'_, X, A> {
         let g = self.geom;
         let kernel = g.kernel_h * g.kernel_w;
         let (zw, factor) = channel(o);
-        self.weight[o * g.taps() + self.local * kernel + tap].term(zw) * factor
+        self.weight.structure(o, g.taps())[self.local * kernel + tap].term(zw) * factor
     }
 
     /// 1x1 stride 1: `e_x[p] = sum_o w[o][local] * e[o][p]`.
@@ -1049,7 +1114,7 @@ pub(crate) trait InputErrorKernel {
 
 struct ConvInputError<'a> {
     geom: &'a Conv2dGeom,
-    weight: &'a [i8],
+    weight: WeightParts<'a, i8>,
     out_err: &'a [i8],
     channels: ChannelSet<'a>,
 }
@@ -1443,7 +1508,15 @@ pub(crate) mod tests {
         let mut ex = vec![A::default(); g.input_len()];
         let mut emit = |at: usize, block: &[A]| ex[at..at + block.len()].copy_from_slice(block);
         if !general {
-            input_error(g, w, e, ze, ChannelSet::All, channel, &mut emit);
+            input_error(
+                g,
+                WeightParts::whole(w),
+                e,
+                ze,
+                ChannelSet::All,
+                channel,
+                &mut emit,
+            );
             return ex;
         }
         let sample = g.out_channels * g.out_plane();
@@ -1452,7 +1525,7 @@ pub(crate) mod tests {
                 let group = c / g.in_per_group() * g.out_per_group();
                 let plane = ErrorPlane {
                     geom: g,
-                    weight: w,
+                    weight: WeightParts::whole(w),
                     err: &e[n * sample..][..sample],
                     ze,
                     local: c % g.in_per_group(),
@@ -1650,6 +1723,54 @@ pub(crate) mod tests {
     // -- Property tests. -------------------------------------------------------------------
 
     proptest! {
+        /// Weights split into two parts at any output channel give the same input error.
+        #[test]
+        fn weight_parts_give_the_whole_tensor_result(
+            g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
+        ) {
+            let mut rng = Rng::new(seed);
+            let (w, e) = (codes(&mut rng, g.weight_len()), codes(&mut rng, g.output_len()));
+            let wq = QParams { scale: 0.02, zero_point: zero_point(&mut rng) };
+            let (eq, exq) = (QParams::from_range(-1.0, 0.7), QParams::from_range(-2.0, 2.5));
+            let channels: Vec<u16> = (0..g.out_channels as u16).filter(|_| rng.below(3) > 0).collect();
+            let at = split.index(g.out_channels + 1) * g.taps();
+            let parts = WeightParts { head: &w[..at], tail: &w[at..] };
+            for set in [ChannelSet::All, ChannelSet::Subset(&channels)] {
+                let mut whole = vec![0i8; g.input_len()];
+                let mut split = vec![1i8; g.input_len()];
+                let r1 = input_backward_q(&g, &w, &[wq], &e, eq, set, exq, &mut whole);
+                let r2 = input_backward_parts_q(&g, parts, &[wq], &e, eq, set, exq, &mut split);
+                prop_assert_eq!(&whole, &split);
+                prop_assert_eq!(r1, r2);
+            }
+            let x = codes(&mut rng, g.input_len());
+            let q = QLayerParams {
+                input: QParams { scale: 0.03, zero_point: zero_point(&mut rng) },
+                weight: &[wq],
+                bias_scale: 0.0005,
+                output: QParams::from_range(-3.0, 4.0),
+                activation: Activation::Relu,
+            };
+            let bias: Vec<i32> = (0..g.out_channels).map(|_| rng.below(2001) as i32 - 1000).collect();
+            let (mut whole, mut split) = (vec![0i8; g.output_len()], vec![1i8; g.output_len()]);
+            let r1 = forward_q(&g, &x, &w, &bias, &q, &mut whole);
+            let r2 = forward_parts_q(&g, &x, parts, &bias, &q, &mut split);
+            prop_assert_eq!(&whole, &split);
+            prop_assert_eq!(r1, r2);
+            // The weight gradient of the first channels alone is a prefix of the whole one.
+            let channels = at / g.taps();
+            if let (1, Some(prefix)) = (g.batch, g.output_prefix(channels)) {
+                let (xq, eq) = (q.input, QParams::from_range(-1.0, 0.7));
+                let mut full = vec![0.0f32; g.weight_len()];
+                weight_backward_q(&g, &x, xq, &e, eq, ChannelSet::All, &mut full);
+                let mut part = vec![0.0f32; prefix.weight_len()];
+                let (x_part, e_part) = (&x[..prefix.input_len()], &e[..prefix.output_len()]);
+                weight_backward_q(&prefix, x_part, xq, e_part, eq, ChannelSet::All, &mut part);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&part), bits(&full[..at]));
+            }
+        }
+
         #[test]
         fn kernels_match_the_reference(g in geometry(), seed in any::<u64>()) {
             check_kernels_match_the_reference(g, seed);

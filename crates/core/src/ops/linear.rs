@@ -16,7 +16,7 @@ use super::conv2d::{
     axpy, blocks, channel_sums, dot, requantize_input_error, Acc, AccRange, InputErrorKernel,
     OutputChannel, QLayerParams, Term, BLOCK,
 };
-use super::{ChannelSet, OpError};
+use super::{ChannelSet, OpError, WeightParts};
 use crate::quant::{QParams, RealRange};
 
 /// Shape of a fully connected layer.
@@ -97,7 +97,7 @@ pub fn input_backward(
     g.check_lengths(in_err.len(), weight.len(), out_err.len());
     input_error(
         g,
-        weight,
+        WeightParts::whole(weight),
         out_err,
         0.0,
         channels,
@@ -159,6 +159,19 @@ pub fn forward_q(
     q: &QLayerParams,
     output: &mut [i8],
 ) -> RealRange {
+    forward_parts_q(g, input, WeightParts::whole(weight), bias, q, output)
+}
+
+/// [`forward_q`] with the weights in two parts (the first output rows in `weight.head`, the
+/// rest in `weight.tail`): the same sums, so the same result. Scratch: none.
+pub fn forward_parts_q(
+    g: &LinearGeom,
+    input: &[i8],
+    weight: WeightParts<i8>,
+    bias: &[i32],
+    q: &QLayerParams,
+    output: &mut [i8],
+) -> RealRange {
     g.check_lengths(input.len(), weight.len(), output.len());
     debug_assert_eq!(bias.len(), g.out_features);
     debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_features);
@@ -166,7 +179,7 @@ pub fn forward_q(
     for (o, &b) in bias.iter().enumerate() {
         let channel = OutputChannel::new(q, o);
         let mut accs = AccRange::EMPTY;
-        let row = &weight[o * g.in_features..][..g.in_features];
+        let row = weight.structure(o, g.in_features);
         let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
         forward_feature(g, input, zx, row, zw, init, |n, acc| {
             let at = n * g.out_features + o;
@@ -187,6 +200,32 @@ pub fn forward_q(
 pub fn input_backward_q(
     g: &LinearGeom,
     weight: &[i8],
+    weight_q: &[QParams],
+    out_err: &[i8],
+    out_err_q: QParams,
+    channels: ChannelSet,
+    in_err_q: QParams,
+    in_err: &mut [i8],
+) -> RealRange {
+    input_backward_parts_q(
+        g,
+        WeightParts::whole(weight),
+        weight_q,
+        out_err,
+        out_err_q,
+        channels,
+        in_err_q,
+        in_err,
+    )
+}
+
+/// [`input_backward_q`] with the weights in two parts (the first output rows in
+/// `weight.head`, the rest in `weight.tail`): the same sums, so the same result.
+/// Scratch: none.
+#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
+pub fn input_backward_parts_q(
+    g: &LinearGeom,
+    weight: WeightParts<i8>,
     weight_q: &[QParams],
     out_err: &[i8],
     out_err_q: QParams,
@@ -276,7 +315,7 @@ fn forward_feature<X: Term<A>, A: Acc>(
 /// `(z_w[o], factor_o) = channel(o)`, handed to `emit(index in in_err, block)`.
 fn input_error<X: Term<A>, A: Acc>(
     g: &LinearGeom,
-    weight: &[X],
+    weight: WeightParts<X>,
     err: &[X],
     ze: A,
     channels: ChannelSet,
@@ -290,7 +329,7 @@ fn input_error<X: Term<A>, A: Acc>(
             let acc = &mut acc[..block.len()];
             for o in channels.iter(g.out_features) {
                 let (zw, factor) = channel(o);
-                let row = &weight[o * g.in_features + block.start..];
+                let row = &weight.structure(o, g.in_features)[block.start..];
                 axpy(acc, row, 1, zw, err[o].term(ze) * factor);
             }
             emit(n * g.in_features + block.start, acc);
@@ -326,7 +365,7 @@ fn weight_sums<X: Term<A>, A: Acc>(
 
 struct LinearInputError<'a> {
     geom: &'a LinearGeom,
-    weight: &'a [i8],
+    weight: WeightParts<'a, i8>,
     out_err: &'a [i8],
     channels: ChannelSet<'a>,
 }
@@ -498,6 +537,42 @@ mod tests {
     }
 
     proptest! {
+        /// Weights split into two parts at any output channel give the same input error.
+        #[test]
+        fn weight_parts_give_the_whole_tensor_result(
+            g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
+        ) {
+            let mut rng = Rng::new(seed);
+            let (w, e) = (codes(&mut rng, g.weight_len()), codes(&mut rng, g.output_len()));
+            let wq = QParams { scale: 0.02, zero_point: zero_point(&mut rng) };
+            let (eq, exq) = (QParams::from_range(-1.0, 0.7), QParams::from_range(-2.0, 2.5));
+            let channels: Vec<u16> = (0..g.out_features as u16).filter(|_| rng.below(3) > 0).collect();
+            let at = split.index(g.out_features + 1) * g.in_features;
+            let parts = WeightParts { head: &w[..at], tail: &w[at..] };
+            for set in [ChannelSet::All, ChannelSet::Subset(&channels)] {
+                let mut whole = vec![0i8; g.input_len()];
+                let mut split = vec![1i8; g.input_len()];
+                let r1 = input_backward_q(&g, &w, &[wq], &e, eq, set, exq, &mut whole);
+                let r2 = input_backward_parts_q(&g, parts, &[wq], &e, eq, set, exq, &mut split);
+                prop_assert_eq!(&whole, &split);
+                prop_assert_eq!(r1, r2);
+            }
+            let x = codes(&mut rng, g.input_len());
+            let q = QLayerParams {
+                input: QParams { scale: 0.03, zero_point: zero_point(&mut rng) },
+                weight: &[wq],
+                bias_scale: 0.0005,
+                output: QParams::from_range(-3.0, 4.0),
+                activation: Activation::Relu6,
+            };
+            let bias: Vec<i32> = (0..g.out_features).map(|_| rng.below(2001) as i32 - 1000).collect();
+            let (mut whole, mut split) = (vec![0i8; g.output_len()], vec![1i8; g.output_len()]);
+            let r1 = forward_q(&g, &x, &w, &bias, &q, &mut whole);
+            let r2 = forward_parts_q(&g, &x, parts, &bias, &q, &mut split);
+            prop_assert_eq!(&whole, &split);
+            prop_assert_eq!(r1, r2);
+        }
+
         #[test]
         fn kernels_match_the_reference(g in geometry(), seed in any::<u64>()) {
             check_kernels_match_the_reference(g, seed);
@@ -597,7 +672,16 @@ mod tests {
         assert_eq!(got, ref_forward(&g, &xq, zx, &wq, &|o| zw[o], &|o| init[o]));
         let mut got = vec![0i32; g.input_len()];
         let mut emit = |at: usize, block: &[i32]| got[at..at + block.len()].copy_from_slice(block);
-        input_error(&g, &wq, &eq, ze, ChannelSet::All, |o| (zw[o], 1), &mut emit);
+        let parts = WeightParts::whole(&wq[..]);
+        input_error(
+            &g,
+            parts,
+            &eq,
+            ze,
+            ChannelSet::All,
+            |o| (zw[o], 1),
+            &mut emit,
+        );
         assert_eq!(
             got,
             ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]), &|_| true)
@@ -605,7 +689,15 @@ mod tests {
         let mut got = vec![0i64; g.input_len()];
         let mut emit = |at: usize, block: &[i64]| got[at..at + block.len()].copy_from_slice(block);
         let channel = |o: usize| (zw[o] as i64, factor[o]);
-        input_error(&g, &wq, &eq, ze as i64, ChannelSet::All, channel, &mut emit);
+        input_error(
+            &g,
+            parts,
+            &eq,
+            ze as i64,
+            ChannelSet::All,
+            channel,
+            &mut emit,
+        );
         let want = ref_input_error(
             &g,
             &wq,

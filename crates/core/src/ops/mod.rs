@@ -17,6 +17,7 @@ pub mod conv2d;
 pub mod linear;
 pub mod loss;
 pub mod pool;
+pub mod stream;
 
 /// Which output channels (structures) of a layer a backward step works on.
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +69,48 @@ impl Iterator for ChannelIter<'_> {
     }
 }
 
+/// A weight tensor `[structures][structure_len]` held in two parts: the first structures in
+/// `head`, the others in `tail`. When only some output channels of a layer train, the trained
+/// ones live in SRAM and the frozen ones stay in flash; a whole tensor is `head` alone.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightParts<'a, X> {
+    /// The first structures.
+    pub head: &'a [X],
+    /// The remaining structures.
+    pub tail: &'a [X],
+}
+
+impl<'a, X> WeightParts<'a, X> {
+    /// One slice holding every structure.
+    pub fn whole(weight: &'a [X]) -> Self {
+        WeightParts {
+            head: weight,
+            tail: &[],
+        }
+    }
+
+    /// Weights in both parts.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// True without weights.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Structure `s` of `structure_len` weights (a structure lies in one part, since `head`
+    /// holds whole structures).
+    #[inline(always)]
+    pub fn structure(&self, s: usize, structure_len: usize) -> &'a [X] {
+        let start = s * structure_len;
+        match start.checked_sub(self.head.len()) {
+            None => &self.head[start..start + structure_len],
+            Some(at) => &self.tail[at..at + structure_len],
+        }
+    }
+}
+
 /// Why an operator geometry is unusable. Small and non-exhaustive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -80,6 +123,8 @@ pub enum OpError {
     KernelTooLarge,
     /// A slice has the wrong length for the geometry.
     LengthMismatch,
+    /// Layers do not form a streamed chain (count, batch, or a stage's input shape).
+    BadChain,
 }
 
 impl core::fmt::Display for OpError {
@@ -89,6 +134,7 @@ impl core::fmt::Display for OpError {
             OpError::BadGroups => "channels are not divisible by the number of groups",
             OpError::KernelTooLarge => "the kernel is larger than the padded input",
             OpError::LengthMismatch => "a buffer length does not match the shape",
+            OpError::BadChain => "the layers do not form a streamed chain",
         })
     }
 }

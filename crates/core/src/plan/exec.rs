@@ -23,10 +23,16 @@
 //! the plan bytes.
 //!
 //! Supported: int8 and float32 plans, any batch, reordered or not, every layer kind of the
-//! model IR; int8 with partial updates on or off, float32 with momentum on or off. Not
-//! supported ([`ExecError::Unsupported`]): training a strict subset of a layer's weight
-//! channels (the standardized update re-codes the whole tensor and needs the whole gradient,
-//! and the float kernels write every channel's gradient; see [`init`]).
+//! model IR; int8 with partial updates on or off, float32 with momentum on or off. int8 plans
+//! also run row-streamed forward steps over frozen convolutions ([`crate::ops::stream`]),
+//! activation masks from 1-bit clamp masks, and layers that train a strict subset of their
+//! weight channels (the sparse update of Lin et al.): only those channels are in the arena, the
+//! others are read from the plan, and the trained ones are updated under the layer's fixed
+//! quantization ([`update::fqt_update_weights_fixed`]; the standardized update with range
+//! adaptation re-codes the whole tensor, which would need every channel in SRAM). Not supported
+//! ([`ExecError::Unsupported`]): such a subset with dynamic partial updates, or one that splits
+//! a group of a grouped convolution; in float32 plans, channel subsets, streamed steps and
+//! clamp masks (the float kernels write every channel's gradient; see [`init`]).
 //!
 //! Use (the firmware's loop; `arena` is 4-byte aligned, [`PlanView::arena_required`] long):
 //!
@@ -51,7 +57,8 @@ use super::{
     TensorRole, LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
 };
 use crate::ops::conv2d::{self, QLayerParams};
-use crate::ops::{activation, add, linear, loss, pool, ChannelSet};
+use crate::ops::linear::LinearGeom;
+use crate::ops::{activation, add, linear, loss, pool, stream, ChannelSet, WeightParts};
 use crate::quant::{QParams, RangeEma, RealRange};
 use crate::update::{self, FqtUpdateConfig};
 
@@ -90,7 +97,9 @@ impl core::fmt::Display for ExecError {
             ExecError::ArenaMisaligned => "the arena is not 4-byte aligned",
             ExecError::SampleLength => "the sample length does not match the model input",
             ExecError::BadLabel => "the label is not below the number of classes",
-            ExecError::Unsupported => "the plan trains a subset of a layer's weight channels",
+            ExecError::Unsupported => {
+                "the plan trains a subset of a layer's weight channels with partial updates or across a channel group"
+            }
             ExecError::CorruptArena => "the arena's training state is corrupt",
             ExecError::BadPlan => "the plan is inconsistent",
             ExecError::Unfinished => "the sample's steps did not all run",
@@ -277,7 +286,8 @@ fn region_mut(bytes: &mut [u8], span: Span) -> Option<&mut [u8]> {
     bytes.get_mut(span.start..span.start.checked_add(span.len)?)
 }
 
-/// The arena is large enough and aligned, and the plan trains whole layers only.
+/// The arena is large enough and aligned, and every layer that trains a strict subset of its
+/// weight channels is one this executor can train so ([`trains_channel_subset`]).
 fn check_arena(view: &PlanView, arena: &[u8]) -> Result<(), ExecError> {
     if arena.len() < view.arena_required() {
         return Err(ExecError::ArenaTooSmall);
@@ -287,11 +297,30 @@ fn check_arena(view: &PlanView, arena: &[u8]) -> Result<(), ExecError> {
     }
     for i in 0..view.layer_count() {
         let layer = view.layer(i).ok_or(ExecError::BadPlan)?;
-        if layer.weight_channels != 0 && layer.weight_channels != layer.out_channels {
+        if trains_channel_subset(&layer) && !channel_subset_supported(view, i, &layer) {
             return Err(ExecError::Unsupported);
         }
     }
     Ok(())
+}
+
+/// True when layer `layer` trains the weights of some but not all of its output channels.
+fn trains_channel_subset(layer: &LayerRecord) -> bool {
+    layer.weight_channels != 0 && layer.weight_channels != layer.out_channels
+}
+
+/// A strict subset of weight channels trains with the weights under their fixed deployed
+/// quantization ([`update::fqt_update_weights_fixed`]): the trained channels live in the arena,
+/// the frozen ones stay in the plan. Supported for fully connected layers and for
+/// convolutions whose trained channels are whole groups ([`Conv2dGeom::output_prefix`]),
+/// without dynamic partial updates (which select among all channels), in int8 plans only.
+fn channel_subset_supported(view: &PlanView, i: usize, layer: &LayerRecord) -> bool {
+    let whole_groups = match view.geometry(i) {
+        Some(Geometry::Conv(g)) => g.output_prefix(layer.weight_channels as usize).is_some(),
+        Some(Geometry::Linear(_)) => true,
+        _ => false,
+    };
+    whole_groups && view.header().config.partial.is_none() && view.precision() == Precision::Int8
 }
 
 /// Prepare `arena` for training with `view`: copy the trained weights and biases from the plan,
@@ -300,9 +329,7 @@ fn check_arena(view: &PlanView, arena: &[u8]) -> Result<(), ExecError> {
 /// are zeroed when a batch starts).
 ///
 /// Fails with [`ExecError::Unsupported`] when a layer trains a strict subset of its weight
-/// channels: the standardized weight update ([`update::fqt_update_weights`]) re-codes the
-/// whole weight tensor under new parameters and so needs a gradient for every channel, which a
-/// plan with a compact gradient buffer does not have.
+/// channels in a way this executor does not support (see the module documentation).
 pub fn init(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
     check_arena(view, arena)?;
     let (tensors, state) = arena.split_at_mut(view.state_offset());
@@ -511,15 +538,17 @@ fn two_reads_one_write(
     Some((a, b, out))
 }
 
-/// The output and the error to mask of an activation-mask step, `bytes` each: the error in
-/// place, or first copied into the step's output when the plan masks into a copy.
+/// The layer output (or its clamp mask), `output_bytes`, and the error to mask, `bytes`, of an
+/// activation-mask step: the error in place, or first copied into the step's output when the
+/// plan masks into a copy.
 fn mask_operands<'t>(
     view: &PlanView,
     step: &StepRecord,
     tensors: &'t mut [u8],
+    output_bytes: usize,
     bytes: usize,
 ) -> Option<[&'t mut [u8]; 2]> {
-    let output = arena_span(&view.tensor(step.reads[0])?, bytes).ok()?;
+    let output = arena_span(&view.tensor(step.reads[0])?, output_bytes).ok()?;
     let masked = arena_span(&view.tensor(step.writes[0])?, bytes).ok()?;
     if step.writes[0] != step.reads[1] {
         let source = arena_span(&view.tensor(step.reads[1])?, bytes).ok()?;
@@ -681,6 +710,8 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
                 return self.run_float(step, tensors, state).map(Ok);
             }
             StepOp::Forward => self.forward(step, tensors, state)?,
+            StepOp::StreamedForward => self.streamed_forward(step, tensors, state)?,
+            StepOp::ClampMask => self.clamp_mask(step, tensors, state)?,
             StepOp::Loss => self.loss(step, tensors, state)?,
             StepOp::ActivationMask => self.mask(step, tensors, state)?,
             StepOp::InputError => self.input_error(step, tensors, state)?,
@@ -730,7 +761,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let range = match (layer.kind, geometry) {
             (LayerKind::Conv2d | LayerKind::Linear, _) => {
                 let (channels, structure) = geometry.params()?;
-                let weight = self.param(step.reads[1], channels * structure)?;
+                let (weight, frozen) = self.weights(&layer, channels, structure)?;
                 let bias = self.param(step.reads[2], channels * 4)?;
                 let [x, w, b, y] = split_disjoint(tensors, [x, weight.span(), bias.span(), y])?;
                 let weight_q = [self.weight_q(&layer, state)?];
@@ -741,10 +772,14 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
                     output: out_q,
                     activation: layer.activation,
                 };
-                let (w, b) = (codes(weight.bytes(w)), words::<i32>(bias.bytes(b))?);
+                let w = WeightParts {
+                    head: codes(weight.bytes(w)),
+                    tail: codes(frozen),
+                };
+                let (x, b, y) = (codes(x), words::<i32>(bias.bytes(b))?, codes_mut(y));
                 match geometry {
-                    Geometry::Conv(g) => conv2d::forward_q(&g, codes(x), w, b, &q, codes_mut(y)),
-                    Geometry::Linear(g) => linear::forward_q(&g, codes(x), w, b, &q, codes_mut(y)),
+                    Geometry::Conv(g) => conv2d::forward_parts_q(&g, x, w, b, &q, y),
+                    Geometry::Linear(g) => linear::forward_parts_q(&g, x, w, b, &q, y),
                     _ => return None,
                 }
             }
@@ -783,6 +818,84 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         Some(())
     }
 
+    /// Row-streamed forward of the frozen convolutions `first..=last` of the step
+    /// ([`stream::forward_q`], windows in the step's scratch); records every stage's output
+    /// range when training, as the layer-by-layer forward does.
+    fn streamed_forward(
+        &self,
+        step: &StepRecord,
+        tensors: &mut [u8],
+        state: &mut [u8],
+    ) -> Option<()> {
+        let view = self.view;
+        let first = step.layer as usize;
+        let (last, window_bytes) = view.streamed_chain(step)?;
+        let count = last - first + 1;
+        let mut weight_q = [[QParams::from_range(0.0, 0.0)]; stream::MAX_STAGES];
+        for (j, q) in weight_q.iter_mut().enumerate().take(count) {
+            *q = [view.layer(first + j)?.weight_q];
+        }
+        let mut stages: [Option<stream::Stage>; stream::MAX_STAGES] = [None; stream::MAX_STAGES];
+        for (j, slot) in stages.iter_mut().enumerate().take(count) {
+            let i = first + j;
+            let layer = view.layer(i)?;
+            let Geometry::Conv(geom) = view.geometry(i)? else {
+                return None;
+            };
+            // Validation keeps the chain's parameters in flash.
+            let weight = view.flash(&view.tensor(layer.weight_tensor)?, geom.weight_len())?;
+            let bias = view.flash(&view.tensor(layer.bias_tensor)?, geom.out_channels * 4)?;
+            *slot = Some(stream::Stage {
+                geom,
+                weight: codes(weight),
+                bias: words::<i32>(bias)?,
+                q: QLayerParams {
+                    input: self.activation_q(state, i)?,
+                    weight: &weight_q[j],
+                    bias_scale: layer.bias_scale,
+                    output: self.activation_q(state, i + 1)?,
+                    activation: layer.activation,
+                },
+            });
+        }
+        let head = stages[0]?;
+        let stages: [stream::Stage; stream::MAX_STAGES] =
+            core::array::from_fn(|j| stages[j].unwrap_or(head));
+        let x = arena_span(&view.tensor(step.reads[0])?, view.numel(first)?).ok()?;
+        let y = arena_span(&view.tensor(step.writes[0])?, view.numel(last + 1)?).ok()?;
+        let windows = arena_span(&view.tensor(step.scratch)?, window_bytes).ok()?;
+        let [x, y, windows] = split_disjoint(tensors, [x, y, windows])?;
+        let mut ranges = [RealRange::EMPTY; stream::MAX_STAGES];
+        stream::forward_q(
+            &stages[..count],
+            codes(x),
+            codes_mut(y),
+            codes_mut(windows),
+            &mut ranges[..count],
+        );
+        if self.mode != Mode::Infer {
+            for (j, range) in ranges.iter().enumerate().take(count) {
+                merge_seen(state, first + j + 1, Track::Activation, *range)?;
+            }
+        }
+        Some(())
+    }
+
+    /// The clamp mask of layer `i`'s output, which its activation mask step reads.
+    fn clamp_mask(&self, step: &StepRecord, tensors: &mut [u8], state: &mut [u8]) -> Option<()> {
+        let view = self.view;
+        let i = step.layer as usize;
+        let layer = view.layer(i)?;
+        let len = view.numel(i + 1)?;
+        let output = arena_span(&view.tensor(step.reads[0])?, len).ok()?;
+        let bits = activation::clamp_mask_bytes(len);
+        let mask = arena_span(&view.tensor(step.writes[0])?, bits).ok()?;
+        let [output, mask] = split_disjoint(tensors, [output, mask])?;
+        let output_q = self.activation_q(state, i + 1)?;
+        activation::clamp_mask_q(layer.activation, codes(output), output_q, mask);
+        Some(())
+    }
+
     /// Softmax cross-entropy: a first pass finds the loss gradient's range, which fixes the
     /// sample's error unit and the logits error's quantization `from_range(min, max)`; the
     /// second pass writes the error with it.
@@ -816,15 +929,25 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let len = view.numel(i + 1)?;
         let error = view.tensor(step.reads[1])?;
         let error_q = self.error_q(state, &error)?;
-        let [output, masked] = mask_operands(view, step, tensors, len)?;
-        let output_q = self.activation_q(state, i + 1)?;
-        activation::backward_mask_q(
-            layer.activation,
-            codes(output),
-            output_q,
-            codes_mut(masked),
-            error_q,
-        );
+        let from_bits = view.tensor(step.reads[0])?.role == TensorRole::ClampMask;
+        let output_len = if from_bits {
+            activation::clamp_mask_bytes(len)
+        } else {
+            len
+        };
+        let [output, masked] = mask_operands(view, step, tensors, output_len, len)?;
+        if from_bits {
+            activation::backward_mask_bits_q(output, codes_mut(masked), error_q);
+        } else {
+            let output_q = self.activation_q(state, i + 1)?;
+            activation::backward_mask_q(
+                layer.activation,
+                codes(output),
+                output_q,
+                codes_mut(masked),
+                error_q,
+            );
+        }
         match view.header().config.partial {
             Some(partial) if layer.trains() => {
                 self.select_channels(&layer, i, codes(masked), error_q, partial, state)
@@ -911,6 +1034,26 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         valid.then_some(q)
     }
 
+    /// Where the weights of a layer with `channels` structures of `structure` weights are: the
+    /// whole tensor (in the arena when it trains, else in the plan), or, when a strict subset
+    /// of its channels trains, the trained channels in the arena and the frozen rest in the
+    /// plan (second part; empty otherwise).
+    fn weights(
+        &self,
+        layer: &LayerRecord,
+        channels: usize,
+        structure: usize,
+    ) -> Option<(Source<'p>, &'p [u8])> {
+        if !trains_channel_subset(layer) {
+            return Some((self.param(layer.weight_tensor, channels * structure)?, &[]));
+        }
+        let tensor = self.view.tensor(layer.weight_tensor)?;
+        let trained = layer.weight_channels as usize * structure;
+        let head = arena_span(&tensor, trained).ok()?;
+        let all = self.view.flash(&tensor, channels * structure)?;
+        Some((Source::Arena(head), all.get(trained..)?))
+    }
+
     /// Where parameter tensor `id`'s first `len` bytes are.
     fn param(&self, id: u16, len: usize) -> Option<Source<'p>> {
         let tensor = self.view.tensor(id)?;
@@ -941,17 +1084,22 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let range = match geometry {
             Geometry::Conv(_) | Geometry::Linear(_) => {
                 let (channels, structure) = geometry.params()?;
-                let weight = self.param(step.reads[0], channels * structure)?;
+                let (weight, frozen) = self.weights(&layer, channels, structure)?;
                 let [w, e, p] = split_disjoint(tensors, [weight.span(), error_span, part_span])?;
                 let weight_q = [self.weight_q(&layer, state)?];
-                let (w, e, p) = (codes(weight.bytes(w)), codes(e), codes_mut(p));
+                let w = WeightParts {
+                    head: codes(weight.bytes(w)),
+                    tail: codes(frozen),
+                };
+                let (e, p) = (codes(e), codes_mut(p));
                 let selected = self.channels(i, &layer, state)?;
+                let q = (&weight_q[..], error_q, selected, part_q);
                 match geometry {
                     Geometry::Conv(g) => {
-                        conv2d::input_backward_q(&g, w, &weight_q, e, error_q, selected, part_q, p)
+                        conv2d::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, q.3, p)
                     }
                     Geometry::Linear(g) => {
-                        linear::input_backward_q(&g, w, &weight_q, e, error_q, selected, part_q, p)
+                        linear::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, q.3, p)
                     }
                     _ => return None,
                 }
@@ -982,13 +1130,29 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let layer = view.layer(i)?;
         let geometry = view.geometry(i)?;
         let (channels, structure) = geometry.params()?;
-        let (in_len, out_len) = (view.numel(i)?, view.numel(i + 1)?);
         let is_weight = step.op == StepOp::WeightGrad;
+        // The weight gradient of the trained channels: those of the geometry restricted to
+        // them, whose input and output are prefixes of the layer's at batch 1.
+        let geometry = match geometry {
+            Geometry::Conv(g) if is_weight => {
+                Geometry::Conv(g.output_prefix(layer.weight_channels as usize)?)
+            }
+            Geometry::Linear(g) if is_weight => Geometry::Linear(LinearGeom {
+                out_features: layer.weight_channels as usize,
+                ..g
+            }),
+            other => other,
+        };
+        let (in_len, out_len) = match geometry {
+            Geometry::Conv(g) => (g.input_len(), g.output_len()),
+            Geometry::Linear(g) => (g.input_len(), g.output_len()),
+            _ => return None,
+        };
         let error = view.tensor(step.reads[if is_weight { 1 } else { 0 }])?;
         let error_q = self.error_q(state, &error)?;
         let error_span = arena_span(&error, out_len).ok()?;
         let grad_len = if is_weight {
-            channels * structure
+            layer.weight_channels as usize * structure
         } else {
             channels
         } * 4;
@@ -1055,7 +1219,9 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
 
     /// The standardized FQT weight update of layer `i`
     /// ([`update::fqt_update_weights`]): gradient statistics in place, new weight quantization
-    /// and range tracker into the layer's state.
+    /// and range tracker into the layer's state. A layer that trains a strict subset of its
+    /// channels updates them under its fixed quantization
+    /// ([`update::fqt_update_weights_fixed`]), leaving its state as it is.
     fn weight_update(
         &self,
         step: &StepRecord,
@@ -1065,7 +1231,8 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let view = self.view;
         let i = step.layer as usize;
         let layer = view.layer(i)?;
-        let (channels, structure) = view.geometry(i)?.params()?;
+        let (_, structure) = view.geometry(i)?.params()?;
+        let channels = layer.weight_channels as usize;
         let grad = arena_span(&view.tensor(step.reads[0])?, channels * structure * 4).ok()?;
         let weight = arena_span(&view.tensor(step.reads[1])?, channels * structure).ok()?;
         let stats_tensor = view.tensor(step.reads[2])?;
@@ -1088,16 +1255,23 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
             if stats.len() != channels {
                 return None;
             }
-            update::fqt_update_weights(
-                codes_mut(weight),
-                &mut layer_state.weight_q,
-                &mut layer_state.weight_range,
-                words::<f32>(grad)?,
-                structure,
-                selected,
-                stats,
-                &update_config,
-            );
+            let (weight, grad) = (codes_mut(weight), words::<f32>(grad)?);
+            if trains_channel_subset(&layer) {
+                let q = layer_state.weight_q;
+                let cfg = &update_config;
+                update::fqt_update_weights_fixed(weight, q, grad, structure, selected, stats, cfg);
+            } else {
+                update::fqt_update_weights(
+                    weight,
+                    &mut layer_state.weight_q,
+                    &mut layer_state.weight_range,
+                    grad,
+                    structure,
+                    selected,
+                    stats,
+                    &update_config,
+                );
+            }
         }
         zero_grad_stats_padding(stats);
         layer_state.write(state, at)?;
@@ -1200,8 +1374,11 @@ fn end_batch(view: &PlanView, state: &mut [u8]) -> Option<()> {
 /// The current parameters of one layer with parameters.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerParams<'a> {
-    /// Weight codes.
+    /// Weight codes (of the trained channels only when a strict subset of them trains).
     pub weight: &'a [i8],
+    /// Weight codes of the frozen channels, read from the plan, when a strict subset of the
+    /// channels trains (they follow `weight`); empty otherwise.
+    pub frozen_weight: &'a [i8],
     /// Weight quantization.
     pub weight_q: QParams,
     /// Weight range tracker.
@@ -1239,8 +1416,16 @@ pub fn layer_params<'a>(view: &PlanView<'a>, arena: &'a [u8], i: usize) -> Optio
     } else {
         (layer.weight_q, layer.weight_range)
     };
+    let (weight, frozen_weight) = if trains_channel_subset(&layer) {
+        let trained = layer.weight_channels as usize * structure;
+        let all = view.flash(&view.tensor(layer.weight_tensor)?, channels * structure)?;
+        (bytes(layer.weight_tensor, trained)?, all.get(trained..)?)
+    } else {
+        (bytes(layer.weight_tensor, channels * structure)?, &[][..])
+    };
     Some(LayerParams {
-        weight: codes(bytes(layer.weight_tensor, channels * structure)?),
+        weight: codes(weight),
+        frozen_weight: codes(frozen_weight),
         weight_q,
         weight_range,
         bias: words::<i32>(bytes(layer.bias_tensor, channels * 4)?)?,

@@ -45,14 +45,16 @@ impl SampleRun<'_, '_, '_> {
         state: &mut [u8],
     ) -> Option<()> {
         match step.op {
-            StepOp::LoadInput => None,
+            // Loaded by the shared step walk; streamed chains and clamp masks are int8 only
+            // (validation refuses them in float32 plans).
+            StepOp::LoadInput | StepOp::StreamedForward | StepOp::ClampMask => None,
             StepOp::Forward => self.float_forward(step, tensors),
             StepOp::Loss => self.float_loss(step, tensors),
             StepOp::ActivationMask => {
                 let view = self.view;
                 let i = step.layer as usize;
                 let bytes = view.numel(i + 1)? * 4;
-                let [output, masked] = mask_operands(view, step, tensors, bytes)?;
+                let [output, masked] = mask_operands(view, step, tensors, bytes, bytes)?;
                 let act = view.layer(i)?.activation;
                 activation::backward(act, words::<f32>(output)?, words_mut::<f32>(masked)?);
                 Some(())

@@ -18,7 +18,9 @@
 //! - a [`ModelTensorRecord`] per model tensor (0: input, `i + 1`: output of layer `i`): shape
 //!   and initial activation and error range trackers (empty in float32);
 //! - a [`TensorRecord`] per plan tensor: role, size, arena offset and/or flash contents;
-//! - a [`StepRecord`] per kernel call of one sample, naming its tensors by position;
+//! - a [`StepRecord`] per kernel call of one sample, naming its tensors by position (a
+//!   row-streamed forward names the chain's input and output; the layers between are those of
+//!   the layer records, and their activations have no plan tensor);
 //! - the parameter blob: weight codes and `i32` biases (int8) or `f32` weights and biases
 //!   (float32) of every layer with parameters, each 4-byte aligned (frozen ones are read
 //!   there, trained ones are copied to the arena by [`exec::init`]).
@@ -59,6 +61,7 @@ use crate::checksum::crc32;
 use crate::ops::conv2d::Conv2dGeom;
 use crate::ops::linear::LinearGeom;
 use crate::ops::pool::{GlobalPoolGeom, PoolGeom};
+use crate::ops::{activation, stream};
 use crate::quant::QParams;
 use crate::update::GradStats;
 
@@ -248,6 +251,8 @@ enum Operand {
     Error(usize),
     /// A new error of model tensor `t`: role `Error` or `ErrorPart` with index `t`.
     ErrorOf(usize),
+    /// The activation buffer of model tensor `t`, or its clamp mask.
+    ActivationOrMask(usize),
     /// Exactly this role and index.
     Exactly(TensorRole, usize),
 }
@@ -367,6 +372,18 @@ impl<'a> PlanView<'a> {
             return None;
         }
         self.bytes.get(start..start.checked_add(len)?)
+    }
+
+    /// Bytes of a parameter tensor's flash contents: its size, except for the weights of a
+    /// layer that trains a strict subset of its output channels, whose arena tensor holds the
+    /// trained channels and whose flash contents the whole weight tensor (the frozen channels
+    /// are read there). `None` when the tensor's layer is invalid.
+    pub fn flash_bytes(&self, tensor: &TensorRecord) -> Option<usize> {
+        if tensor.role != TensorRole::Weight {
+            return Some(tensor.bytes as usize);
+        }
+        let (channels, structure) = self.geometry(tensor.index as usize)?.params()?;
+        channels.checked_mul(structure)
     }
 
     /// Elements of one sample of model tensor `t`.
@@ -650,6 +667,9 @@ impl<'a> PlanView<'a> {
         if role == TensorRole::Scratch {
             return (index < self.step_count()).then_some(None);
         }
+        if role == TensorRole::ClampMask {
+            return Some(Some(activation::clamp_mask_bytes(self.numel(index)?) as u64));
+        }
         if matches!(
             role,
             TensorRole::Activation | TensorRole::Error | TensorRole::ErrorPart
@@ -664,6 +684,10 @@ impl<'a> PlanView<'a> {
         let int8 = self.header.precision == Precision::Int8;
         let velocity = self.has_velocity();
         let bytes = match role {
+            // The trained channels only, when a strict subset trains (see `flash_bytes`).
+            TensorRole::Weight if trained > 0 && trained < channels => {
+                trained * structure * element
+            }
             TensorRole::Weight => channels * structure * element,
             TensorRole::Bias => channels * 4,
             TensorRole::WeightGrad if trained > 0 => trained * structure * 4,
@@ -700,7 +724,7 @@ impl<'a> PlanView<'a> {
             Some(offset) => {
                 in_flash
                     && offset.is_multiple_of(4)
-                    && self.flash(&tensor, tensor.bytes as usize).is_some()
+                    && self.flash(&tensor, self.flash_bytes(&tensor)?).is_some()
             }
             None => !in_flash,
         };
@@ -838,8 +862,8 @@ impl<'a> PlanView<'a> {
             Precision::Float32 => (Absent, Absent),
         };
         // Float32 masks only where an activation clamps (int8 also masks 8-bit saturation).
-        let masks = self.header.precision == Precision::Int8
-            || layer.activation != crate::ops::activation::Activation::None;
+        let int8 = self.header.precision == Precision::Int8;
+        let masks = int8 || layer.activation != crate::ops::activation::Activation::None;
         let bias = Exactly(TensorRole::Bias, i);
         let output = Exactly(TensorRole::Activation, i + 1);
         let params = layer.kind.has_params();
@@ -852,11 +876,28 @@ impl<'a> PlanView<'a> {
             ),
             (StepOp::Forward, _) if params => ([Act(i), weight, bias], [output, Absent]),
             (StepOp::Forward, _) => ([Act(i), Absent, Absent], [output, Absent]),
-            // In place, or into a copy of the error's size.
+            // Streamed chains and clamp masks are int8 forms (float32 plans keep every
+            // activation a backward step reads).
+            (StepOp::StreamedForward | StepOp::ClampMask, _) if !int8 => return None,
+            (StepOp::StreamedForward, LayerKind::Conv2d) => {
+                let (last, _) = self.streamed_chain(step)?;
+                (
+                    [Act(i), Absent, Absent],
+                    [Exactly(TensorRole::Activation, last + 1), Absent],
+                )
+            }
+            (StepOp::ClampMask, LayerKind::Conv2d | LayerKind::Linear | LayerKind::Activation) => (
+                [Act(i + 1), Absent, Absent],
+                [Exactly(TensorRole::ClampMask, i + 1), Absent],
+            ),
+            // In place, or into a copy of the error's size; from the output or its clamp mask.
             (
                 StepOp::ActivationMask,
                 LayerKind::Conv2d | LayerKind::Linear | LayerKind::Activation,
-            ) if masks => ([Act(i + 1), Error(i + 1), Absent], [Error(i + 1), Absent]),
+            ) if masks => (
+                [Operand::ActivationOrMask(i + 1), Error(i + 1), Absent],
+                [Error(i + 1), Absent],
+            ),
             (StepOp::InputError, _) if params => {
                 ([weight, Error(i + 1), Absent], [ErrorOf(i), Absent])
             }
@@ -891,6 +932,33 @@ impl<'a> PlanView<'a> {
         Some(operands)
     }
 
+    /// The last layer and the window bytes of a streamed forward step: its layer is the first
+    /// of 2 to [`stream::MAX_STAGES`] frozen convolutions forming a chain
+    /// ([`stream::validate`]), the last being the layer whose output activation it writes.
+    pub fn streamed_chain(&self, step: &StepRecord) -> Option<(usize, usize)> {
+        let first = step.layer as usize;
+        let output = self.tensor(step.writes[0])?;
+        let last = (output.index as usize).checked_sub(1)?;
+        let count = last.checked_sub(first)? + 1;
+        if output.role != TensorRole::Activation || !(2..=stream::MAX_STAGES).contains(&count) {
+            return None;
+        }
+        let geometry = |j: usize| match (self.layer(j)?, self.geometry(j)?) {
+            (layer, Geometry::Conv(g)) if layer.kind == LayerKind::Conv2d && !layer.trains() => {
+                Some(g)
+            }
+            _ => None,
+        };
+        let head = geometry(first)?;
+        let mut geoms = [head; stream::MAX_STAGES];
+        for (j, slot) in geoms.iter_mut().enumerate().take(count) {
+            *slot = geometry(first + j)?;
+        }
+        let chain = &geoms[..count];
+        stream::validate(chain).ok()?;
+        Some((last, stream::scratch_bytes(chain)))
+    }
+
     fn operand_ok(&self, expected: Operand, id: u16) -> Option<()> {
         if let Operand::Absent = expected {
             return (id == NONE).then_some(());
@@ -906,6 +974,10 @@ impl<'a> PlanView<'a> {
                 tensor.role.is_error() && Some(tensor.bytes as u64) == self.tensor_bytes(t)
             }
             Operand::ErrorOf(t) => tensor.role.is_error() && index == t,
+            Operand::ActivationOrMask(t) => {
+                (tensor.role == TensorRole::Activation && index == self.buffer_of(t))
+                    || (tensor.role == TensorRole::ClampMask && index == t)
+            }
             Operand::Exactly(role, t) => tensor.role == role && index == t,
         };
         ok.then_some(())
@@ -926,6 +998,13 @@ impl<'a> PlanView<'a> {
         if step.scratch != NONE {
             let scratch = self.tensor(step.scratch)?;
             if (scratch.role, scratch.index as usize) != (TensorRole::Scratch, s) {
+                return None;
+            }
+        }
+        if step.op == StepOp::StreamedForward {
+            let (_, windows) = self.streamed_chain(&step)?;
+            let scratch = self.tensor(step.scratch)?;
+            if (scratch.bytes as usize) < windows || scratch.arena_offset.is_none() {
                 return None;
             }
         }

@@ -620,10 +620,14 @@ pub enum TensorRole {
     /// `f32` momentum velocity of the bias of layer `index` (float32 plans with momentum; the
     /// weights' velocity is the layer's [`TensorRole::OptimizerState`]).
     BiasOptimizerState,
+    /// Clamp mask of the activation of model tensor `index`: one bit per element
+    /// ([`crate::ops::activation::clamp_mask_q`]), kept for the backward pass instead of the
+    /// activation when only the activation mask reads it.
+    ClampMask,
 }
 
 impl TensorRole {
-    const ALL: [TensorRole; 10] = [
+    const ALL: [TensorRole; 11] = [
         TensorRole::Activation,
         TensorRole::Error,
         TensorRole::ErrorPart,
@@ -634,6 +638,7 @@ impl TensorRole {
         TensorRole::OptimizerState,
         TensorRole::Scratch,
         TensorRole::BiasOptimizerState,
+        TensorRole::ClampMask,
     ];
 
     /// True for error tensors (complete or partial).
@@ -730,10 +735,17 @@ pub enum StepOp {
     WeightUpdate,
     /// Bias update (after the last sample of a batch).
     BiasUpdate,
+    /// Row-streamed forward of the frozen convolutions from the step's layer to the layer
+    /// whose output the step writes ([`crate::ops::stream`]): the intermediate activations
+    /// exist only as row windows in the step's scratch.
+    StreamedForward,
+    /// The clamp mask of the layer's output ([`crate::ops::activation::clamp_mask_q`]), which
+    /// its activation mask step reads instead of the output.
+    ClampMask,
 }
 
 impl StepOp {
-    const ALL: [StepOp; 10] = [
+    const ALL: [StepOp; 12] = [
         StepOp::LoadInput,
         StepOp::Forward,
         StepOp::Loss,
@@ -744,6 +756,8 @@ impl StepOp {
         StepOp::BiasGrad,
         StepOp::WeightUpdate,
         StepOp::BiasUpdate,
+        StepOp::StreamedForward,
+        StepOp::ClampMask,
     ];
 
     /// True for the update steps, which run once per batch.
@@ -921,10 +935,10 @@ mod tests {
         layer[1] = 3;
         assert_eq!(LayerRecord::decode(&layer), None);
         let mut tensor = [0u8; TENSOR_BYTES];
-        tensor[0] = 10;
+        tensor[0] = TensorRole::ALL.len() as u8;
         assert_eq!(TensorRecord::decode(&tensor), None);
         let mut step = [0u8; STEP_BYTES];
-        step[0] = 10;
+        step[0] = 12;
         assert_eq!(StepRecord::decode(&step), None);
         let mut header = Header::decode(&[0u8; HEADER_BYTES]);
         assert_eq!(header, Err(PlanError::BadMagic));

@@ -2,19 +2,33 @@
 //!
 //! Steps, per sample: load the input, the forward of every layer, the loss, then the backward
 //! from the last layer down to the lowest trained layer. The backward of a layer is, in order:
-//! - the activation mask (reads the layer's OUTPUT: codes at the clamp bounds; int8 layers
-//!   always mask, since even the identity masks 8-bit saturation, float layers only for ReLU
-//!   and ReLU6), in place unless another tensor's pending error shares the buffer;
+//! - the activation mask (reads the layer's OUTPUT, or its clamp mask: codes at the clamp
+//!   bounds; int8 layers always mask, since even the identity masks 8-bit saturation, float
+//!   layers only for ReLU and ReLU6), in place unless another tensor's pending error shares
+//!   the buffer;
 //! - the input error (reads the weights, which are still the old ones), not for the lowest
 //!   trained layer;
 //! - the bias gradient and, with reordering, the bias update;
 //! - the weight gradient (reads the layer's INPUT) and, with reordering, the weight update.
 //!
 //! Pruning: nothing below the lowest trained layer runs backward; frozen parameters get no
-//! gradient and stay in flash; an activation is kept after the forward only when a backward
+//! gradient and stay in flash (in int8 plans, so do the frozen channels of a layer that trains
+//! a strict subset of its weight channels: the int8 executor updates those channels under the
+//! layer's fixed quantization, so the others never change); an activation is kept after the forward only when a backward
 //! step reads it (a bias-only layer keeps no input activation). Errors of a tensor read by two
 //! layers are summed out of place ([`StepOp::AccumulateError`]); an add passes its output error
 //! to both inputs without a copy, a flatten passes it through.
+//!
+//! Memory-saving steps of int8 plans (the int8 executor runs them; float plans keep plain
+//! steps until the float executor does), found from a first build without them:
+//! - row streaming: a run of frozen convolutions whose intermediate activations nothing but
+//!   the next convolution reads (no backward step, one consumer) becomes one
+//!   [`StepOp::StreamedForward`] step; the intermediates are never stored, only row windows
+//!   of them in the step's scratch ([`stream::scratch_bytes`]). A stage joins a chain only when
+//!   its window is smaller than the tensor it replaces;
+//! - clamp masks: an activation that in the backward pass only its activation mask reads is
+//!   reduced right after its forward to a 1-bit mask ([`StepOp::ClampMask`]), which the mask
+//!   step reads instead (an eighth of the bytes kept for the backward pass).
 //!
 //! Reordering (Tiny Training Engine): each update right after its gradient, so at batch 1 no
 //! gradient buffer outlives its layer. Without it (the naive baseline) every update runs after
@@ -29,7 +43,9 @@ use super::{
 };
 use crate::engine::consumers;
 use crate::model::{numel, Architecture, Geometry, LayerKind, ModelError, Shape};
-use mcutrain_core::ops::activation::Activation;
+use mcutrain_core::ops::activation::{self, Activation};
+use mcutrain_core::ops::conv2d::Conv2dGeom;
+use mcutrain_core::ops::stream;
 use mcutrain_core::update::GradStats;
 
 /// How to compile.
@@ -105,7 +121,8 @@ pub fn compile(
     updates: &[LayerUpdate],
     options: &PlanOptions,
 ) -> Result<TrainingPlan, CompileError> {
-    let (mut tensors, steps) = build(arch, updates, options)?;
+    let memory = MemoryOps::find(arch, updates, options)?;
+    let (mut tensors, steps) = build(arch, updates, options, &memory)?;
     let lifetimes = liveness::lifetimes(&tensors, &steps);
     let (lower_bound_bytes, _) = liveness::lower_bound(&tensors, &lifetimes, steps.len());
     let (ids, blocks) = arena_blocks(&tensors, &lifetimes);
@@ -118,7 +135,7 @@ pub fn compile(
             reorder: false,
             ..*options
         };
-        let (naive_tensors, naive_steps) = build(arch, updates, &naive_options)?;
+        let (naive_tensors, naive_steps) = build(arch, updates, &naive_options, &memory)?;
         let naive_lifetimes = liveness::lifetimes(&naive_tensors, &naive_steps);
         let (naive_ids, naive_blocks) = arena_blocks(&naive_tensors, &naive_lifetimes);
         let naive = arena::place(&naive_blocks);
@@ -142,11 +159,60 @@ pub fn compile(
     })
 }
 
+/// Which activations the memory-saving steps apply to (see the module documentation), per
+/// model tensor; found from the plan built without them. Empty for float plans.
+#[derive(Clone, Debug, Default)]
+struct MemoryOps {
+    /// No backward step reads the activation: it may be streamed.
+    forward_only: Vec<bool>,
+    /// In the backward pass only activation mask steps read it: keep its clamp mask instead.
+    mask_only: Vec<bool>,
+}
+
+impl MemoryOps {
+    fn find(
+        arch: &Architecture,
+        updates: &[LayerUpdate],
+        options: &PlanOptions,
+    ) -> Result<Self, CompileError> {
+        if options.precision != Precision::Int8 {
+            return Ok(MemoryOps::default());
+        }
+        let (tensors, steps) = build(arch, updates, options, &MemoryOps::default())?;
+        let mut memory = MemoryOps {
+            forward_only: vec![false; arch.layers.len() + 1],
+            mask_only: vec![false; arch.layers.len() + 1],
+        };
+        for (id, tensor) in tensors.iter().enumerate() {
+            let TensorRole::Activation { tensor: t } = tensor.role else {
+                continue;
+            };
+            let mut readers = steps
+                .iter()
+                .filter(|s| s.op.is_backward() && s.reads.contains(&id))
+                .peekable();
+            memory.forward_only[t] = readers.peek().is_none();
+            memory.mask_only[t] = !memory.forward_only[t]
+                && readers.all(|s| s.op == StepOp::ActivationMask && s.reads[0] == id);
+        }
+        Ok(memory)
+    }
+
+    fn forward_only(&self, t: usize) -> bool {
+        self.forward_only.get(t).copied().unwrap_or(false)
+    }
+
+    fn mask_only(&self, t: usize) -> bool {
+        self.mask_only.get(t).copied().unwrap_or(false)
+    }
+}
+
 /// The tensors and steps of the plan, before arena placement.
 fn build(
     arch: &Architecture,
     updates: &[LayerUpdate],
     options: &PlanOptions,
+    memory: &MemoryOps,
 ) -> Result<(Vec<PlanTensor>, Vec<Step>), CompileError> {
     let shapes = arch.shapes()?;
     if updates.len() != arch.layers.len() {
@@ -183,12 +249,14 @@ fn build(
         params: &params,
         updates,
         options: *options,
+        memory,
         lowest,
         tensors: Vec::new(),
         steps: Vec::new(),
         deferred: Vec::new(),
         pending: vec![None; arch.layers.len() + 1],
         param_tensors: Vec::new(),
+        clamp_masks: vec![None; arch.layers.len() + 1],
     };
     let activations = compiler.forward();
     compiler.backward(&activations);
@@ -232,6 +300,8 @@ struct LayerParams {
     out_channels: usize,
     /// Kernel scratch bytes of the layer's conv/linear kernels.
     scratch: usize,
+    /// The geometry of a convolution (a possible stage of a streamed chain).
+    conv: Option<Conv2dGeom>,
 }
 
 fn layer_params(arch: &Architecture, shapes: &[Shape]) -> Result<Vec<LayerParams>, ModelError> {
@@ -249,11 +319,13 @@ fn layer_params(arch: &Architecture, shapes: &[Shape]) -> Result<Vec<LayerParams
                     weight_len: g.weight_len(),
                     out_channels: g.out_channels,
                     scratch: g.scratch_bytes(),
+                    conv: Some(g),
                 },
                 Geometry::Linear(g) => LayerParams {
                     weight_len: g.weight_len(),
                     out_channels: g.out_features,
                     scratch: g.scratch_bytes(),
+                    conv: None,
                 },
                 // The pooling, activation, add and loss kernels need no scratch (see their
                 // module documentation).
@@ -261,6 +333,7 @@ fn layer_params(arch: &Architecture, shapes: &[Shape]) -> Result<Vec<LayerParams
                     weight_len: 0,
                     out_channels: 0,
                     scratch: 0,
+                    conv: None,
                 },
             })
         })
@@ -281,6 +354,8 @@ struct Compiler<'a> {
     params: &'a [LayerParams],
     updates: &'a [LayerUpdate],
     options: PlanOptions,
+    /// Where the memory-saving steps apply.
+    memory: &'a MemoryOps,
     /// The lowest layer that trains anything: the backward stops there.
     lowest: usize,
     tensors: Vec<PlanTensor>,
@@ -291,6 +366,8 @@ struct Compiler<'a> {
     pending: Vec<Option<TensorId>>,
     /// Per layer: its weight and bias tensors (`None` without parameters).
     param_tensors: Vec<Option<ParamTensors>>,
+    /// Per model tensor: the clamp mask kept instead of its activation.
+    clamp_masks: Vec<Option<TensorId>>,
 }
 
 impl Compiler<'_> {
@@ -315,11 +392,16 @@ impl Compiler<'_> {
         } else {
             Placement::Arena { offset: 0 }
         };
+        let flash_bytes = match role {
+            TensorRole::Weight { .. } | TensorRole::Bias { .. } => bytes,
+            _ => 0,
+        };
         self.tensors.push(PlanTensor {
             role,
             category,
             layer,
             bytes,
+            flash_bytes,
             persistent,
             placement,
         });
@@ -341,6 +423,18 @@ impl Compiler<'_> {
             ) => self.params[l].scratch,
             _ => 0,
         };
+        self.step_with_scratch(op, layer, reads, writes, scratch_bytes);
+    }
+
+    /// Append a step with a scratch tensor of `scratch_bytes` (none when 0).
+    fn step_with_scratch(
+        &mut self,
+        op: StepOp,
+        layer: Option<usize>,
+        reads: Vec<TensorId>,
+        writes: Vec<TensorId>,
+        scratch_bytes: usize,
+    ) {
         let scratch = (scratch_bytes > 0).then(|| {
             let step = self.steps.len();
             self.tensor(
@@ -365,8 +459,8 @@ impl Compiler<'_> {
     }
 
     /// Load the input and run every layer's forward; returns the activation buffer of every
-    /// model tensor (a flatten output shares its input's).
-    fn forward(&mut self) -> Vec<TensorId> {
+    /// model tensor (a flatten output shares its input's; `None`: streamed, never stored).
+    fn forward(&mut self) -> Vec<Option<TensorId>> {
         let input_bytes = self.tensor_bytes(0);
         let input = self.tensor(
             TensorRole::Activation { tensor: 0 },
@@ -375,35 +469,99 @@ impl Compiler<'_> {
             input_bytes,
         );
         self.step(StepOp::LoadInput, None, vec![], vec![input]);
-        let mut activations = vec![input];
+        let mut activations = vec![Some(input)];
         for i in 0..self.arch.layers.len() {
             let params = self.create_param_tensors(i);
             self.param_tensors.push(params);
         }
         let arch = self.arch;
-        for (i, layer) in arch.layers.iter().enumerate() {
+        let mut i = 0;
+        while i < arch.layers.len() {
+            let layer = &arch.layers[i];
             if layer.kind == LayerKind::Flatten {
                 activations.push(activations[i]);
+                i += 1;
                 continue;
             }
-            let mut reads = vec![activations[i]];
-            if let LayerKind::Add { skip_from } = layer.kind {
-                reads.push(activations[skip_from + 1]);
-            }
-            if let Some(p) = self.param_tensors[i] {
-                reads.extend([p.weight, p.bias]);
-            }
-            let bytes = self.tensor_bytes(i + 1);
+            let last = self.chain_end(i);
+            let mut reads = vec![stored(&activations, i)];
+            let bytes = self.tensor_bytes(last + 1);
             let output = self.tensor(
-                TensorRole::Activation { tensor: i + 1 },
+                TensorRole::Activation { tensor: last + 1 },
                 Category::ForwardActivation,
-                Some(i),
+                Some(last),
                 bytes,
             );
-            self.step(StepOp::Forward, Some(i), reads, vec![output]);
-            activations.push(output);
+            if last > i {
+                let windows = stream::scratch_bytes(
+                    self.params[i..=last].iter().filter_map(|p| p.conv.as_ref()),
+                );
+                self.step_with_scratch(
+                    StepOp::StreamedForward,
+                    Some(i),
+                    reads,
+                    vec![output],
+                    windows,
+                );
+                activations.extend(std::iter::repeat_n(None, last - i));
+            } else {
+                if let LayerKind::Add { skip_from } = layer.kind {
+                    reads.push(stored(&activations, skip_from + 1));
+                }
+                if let Some(p) = self.param_tensors[i] {
+                    reads.extend([p.weight, p.bias]);
+                }
+                self.step(StepOp::Forward, Some(i), reads, vec![output]);
+            }
+            activations.push(Some(output));
+            self.keep_clamp_mask(last, output);
+            i = last + 1;
         }
         activations
+    }
+
+    /// The last layer of the streamed chain that starts at layer `i` (`i` itself when none
+    /// does): frozen convolutions, each intermediate activation read by no backward step and
+    /// by no layer but the next, each window smaller than the activation it replaces, at most
+    /// [`stream::MAX_STAGES`] of them.
+    fn chain_end(&self, i: usize) -> usize {
+        let stage = |j: usize| self.params[j].conv.filter(|_| !self.updates[j].any());
+        if stage(i).is_none() {
+            return i;
+        }
+        let mut last = i;
+        while last + 1 < self.arch.layers.len() && last + 1 - i < stream::MAX_STAGES {
+            let next = last + 1;
+            let Some(g) = stage(next) else {
+                break;
+            };
+            let streamable = self.memory.forward_only(next)
+                && consumers(self.arch, next) == [next]
+                && stream::window_bytes(&g) < self.tensor_bytes(next);
+            if !streamable {
+                break;
+            }
+            last = next;
+        }
+        last
+    }
+
+    /// After the forward of `layer` wrote `output`: when in the backward pass only the
+    /// activation mask reads it, keep its clamp mask (one bit per element) for that step.
+    fn keep_clamp_mask(&mut self, layer: usize, output: TensorId) {
+        let t = layer + 1;
+        if !self.memory.mask_only(t) {
+            return;
+        }
+        let bytes = activation::clamp_mask_bytes(numel(self.shapes[t]));
+        let mask = self.tensor(
+            TensorRole::ClampMask { tensor: t },
+            Category::SavedActivation,
+            Some(layer),
+            bytes,
+        );
+        self.step(StepOp::ClampMask, Some(layer), vec![output], vec![mask]);
+        self.clamp_masks[t] = Some(mask);
     }
 
     /// Create the weight and bias tensors of layer `i` (trained ones in SRAM, frozen ones in
@@ -423,12 +581,22 @@ impl Compiler<'_> {
             }
         };
         let precision = self.options.precision;
+        let weight_bytes = weight_len * precision.element_bytes();
+        // int8 layers that train a strict subset of their channels keep only those in SRAM
+        // (they update under a fixed quantization; see the module documentation).
+        let subset = update.weight_channels > 0 && update.weight_channels < out_channels;
+        let sram_bytes = if subset && precision == Precision::Int8 {
+            weight_bytes / out_channels * update.weight_channels
+        } else {
+            weight_bytes
+        };
         let weight = self.tensor(
             TensorRole::Weight { layer: i },
             category(update.weight_channels > 0),
             Some(i),
-            weight_len * precision.element_bytes(),
+            sram_bytes,
         );
+        self.tensors[weight].flash_bytes = weight_bytes;
         let bias = self.tensor(
             TensorRole::Bias { layer: i },
             category(update.bias),
@@ -439,7 +607,7 @@ impl Compiler<'_> {
     }
 
     /// Loss and backward from the last layer down to the lowest trained one.
-    fn backward(&mut self, activations: &[TensorId]) {
+    fn backward(&mut self, activations: &[Option<TensorId>]) {
         let arch = self.arch;
         let n = arch.layers.len();
         let logits_error = self.tensor(
@@ -448,7 +616,12 @@ impl Compiler<'_> {
             Some(n - 1),
             self.tensor_bytes(n),
         );
-        self.step(StepOp::Loss, None, vec![activations[n]], vec![logits_error]);
+        self.step(
+            StepOp::Loss,
+            None,
+            vec![stored(activations, n)],
+            vec![logits_error],
+        );
         self.pending[n] = Some(logits_error);
         for i in (self.lowest..n).rev() {
             let Some(error) = self.pending[i + 1].take() else {
@@ -456,17 +629,19 @@ impl Compiler<'_> {
             };
             match arch.layers[i].kind {
                 LayerKind::Conv2d { activation, .. } | LayerKind::Linear { activation, .. } => {
-                    let error = self.mask(i, activation, activations[i + 1], error);
-                    self.parametric_backward(i, activations[i], error);
+                    let error = self.mask(i, activation, stored(activations, i + 1), error);
+                    self.parametric_backward(i, stored(activations, i), error);
                 }
                 LayerKind::Activation(activation) => {
-                    let error = self.mask(i, activation, activations[i + 1], error);
+                    let error = self.mask(i, activation, stored(activations, i + 1), error);
                     self.contribute(i, i, error);
                 }
                 LayerKind::AvgPool { .. } | LayerKind::GlobalAvgPool => {
                     self.input_error(i, vec![error]);
                 }
-                LayerKind::MaxPool { .. } => self.input_error(i, vec![activations[i], error]),
+                LayerKind::MaxPool { .. } => {
+                    self.input_error(i, vec![stored(activations, i), error])
+                }
                 LayerKind::Add { skip_from } => {
                     self.contribute(i, i, error);
                     self.contribute(i, skip_from + 1, error);
@@ -503,6 +678,7 @@ impl Compiler<'_> {
         } else {
             error
         };
+        let output = self.clamp_masks[i + 1].unwrap_or(output);
         self.step(
             StepOp::ActivationMask,
             Some(i),
@@ -636,6 +812,12 @@ impl Compiler<'_> {
             });
         }
     }
+}
+
+/// The buffer of model tensor `t` (streamed activations are never stored, and only their
+/// chain reads them).
+fn stored(activations: &[Option<TensorId>], t: usize) -> TensorId {
+    activations[t].expect("only its streamed chain reads a streamed activation")
 }
 
 /// Activations read by a backward step become [`Category::SavedActivation`].

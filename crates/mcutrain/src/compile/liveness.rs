@@ -112,6 +112,7 @@ mod tests {
             category: Category::ForwardActivation,
             layer: None,
             bytes,
+            flash_bytes: 0,
             persistent,
             placement: Placement::Arena { offset: 0 },
         }

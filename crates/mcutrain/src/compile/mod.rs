@@ -122,10 +122,16 @@ pub enum TensorRole {
         /// Layer index.
         layer: usize,
     },
-    /// Kernel scratch of one step.
+    /// Kernel scratch of one step (the row windows of a [`StepOp::StreamedForward`]).
     Scratch {
         /// Step index.
         step: usize,
+    },
+    /// The clamp mask of an activation (one bit per element), kept for the backward pass
+    /// instead of the activation when only the activation mask reads it.
+    ClampMask {
+        /// Model tensor index.
+        tensor: usize,
     },
 }
 
@@ -194,8 +200,13 @@ pub struct PlanTensor {
     pub category: Category,
     /// Layer it belongs to (`None`: the model input and its error).
     pub layer: Option<usize>,
-    /// Exact size in bytes.
+    /// Exact size in bytes (in the arena, or in flash for a frozen parameter).
     pub bytes: usize,
+    /// Bytes of its contents in flash: a frozen parameter, or the initial value of a trained
+    /// one, which for an int8 layer that trains a strict subset of its weight channels is the
+    /// whole weight tensor while only the trained channels (`bytes`) are in the arena; 0 for
+    /// tensors that are not parameters.
+    pub flash_bytes: usize,
     /// Kept across samples and batches (trained parameters, optimizer state, and gradient
     /// accumulators at batch > 1): live over the whole plan.
     pub persistent: bool,
@@ -227,6 +238,13 @@ pub enum StepOp {
     WeightUpdate,
     /// Bias update from the gradient (runs after the last sample of a batch).
     BiasUpdate,
+    /// Forward of a chain of frozen convolutions, from the step's layer to the layer whose
+    /// output it writes, computed a few rows at a time: the intermediate activations exist
+    /// only as row windows in the step's scratch (`mcutrain_core::ops::stream`).
+    StreamedForward,
+    /// The 1-bit clamp mask of the layer's output, which its activation mask step reads
+    /// instead of the output.
+    ClampMask,
 }
 
 impl StepOp {
@@ -243,12 +261,21 @@ impl StepOp {
             StepOp::BiasGrad => "bias gradient",
             StepOp::WeightUpdate => "weight update",
             StepOp::BiasUpdate => "bias update",
+            StepOp::StreamedForward => "row-streamed forward",
+            StepOp::ClampMask => "clamp mask",
         }
     }
 
     /// True for the steps after the forward pass and the loss.
     pub fn is_backward(self) -> bool {
-        !matches!(self, StepOp::LoadInput | StepOp::Forward | StepOp::Loss)
+        !matches!(
+            self,
+            StepOp::LoadInput
+                | StepOp::Forward
+                | StepOp::StreamedForward
+                | StepOp::ClampMask
+                | StepOp::Loss
+        )
     }
 }
 
@@ -293,10 +320,6 @@ impl TrainingPlan {
     /// Bytes read from flash: frozen weights and biases, plus the initial values of the
     /// trained ones (copied to SRAM at start). Code size is not included.
     pub fn flash_bytes(&self) -> usize {
-        self.tensors
-            .iter()
-            .filter(|t| matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. }))
-            .map(|t| t.bytes)
-            .sum()
+        self.tensors.iter().map(|t| t.flash_bytes).sum()
     }
 }

@@ -536,6 +536,7 @@ fn role_of(role: TensorRole) -> (file::TensorRole, usize) {
         TensorRole::BiasGrad { layer } => (file::TensorRole::BiasGrad, layer),
         TensorRole::OptimizerState { layer } => (file::TensorRole::OptimizerState, layer),
         TensorRole::Scratch { step } => (file::TensorRole::Scratch, step),
+        TensorRole::ClampMask { tensor } => (file::TensorRole::ClampMask, tensor),
     }
 }
 
@@ -552,6 +553,8 @@ fn op_of(op: StepOp) -> file::StepOp {
         StepOp::BiasGrad => file::StepOp::BiasGrad,
         StepOp::WeightUpdate => file::StepOp::WeightUpdate,
         StepOp::BiasUpdate => file::StepOp::BiasUpdate,
+        StepOp::StreamedForward => file::StepOp::StreamedForward,
+        StepOp::ClampMask => file::StepOp::ClampMask,
     }
 }
 
@@ -651,10 +654,11 @@ pub fn trained_model(view: &PlanView, arena: &[u8], base: &Model) -> Result<Mode
             continue;
         }
         let params = exec::layer_params(view, arena, i).ok_or_else(|| unreadable(i))?;
-        if params.weight.len() != layer.weight.len() || params.bias.len() != layer.bias.len() {
+        let weight_len = params.weight.len() + params.frozen_weight.len();
+        if weight_len != layer.weight.len() || params.bias.len() != layer.bias.len() {
             return Err(other_sizes(i));
         }
-        layer.weight = params.weight.to_vec();
+        layer.weight = [params.weight, params.frozen_weight].concat();
         layer.weight_q = vec![params.weight_q];
         layer.weight_range = params.weight_range;
         layer.bias = params.bias.to_vec();

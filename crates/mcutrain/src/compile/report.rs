@@ -1,12 +1,13 @@
 //! The memory report of a [`TrainingPlan`]: the arena's peak, the lower bound and the step
 //! where it is reached, the bytes live at that step per category and per layer (both sum to
-//! the lower bound), the biggest contributors, and the flash bytes of the parameters.
+//! the lower bound), the biggest contributors, the flash bytes of the parameters, and what the
+//! memory-saving steps save (row-streamed chains, clamp masks).
 //!
 //! All figures are analytic: computed from tensor sizes and lifetimes, not measured on a
 //! device. KB are 1024 bytes.
 
 use super::liveness::{lifetimes, live_bytes};
-use super::{aligned, Category, PlanTensor, TensorRole, TrainingPlan};
+use super::{aligned, Category, PlanTensor, StepOp, TensorRole, TrainingPlan};
 use crate::model::{Architecture, Layer, LayerKind};
 use crate::report::table;
 use serde_json::{json, Value};
@@ -34,6 +35,19 @@ impl LayerRow {
     }
 }
 
+/// A chain of layers computed by one row-streamed forward step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamedChain {
+    /// `first..last` layer names.
+    pub layers: String,
+    /// Number of layers.
+    pub count: usize,
+    /// Bytes of its row windows (the step's scratch).
+    pub window_bytes: usize,
+    /// Bytes of the intermediate activations it never stores.
+    pub activation_bytes: usize,
+}
+
 /// The memory report.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryReport {
@@ -56,6 +70,11 @@ pub struct MemoryReport {
     pub layers: Vec<LayerRow>,
     /// The largest tensors live at the peak step: (description, aligned bytes), largest first.
     pub contributors: Vec<(String, usize)>,
+    /// The row-streamed chains, in step order.
+    pub streamed: Vec<StreamedChain>,
+    /// Activations kept for the backward pass as clamp masks: `(count, mask bytes, bytes of
+    /// the activations they replace)`.
+    pub clamp_masks: (usize, usize, usize),
     /// Frozen weights and biases, read in place from flash.
     pub flash_frozen_bytes: usize,
     /// Initial values of the trained weights and biases, copied from flash to SRAM at start.
@@ -138,18 +157,47 @@ impl MemoryReport {
         }
         let mut contributors: Vec<(String, usize)> = at_peak
             .iter()
-            .map(|t| (describe(arch, t), aligned(t.bytes)))
+            .map(|t| (describe(arch, plan, t), aligned(t.bytes)))
             .collect();
         contributors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let param_bytes = |category: Category| -> usize {
-            plan.tensors
-                .iter()
-                .filter(|t| matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. }))
-                .filter(|t| t.category == category)
-                .map(|t| t.bytes)
-                .sum()
-        };
+        // Flash bytes of trained parameters beyond their SRAM copy are frozen channels.
+        let trained_bytes: usize = plan
+            .tensors
+            .iter()
+            .filter(|t| t.category == Category::TrainedWeight)
+            .map(|t| t.bytes)
+            .sum();
+        let flash_frozen_bytes = plan.flash_bytes() - trained_bytes;
         let peak_step_name = step_name(arch, plan, peak_step);
+        let element = plan.precision.element_bytes();
+        let shapes = arch.shapes().unwrap_or_default();
+        let activation_bytes =
+            |t: usize| shapes.get(t).map_or(0, |s| crate::model::numel(*s)) * element;
+        let streamed = plan
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.op == StepOp::StreamedForward)
+            .map(|(index, s)| {
+                let (first, last) = chain_layers(plan, index);
+                StreamedChain {
+                    layers: format!("{}..{}", arch.layers[first].name, arch.layers[last].name),
+                    count: last - first + 1,
+                    window_bytes: s.scratch.map_or(0, |id| plan.tensors[id].bytes),
+                    activation_bytes: (first + 1..=last).map(activation_bytes).sum(),
+                }
+            })
+            .collect();
+        let clamp_masks = plan
+            .tensors
+            .iter()
+            .filter_map(|t| match t.role {
+                TensorRole::ClampMask { tensor } => Some((t.bytes, activation_bytes(tensor))),
+                _ => None,
+            })
+            .fold((0, 0, 0), |(n, bits, whole), (b, w)| {
+                (n + 1, bits + b, whole + w)
+            });
         let forward_bytes = live
             .iter()
             .zip(&plan.steps)
@@ -167,8 +215,10 @@ impl MemoryReport {
             categories,
             layers,
             contributors,
-            flash_frozen_bytes: param_bytes(Category::FrozenWeight),
-            flash_trained_bytes: param_bytes(Category::TrainedWeight),
+            streamed,
+            clamp_masks,
+            flash_frozen_bytes,
+            flash_trained_bytes: trained_bytes,
             precision: plan.precision.name(),
             batch: plan.batch,
             reorder: plan.reorder,
@@ -237,6 +287,39 @@ impl MemoryReport {
             &mut out,
             format!("biggest contributors: {}", self.contributors_text(5)),
         );
+        if !self.streamed.is_empty() {
+            let chains: Vec<String> = self
+                .streamed
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} ({} layers, {} of row windows for {} of activations)",
+                        c.layers,
+                        c.count,
+                        kb(c.window_bytes),
+                        kb(c.activation_bytes)
+                    )
+                })
+                .collect();
+            push(
+                &mut out,
+                format!(
+                    "row-streamed forward, intermediate activations never stored: {}",
+                    chains.join(", ")
+                ),
+            );
+        }
+        let (masks, mask_bytes, replaced) = self.clamp_masks;
+        if masks > 0 {
+            push(
+                &mut out,
+                format!(
+                    "clamp masks: {masks} activations kept for the backward pass as 1-bit masks, {} instead of {}",
+                    kb(mask_bytes),
+                    kb(replaced)
+                ),
+            );
+        }
         let rows: Vec<Vec<String>> = self
             .layers
             .iter()
@@ -307,6 +390,8 @@ impl MemoryReport {
             "flash_frozen_bytes": self.flash_frozen_bytes,
             "flash_trained_initial_bytes": self.flash_trained_bytes,
             "contributors": self.contributors.iter().take(10).map(|(w, b)| json!({"tensor": w, "bytes": b})).collect::<Vec<_>>(),
+            "streamed_chains": self.streamed.iter().map(|c| json!({"layers": c.layers, "count": c.count, "window_bytes": c.window_bytes, "activation_bytes": c.activation_bytes})).collect::<Vec<_>>(),
+            "clamp_masks": {"count": self.clamp_masks.0, "bytes": self.clamp_masks.1, "activation_bytes": self.clamp_masks.2},
             "layers": layers,
         })
     }
@@ -382,8 +467,19 @@ fn trains_label(weight_channels: usize, bias: bool, layer: &Layer) -> String {
     }
 }
 
+/// The first and last layer of the row-streamed forward step `step`.
+fn chain_layers(plan: &TrainingPlan, step: usize) -> (usize, usize) {
+    let s = &plan.steps[step];
+    let first = s.layer.unwrap_or(0);
+    let last = match s.writes.first().map(|&id| plan.tensors[id].role) {
+        Some(TensorRole::Activation { tensor }) if tensor > first => tensor - 1,
+        _ => first,
+    };
+    (first, last)
+}
+
 /// What a tensor holds, in words.
-fn describe(arch: &Architecture, t: &PlanTensor) -> String {
+fn describe(arch: &Architecture, plan: &TrainingPlan, t: &PlanTensor) -> String {
     let layer = |l: usize| arch.layers[l].name.as_str();
     let tensor = |i: usize| match i {
         0 => "the input".to_string(),
@@ -401,13 +497,30 @@ fn describe(arch: &Architecture, t: &PlanTensor) -> String {
         TensorRole::WeightGrad { layer: l } => format!("weight gradient of {}", layer(l)),
         TensorRole::BiasGrad { layer: l } => format!("bias gradient of {}", layer(l)),
         TensorRole::OptimizerState { layer: l } => format!("optimizer state of {}", layer(l)),
-        TensorRole::Scratch { step } => format!("scratch of step {step}"),
+        TensorRole::Scratch { step } => match plan.steps[step].op {
+            StepOp::StreamedForward => {
+                let (first, last) = chain_layers(plan, step);
+                format!("row windows of {}..{}", layer(first), layer(last))
+            }
+            _ => format!("scratch of step {step}"),
+        },
+        TensorRole::ClampMask { tensor: i } => format!("clamp mask ({})", tensor(i)),
     }
 }
 
-/// What step `step` of `plan` runs, e.g. `weight gradient of block16.expand`.
+/// What step `step` of `plan` runs, e.g. `weight gradient of block16.expand` or
+/// `row-streamed forward of stem..block2.project`.
 pub fn step_name(arch: &Architecture, plan: &TrainingPlan, step: usize) -> String {
     let s = &plan.steps[step];
+    if s.op == StepOp::StreamedForward {
+        let (first, last) = chain_layers(plan, step);
+        return format!(
+            "{} of {}..{}",
+            s.op.name(),
+            arch.layers[first].name,
+            arch.layers[last].name
+        );
+    }
     match s.layer {
         Some(l) => format!("{} of {}", s.op.name(), arch.layers[l].name),
         None => s.op.name().to_string(),

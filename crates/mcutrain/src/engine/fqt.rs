@@ -591,6 +591,10 @@ fn layer_params<'p>(
 /// Training state that lives beside the model: gradient statistics and partial-update maxima.
 pub struct FqtTrainer {
     trainable: Vec<Trainable>,
+    /// Per layer: output channels whose weights train (the first ones). A strict subset trains
+    /// under the layer's fixed quantization ([`update::fqt_update_weights_fixed`]), the rule
+    /// that lets a device keep only those channels in SRAM.
+    weight_channels: Vec<usize>,
     stats: Vec<Vec<GradStats>>,
     error_max: Vec<f32>,
     /// Learning rate of the next batch ([`FqtTrainer::train`] decays it from `cfg.lr`).
@@ -608,8 +612,21 @@ pub struct EpochStats {
 }
 
 impl FqtTrainer {
-    /// A trainer for `model` under `cfg`.
+    /// A trainer for `model` under `cfg` (which trains `cfg.scheme`).
     pub fn new(model: &Model, cfg: FqtConfig) -> Result<Self, ModelError> {
+        let updates = crate::compile::scheme::from_update_scheme(&model.arch, cfg.scheme);
+        Self::with_updates(model, cfg, &updates)
+    }
+
+    /// A trainer for `model` that trains what `updates` says per layer (`cfg.scheme` is not
+    /// used), for example a sparse scheme of channel ratios. A layer that trains a strict
+    /// subset of its weight channels updates them under its fixed weight quantization; that
+    /// cannot be combined with dynamic partial updates, which select among all channels.
+    pub fn with_updates(
+        model: &Model,
+        cfg: FqtConfig,
+        updates: &[crate::compile::LayerUpdate],
+    ) -> Result<Self, ModelError> {
         let Params::Int8(state) = &model.params else {
             return Err(ModelError::BadParams(
                 "fully quantized training needs an int8 model; run `mcutrain quantize` first"
@@ -624,7 +641,37 @@ impl FqtTrainer {
                 )));
             }
         }
-        let trainable = cfg.scheme.trainable(&model.arch);
+        if updates.len() != state.layers.len() {
+            return Err(ModelError::BadParams(format!(
+                "the update scheme has {} entries for {} layers",
+                updates.len(),
+                state.layers.len()
+            )));
+        }
+        for (i, (u, l)) in updates.iter().zip(&state.layers).enumerate() {
+            let channels = l.bias.len();
+            let subset = u.weight_channels > 0 && u.weight_channels < channels;
+            if u.weight_channels > channels || (u.bias && channels == 0) {
+                return Err(ModelError::BadParams(format!(
+                    "layer {i} ({}) cannot train {} weight channels and bias={}: it has {channels} output channels",
+                    model.arch.layers[i].name, u.weight_channels, u.bias
+                )));
+            }
+            if subset && cfg.partial.is_some() {
+                return Err(ModelError::BadParams(format!(
+                    "layer {i} ({}) trains {} of its {channels} weight channels: dynamic partial updates select among all channels, so use one or the other",
+                    model.arch.layers[i].name, u.weight_channels
+                )));
+            }
+        }
+        let trainable = updates
+            .iter()
+            .map(|u| Trainable {
+                weight: u.weight_channels > 0,
+                bias: u.bias,
+            })
+            .collect();
+        let weight_channels = updates.iter().map(|u| u.weight_channels).collect();
         let stats = state
             .layers
             .iter()
@@ -635,6 +682,7 @@ impl FqtTrainer {
             lr: cfg.lr,
             stats,
             trainable,
+            weight_channels,
             cfg,
         })
     }
@@ -725,7 +773,20 @@ impl FqtTrainer {
                 .collect();
             let channels = ChannelSet::Subset(&list);
             let layer = &mut state.layers[i];
-            if tr.weight {
+            let trained = self.weight_channels[i];
+            if tr.weight && trained < layer.bias.len() {
+                let structure_len = layer.weight.len() / layer.bias.len();
+                let len = trained * structure_len;
+                update::fqt_update_weights_fixed(
+                    &mut layer.weight[..len],
+                    layer.weight_q[0],
+                    &grads[i].weight[..len],
+                    structure_len,
+                    ChannelSet::All,
+                    &mut self.stats[i][..trained],
+                    &update_cfg,
+                );
+            } else if tr.weight {
                 let structure_len = layer.weight.len() / layer.bias.len();
                 update::fqt_update_weights(
                     &mut layer.weight,

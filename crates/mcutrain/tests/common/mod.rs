@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
+// Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
 
+use mcutrain::compile::{scheme, LayerUpdate};
 use mcutrain::model::{Architecture, Layer, LayerKind, ModelError};
 use mcutrain_core::ops::activation::Activation;
 
@@ -90,4 +93,107 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
     arch.classes = classes;
     arch.shapes().expect("a valid random architecture");
     arch
+}
+
+/// One random inverted-residual block: (expansion 1 to 4, output channels, stride 2).
+pub type BlockChoice = (usize, usize, bool);
+
+/// A MobileNetV2-style network from random choices (the pattern that row streaming targets):
+/// a 3x3 stem (stride 1, ReLU6), inverted-residual blocks (1x1 expand unless the expansion
+/// is 1, 3x3 depthwise, 1x1 project, a residual add when the shape is kept), global average
+/// pooling and a linear classifier.
+pub fn random_mobilenet(input: [usize; 3], blocks: &[BlockChoice], classes: usize) -> Architecture {
+    let conv = |name: String, out: usize, k: usize, stride: usize, groups: usize, act| Layer {
+        name,
+        kind: LayerKind::Conv2d {
+            out_channels: out,
+            kernel: (k, k),
+            stride: (stride, stride),
+            padding: (k / 2, k / 2),
+            groups,
+            activation: act,
+        },
+    };
+    let mut layers = vec![conv("stem".into(), 4, 3, 1, 1, Activation::Relu6)];
+    let mut channels = 4;
+    for (b, &(expansion, out, stride2)) in blocks.iter().enumerate() {
+        let input_layer = layers.len() - 1;
+        let hidden = channels * expansion;
+        if expansion > 1 {
+            layers.push(conv(
+                format!("b{b}.expand"),
+                hidden,
+                1,
+                1,
+                1,
+                Activation::Relu6,
+            ));
+        }
+        let stride = if stride2 { 2 } else { 1 };
+        layers.push(conv(
+            format!("b{b}.dw"),
+            hidden,
+            3,
+            stride,
+            hidden,
+            Activation::Relu6,
+        ));
+        layers.push(conv(
+            format!("b{b}.project"),
+            out,
+            1,
+            1,
+            1,
+            Activation::None,
+        ));
+        if !stride2 && out == channels {
+            layers.push(Layer {
+                name: format!("b{b}.add"),
+                kind: LayerKind::Add {
+                    skip_from: input_layer,
+                },
+            });
+        }
+        channels = out;
+    }
+    layers.push(Layer {
+        name: "pool".into(),
+        kind: LayerKind::GlobalAvgPool,
+    });
+    layers.push(Layer {
+        name: "classifier".into(),
+        kind: LayerKind::Linear {
+            out_features: classes,
+            activation: Activation::None,
+        },
+    });
+    let arch = Architecture {
+        input,
+        classes,
+        layers,
+    };
+    arch.shapes().expect("a valid random mobilenet");
+    arch
+}
+
+/// A random per-layer scheme (`None`: frozen, else eighths of the channels and bias) that
+/// trains at least the classifier's bias.
+pub fn random_updates(arch: &Architecture, picks: &[(u8, bool)]) -> Vec<LayerUpdate> {
+    let text: Vec<String> = arch
+        .layers
+        .iter()
+        .zip(picks.iter().cycle())
+        .filter(|(l, _)| l.kind.has_params())
+        .filter_map(|(l, &(ratio, bias))| {
+            let weight = ["0", "1/8", "1/4", "1/2", "1", "0", "0"][ratio as usize % 7];
+            let bias = bias || l.name == "classifier";
+            (weight != "0" || bias).then(|| {
+                format!(
+                    r#"{{"layer": "{}", "weight": "{weight}", "bias": {bias}}}"#,
+                    l.name
+                )
+            })
+        })
+        .collect();
+    scheme::from_json(arch, &format!("[{}]", text.join(",")), "random").expect("a valid scheme")
 }
