@@ -42,12 +42,13 @@
 //! against their roles and the precision, the hyper-parameters the precision allows (float32:
 //! no partial updates, no exact error ranges, momentum in `[0, 1)` with velocities exactly
 //! when it is not 0), the state region's layout (room for the errors' quantization with exact
-//! error ranges), each step's operands by position (an error part is only ever summed), and
-//! the arena plan itself: every operand is live at its step, tensors kept across samples are
-//! live at every step, and no two tensors live at a common step share a byte (an independent
-//! check of the planner, `O(tensors^2)` once). So no file can
-//! make the accessors or the executor panic or overwrite a live tensor; parameter values
-//! themselves (weights, biases, scales, range trackers) are data and not checked.
+//! error ranges), each step's operands by position (an error part is only ever summed), that
+//! no two parameter tensors share a byte of the blob, and the arena plan itself: every operand
+//! is live at its step, tensors kept across samples are live at every step, and no two
+//! tensors live at a common step share a byte (an independent check of the planner,
+//! `O(tensors^2)` once). So no file can make the accessors or the executor panic or overwrite
+//! a live tensor; parameter values themselves (weights, biases, scales, range trackers) are
+//! data and not checked.
 
 pub mod exec;
 mod record;
@@ -607,6 +608,7 @@ impl<'a> PlanView<'a> {
         for id in 0..h.tensor_count {
             self.validate_tensor(id).ok_or(PlanError::BadTensor(id))?;
         }
+        self.validate_flash_layout().map_err(PlanError::BadTensor)?;
         self.validate_liveness().map_err(PlanError::BadTensor)?;
         for s in 0..self.step_count() {
             self.validate_step(s).ok_or(PlanError::BadStep(s as u16))?;
@@ -825,6 +827,30 @@ impl<'a> PlanView<'a> {
             let clashes = (0..i).filter_map(state_of).chain(scores);
             if clashes.into_iter().any(|other| overlap(region, other)) {
                 return Err(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// No two parameter tensors share a byte of the blob (`Err(id)`: the later tensor of such a
+    /// pair), so a moved flash offset cannot make one layer read another's bytes (say weight
+    /// codes as an `i32` bias, which can overflow the accumulators). `O(tensors^2)` once.
+    fn validate_flash_layout(&self) -> Result<(), u16> {
+        let span = |t: &TensorRecord| {
+            let start = t.flash_offset? as u64;
+            Some((start, start + self.flash_bytes(t)? as u64))
+        };
+        for a in 0..self.header.tensor_count {
+            let Some((a_start, a_end)) = self.tensor(a).as_ref().and_then(span) else {
+                continue;
+            };
+            for b in a + 1..self.header.tensor_count {
+                let Some((b_start, b_end)) = self.tensor(b).as_ref().and_then(span) else {
+                    continue;
+                };
+                if a_start < b_end && b_start < a_end {
+                    return Err(b);
+                }
             }
         }
         Ok(())
@@ -1298,6 +1324,9 @@ pub(crate) mod tests {
         let forward =
             HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 6 * TENSOR_BYTES + STEP_BYTES;
         assert_eq!(edited(|f| f[forward + 8] = 5), Err(PlanError::BadStep(1)));
+        // The bias read from the weights' bytes.
+        let bias = HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 3 * TENSOR_BYTES;
+        assert_eq!(edited(|f| f[bias + 16] -= 4), Err(PlanError::BadTensor(3)));
         // The bias gradient declared live only after its first use.
         let grad = HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 5 * TENSOR_BYTES;
         assert_eq!(edited(|f| f[grad + 20] = 5), Err(PlanError::BadStep(4)));
