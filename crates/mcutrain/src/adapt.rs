@@ -4,7 +4,7 @@
 use crate::data::Dataset;
 use crate::engine::accuracy;
 use crate::engine::float::{self, FloatNet, FloatTrainConfig};
-use crate::engine::fqt::{FqtConfig, FqtTrainer, QuantNet};
+use crate::engine::fqt::{EpochStats, FqtConfig, FqtTrainer, QuantNet};
 use crate::model::{Model, ModelError, Params};
 
 /// Accuracy of `model` (float or int8) on `data`.
@@ -29,15 +29,15 @@ pub fn float_finetune(
 }
 
 /// Fine-tune a copy of an int8 model with fully quantized training; returns it and the
-/// mean loss of each epoch.
+/// statistics (mean loss, ...) of each epoch.
 pub fn fqt_finetune(
     model: &Model,
     data: &Dataset,
     cfg: &FqtConfig,
     progress: impl FnMut(usize, usize, usize),
-) -> Result<(Model, Vec<f64>), ModelError> {
+) -> Result<(Model, Vec<EpochStats>), ModelError> {
     let mut tuned = model.clone();
     let mut trainer = FqtTrainer::new(&tuned, cfg.clone())?;
     let stats = trainer.train(&mut tuned, data, progress);
-    Ok((tuned, stats.iter().map(|s| s.loss).collect()))
+    Ok((tuned, stats))
 }

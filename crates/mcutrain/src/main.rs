@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use mcutrain::adapt::{evaluate, float_finetune, fqt_finetune};
 use mcutrain::data::{self, CorruptionSpec, Dataset, Split};
 use mcutrain::engine::float::FloatTrainConfig;
-use mcutrain::engine::fqt::{FqtConfig, PartialUpdate};
+use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, PartialUpdate};
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::{format, zoo, Model, Params};
 use mcutrain::report::{milestone, pct, progress, table};
@@ -168,6 +168,11 @@ struct TrainArgs {
     /// mean and variance (fqt gradient standardization).
     #[arg(long, default_value_t = FqtConfig::default().stats_rate)]
     grad_stats_rate: f32,
+    /// How error tensors are quantized (fqt): `tracked` (the moving-average ranges alone, as
+    /// in the paper) or `exact` (recomputed with the sample's exact range where the tracked
+    /// one clips or leaves most codes unused; the default).
+    #[arg(long)]
+    error_ranges: Option<ErrorRanges>,
     /// Where to write the trained model.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -201,6 +206,9 @@ struct DemoArgs {
     /// Only these corruptions (comma-separated names), instead of the workload's list.
     #[arg(long, value_delimiter = ',')]
     corruptions: Option<Vec<String>>,
+    /// How FQT quantizes error tensors: `tracked` or `exact` (see `mcutrain train`).
+    #[arg(long, default_value_t = FqtConfig::default().error_ranges)]
+    error_ranges: ErrorRanges,
     #[command(flatten)]
     output: Output,
 }
@@ -442,19 +450,20 @@ fn train(a: TrainArgs) -> Result<()> {
     let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
     let before = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
     let steps = ds.len().div_ceil(a.batch.max(1)) * a.epochs;
-    let (trained, losses, method) = match a.method {
+    // With FQT: the fraction of error tensors recomputed with their exact range, per epoch.
+    let (trained, losses, recomputed, method) = match a.method {
         Method::Float => {
             if matches!(model.params, Params::Int8(_)) {
                 bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
             }
-            if a.partial.is_some() {
-                bail!("--partial applies to --method fqt only");
+            if a.partial.is_some() || a.error_ranges.is_some() {
+                bail!("--partial and --error-ranges apply to --method fqt only");
             }
             let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
             let bar = progress(steps as u64, "training (float32)", false);
             let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
             bar.finish_and_clear();
-            (r.0, r.1, "float")
+            (r.0, r.1, None, "float")
         }
         Method::Fqt => {
             if matches!(model.params, Params::Float(_)) {
@@ -471,12 +480,15 @@ fn train(a: TrainArgs) -> Result<()> {
                 seed: a.data.seed,
                 partial: a.partial.as_deref().map(parse_partial).transpose()?,
                 stats_rate: a.grad_stats_rate,
+                error_ranges: a.error_ranges.unwrap_or_default(),
                 ..FqtConfig::default()
             };
             let bar = progress(steps as u64, "training (int8 FQT)", false);
-            let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
+            let (tuned, stats) = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
             bar.finish_and_clear();
-            (r.0, r.1, "fqt")
+            let losses = stats.iter().map(|s| s.loss).collect();
+            let recomputed: Vec<f64> = stats.iter().map(|s| s.recomputed_fraction).collect();
+            (tuned, losses, Some(recomputed), "fqt")
         }
     };
     if let Some(out) = &a.out {
@@ -489,7 +501,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.output.json {
         println!(
             "{}",
-            json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out})
+            json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "error_ranges": (method == "fqt").then(|| a.error_ranges.unwrap_or_default().name()), "epoch_losses": losses, "epoch_errors_recomputed": recomputed, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out})
         );
     } else {
         println!(
@@ -503,6 +515,17 @@ fn train(a: TrainArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        if let Some(fractions) = &recomputed {
+            println!(
+                "{} error ranges; error tensors recomputed with their exact range per epoch: {}",
+                a.error_ranges.unwrap_or_default(),
+                fractions
+                    .iter()
+                    .map(|f| pct(*f))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
         if let (Some(b), Some(f), Some(d)) = (before, after, &eval_ds) {
             println!(
                 "accuracy on {} evaluation samples: before {}, after {}",
@@ -695,6 +718,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         scheme: ad.fqt.scheme.parse().map_err(anyhow::Error::msg)?,
         seed: ad.seed,
         stats_rate: ad.fqt.grad_stats_rate,
+        error_ranges: a.error_ranges,
         ..FqtConfig::default()
     };
     let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
@@ -730,7 +754,11 @@ fn demo(a: DemoArgs) -> Result<()> {
             &format!("{name}: int8 FQT fine-tuning"),
             quiet,
         );
-        let (fqt_tuned, _) = fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
+        let (fqt_tuned, fqt_stats) =
+            fqt_finetune(&int8_model, &adapt_set, &fqt_cfg, |_, _, _| bar.inc(1))?;
+        // Every epoch computes as many error tensors, so this is the fraction over the run.
+        let fqt_recomputed = fqt_stats.iter().map(|s| s.recomputed_fraction).sum::<f64>()
+            / fqt_stats.len().max(1) as f64;
         bar.finish_and_clear();
         let fqt_ft = evaluate(&fqt_tuned, &test_set)?;
         milestone(
@@ -753,12 +781,12 @@ fn demo(a: DemoArgs) -> Result<()> {
             format!("{:+.2}", 100.0 * (fqt_ft - float_ft)),
             float_ft_momentum.map_or_else(|| "-".into(), pct),
         ]);
-        shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft, "float_ft_momentum": float_ft_momentum}));
+        shift.push(json!({"corruption": name, "severity": ad.severity, "before": before, "before_float": before_float, "float_ft": float_ft, "fqt_ft": fqt_ft, "float_ft_momentum": float_ft_momentum, "fqt_errors_recomputed": fqt_recomputed}));
     }
     if a.output.json {
         println!(
             "{}",
-            json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "settings": ad, "shift": shift})
+            json!({"workload": w.name, "clean_float_acc": clean_float, "clean_int8_acc": clean_int8, "test_samples": test.len(), "adapt_samples": adapt_pool.len(), "settings": ad, "error_ranges": a.error_ranges.name(), "shift": shift})
         );
     } else {
         println!(
@@ -770,13 +798,14 @@ fn demo(a: DemoArgs) -> Result<()> {
             100.0 * (clean_int8 - clean_float)
         );
         println!(
-            "adaptation with {} corrupted samples ({} per class), {} epochs each, evaluated on the corrupted test set; float ft: SGD as in FQT (lr {}, momentum {}), fqt ft: fully quantized training (lr {}), both updating {}:\n",
+            "adaptation with {} corrupted samples ({} per class), {} epochs each, evaluated on the corrupted test set; float ft: SGD as in FQT (lr {}, momentum {}), fqt ft: fully quantized training (lr {}, {} error ranges), both updating {}:\n",
             adapt_pool.len(),
             ad.per_class,
             ad.fqt.epochs,
             ad.float.lr,
             ad.float.momentum,
             ad.fqt.lr,
+            a.error_ranges,
             ad.fqt.scheme
         );
         println!(

@@ -5,7 +5,7 @@
 use mcutrain::adapt::evaluate;
 use mcutrain::data::Dataset;
 use mcutrain::engine::float::{train, zeros_like, FloatNet, FloatTrainConfig};
-use mcutrain::engine::fqt::{FqtConfig, FqtTrainer, QuantNet};
+use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, FqtTrainer, QuantNet};
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::{zoo, Architecture, Layer, LayerKind, Model, Params};
 use mcutrain::quantize::quantize;
@@ -274,7 +274,14 @@ fn frozen_layers_get_no_gradient_and_no_error_below_them() {
     let trainable = UpdateScheme::LastLayers(1).trainable(arch);
     let input = net.quantize_input(state, data.sample(0));
     let (tensors, _) = net.forward(state, input, 1);
-    let back = net.backward(state, &tensors, data.labels[0], &trainable, None);
+    let back = net.backward(
+        state,
+        &tensors,
+        data.labels[0],
+        &trainable,
+        None,
+        ErrorRanges::Exact,
+    );
     let fc = arch.layers.len() - 1;
     assert!(back.grads[..fc]
         .iter()

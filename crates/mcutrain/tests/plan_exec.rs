@@ -18,7 +18,7 @@ use mcutrain::compile::{
     compile, scheme, LayerUpdate, PlanOptions, Precision, StepOp, TrainingPlan,
 };
 use mcutrain::data::Dataset;
-use mcutrain::engine::fqt::{FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
+use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::{format, zoo, Architecture, Model, Params};
 use mcutrain::quantize::quantize;
@@ -44,6 +44,19 @@ fn fqt_config(scheme: UpdateScheme, batch: usize, partial: bool) -> FqtConfig {
             lambda_max: 0.75,
         }),
         ..FqtConfig::default()
+    }
+}
+
+/// `cfg` with exact error ranges, or tracked ones.
+fn with_error_ranges(cfg: FqtConfig, exact: bool) -> FqtConfig {
+    let error_ranges = if exact {
+        ErrorRanges::Exact
+    } else {
+        ErrorRanges::Tracked
+    };
+    FqtConfig {
+        error_ranges,
+        ..cfg
     }
 }
 
@@ -97,7 +110,7 @@ fn reference_run(
         .map(|idx| {
             let samples: Vec<&[f32]> = idx.iter().map(|&i| data.sample(i)).collect();
             let labels: Vec<u16> = idx.iter().map(|&i| data.labels[i]).collect();
-            trainer.train_batch(&mut model, &samples, &labels).0
+            trainer.train_batch(&mut model, &samples, &labels).loss
         })
         .collect();
     (model, losses)
@@ -216,13 +229,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
-    fn random_graphs_train_bit_for_bit(t in random_training()) {
+    fn random_graphs_train_bit_for_bit(t in random_training(), exact in any::<bool>()) {
         let (scheme, batch, partial) = (t.scheme, t.batch, t.option);
         let data = random_data(&t.arch, 8, t.seed);
         let model = int8_model(&t.arch, &data, t.seed);
-        let cfg = fqt_config(scheme, batch, partial);
+        let cfg = with_error_ranges(fqt_config(scheme, batch, partial), exact);
         let order = RandomTraining::ORDER;
-        let what = format!("{scheme} batch {batch} partial {partial}");
+        let what = format!("{scheme} batch {batch} partial {partial} {}", cfg.error_ranges);
         let updates = scheme_updates(&model, &cfg);
         assert_runs_agree(&model, &updates, &cfg, &data, &order, t.reorder, &what);
     }
@@ -243,13 +256,14 @@ proptest! {
         batch in 1usize..3,
         partial in any::<bool>(),
         reorder in any::<bool>(),
+        exact in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let arch = common::random_mobilenet([c, h, w], &blocks, classes);
         let data = random_data(&arch, 6, seed);
         let model = int8_model(&arch, &data, seed);
         let scheme = if bias_only { UpdateScheme::BiasOnly(k) } else { UpdateScheme::LastLayers(k) };
-        let cfg = fqt_config(scheme, batch, partial);
+        let cfg = with_error_ranges(fqt_config(scheme, batch, partial), exact);
         let (plan, _) = plan_bytes(&model, &cfg, reorder);
         let has = |op: StepOp| plan.steps.iter().any(|s| s.op == op);
         prop_assert!(has(StepOp::StreamedForward), "the stem and first block stream");
@@ -258,6 +272,50 @@ proptest! {
         let what = format!("{scheme} batch {batch} partial {partial}");
         let updates = scheme_updates(&model, &cfg);
         assert_runs_agree(&model, &updates, &cfg, &data, &order, reorder, &what);
+    }
+}
+
+/// A tensor read by three layers (a convolution and two residual adds): its error is a sum of
+/// two sums, whose parts are written and read with their own quantization in both modes.
+#[test]
+fn errors_of_three_consumers_train_bit_for_bit() {
+    use mcutrain::model::{Layer, LayerKind};
+    use mcutrain_core::ops::activation::Activation;
+    let conv = |name: &str| Layer {
+        name: name.into(),
+        kind: LayerKind::Conv2d {
+            out_channels: 3,
+            kernel: (3, 3),
+            stride: (1, 1),
+            padding: (1, 1),
+            groups: 1,
+            activation: Activation::Relu,
+        },
+    };
+    let add = |name: &str| Layer {
+        name: name.into(),
+        kind: LayerKind::Add { skip_from: 0 },
+    };
+    let classifier = Layer {
+        name: "classifier".into(),
+        kind: LayerKind::Linear {
+            out_features: 3,
+            activation: Activation::None,
+        },
+    };
+    let arch = Architecture {
+        input: [2, 5, 5],
+        classes: 3,
+        layers: vec![conv("a"), conv("b"), add("c"), add("d"), classifier],
+    };
+    assert_eq!(mcutrain::engine::consumers(&arch, 1), [1, 2, 3]);
+    let data = random_data(&arch, 6, 5);
+    let model = int8_model(&arch, &data, 5);
+    let order: Vec<usize> = (0..6).chain(0..6).collect();
+    for (batch, exact) in [(1, true), (2, true), (1, false)] {
+        let cfg = with_error_ranges(fqt_config(UpdateScheme::All, batch, false), exact);
+        let what = format!("three consumers batch {batch} {}", cfg.error_ranges);
+        check_equal_runs(&model, &cfg, &data, &order, true, &what);
     }
 }
 
@@ -282,6 +340,17 @@ fn fashion_shift_trains_bit_for_bit() {
             check_equal_runs(&model, &cfg, &data, &order, true, &what);
         }
     }
+    // The paper's moving-average rule alone, and exact ranges at a batch (their trackers
+    // observe the exact ranges over the batch).
+    let tracked = with_error_ranges(fqt_config(UpdateScheme::All, 1, true), false);
+    check_equal_runs(
+        &model,
+        &tracked,
+        &data,
+        &order,
+        true,
+        "fashion-shift tracked",
+    );
     // Without reordering (updates after the whole backward) and with mini-batches.
     let cfg = fqt_config(UpdateScheme::LastLayers(3), 1, false);
     check_equal_runs(
@@ -292,8 +361,11 @@ fn fashion_shift_trains_bit_for_bit() {
         false,
         "fashion-shift naive order",
     );
-    let cfg = fqt_config(UpdateScheme::All, 4, true);
-    check_equal_runs(&model, &cfg, &data, &order, true, "fashion-shift batch 4");
+    for exact in [true, false] {
+        let cfg = with_error_ranges(fqt_config(UpdateScheme::All, 4, true), exact);
+        let what = format!("fashion-shift batch 4 {}", cfg.error_ranges);
+        check_equal_runs(&model, &cfg, &data, &order, true, &what);
+    }
 }
 
 #[test]
@@ -594,11 +666,22 @@ fn plan_files_are_deterministic_and_report_their_arena() {
         let view = PlanView::parse(first.as_slice()).unwrap();
         assert_eq!(view.header().arena_bytes as usize, plan.arena_bytes);
         assert!(view.arena_required() > plan.arena_bytes);
+        // Exact error ranges need no arena bytes and exactly 16 B of state per model tensor.
+        let tracked_cfg = with_error_ranges(cfg.clone(), false);
+        let (tracked_plan, tracked) = plan_bytes(&model, &tracked_cfg, true);
+        let tracked = PlanView::parse(tracked.as_slice()).unwrap();
+        assert_eq!(tracked_plan.arena_bytes, plan.arena_bytes);
+        assert_eq!(
+            view.header().state_bytes - tracked.header().state_bytes,
+            (16 * (model.arch.layers.len() + 1)) as u32
+        );
         println!(
-            "fashion-shift {scheme}: arena peak {} B, lower bound {} B, training state {} B, file {} B",
+            "fashion-shift {scheme}: arena peak {} B, lower bound {} B, training state {} B \
+             ({} B with tracked error ranges), file {} B",
             plan.arena_bytes,
             plan.lower_bound_bytes,
             view.header().state_bytes,
+            tracked.header().state_bytes,
             first.as_slice().len()
         );
     }
@@ -617,6 +700,11 @@ fn plan_command_writes_a_plan_file_the_executor_runs() {
         config.partial.map(|p| (p.lambda_min, p.lambda_max)),
         Some((0.2, 0.6))
     );
+    assert_eq!(config.error_ranges, ErrorRanges::Exact, "the default");
+    let tracked_args = ["--update", "last:3", "--error-ranges", "tracked"];
+    let (_, tracked) = run_plan_command("models/fashion-shift/int8.mcut", &tracked_args, &out);
+    let tracked = PlanView::parse(tracked.as_slice()).unwrap();
+    assert_eq!(tracked.header().config.error_ranges, ErrorRanges::Tracked);
     let (model, data) = fashion_shift();
     let mut arena = AlignedBytes::zeroed(view.arena_required());
     exec::init(&view, arena.as_mut_slice()).unwrap();

@@ -545,6 +545,24 @@ fn mismatched_models_and_hyper_parameters_are_refused() {
         plan_file::write(&float_plan, &model, &partial),
         Err(PlanFileError::FloatConfig(_))
     ));
+    // No error is quantized in float32: exact error ranges are refused when writing, and
+    // a float32 plan file that asks for them does not parse.
+    let exact = file::TrainConfig {
+        error_ranges: file::ErrorRanges::Exact,
+        ..sgd
+    };
+    assert!(matches!(
+        plan_file::write(&float_plan, &model, &exact),
+        Err(PlanFileError::FloatConfig(_))
+    ));
+    let mut bytes = plan_file::write(&float_plan, &model, &sgd).unwrap();
+    assert!(PlanView::parse(AlignedBytes::copy_of(&bytes).as_slice()).is_ok());
+    bytes[17] |= 4; // the header's exact-error-ranges flag
+    exec_checks::reseal(&mut bytes);
+    assert_eq!(
+        PlanView::parse(AlignedBytes::copy_of(&bytes).as_slice()).err(),
+        Some(PlanError::BadHeader)
+    );
 }
 
 #[test]

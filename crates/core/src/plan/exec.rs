@@ -22,6 +22,13 @@
 //! momentum velocities, and gradients live in planned tensors; frozen parameters are read from
 //! the plan bytes.
 //!
+//! Error quantization (int8): every error but the logits error is computed with its tracker's
+//! quantization in the sample's error unit and, with exact error ranges
+//! ([`ErrorRanges::Exact`]), a second time with its exact range where that one fits badly
+//! ([`quantize_error`]). Its readers use the quantization it was written with, which the state
+//! region keeps during the sample (after the model tensors' state: per model tensor, for its
+//! complete error and for its error part; [`crate::plan::error_q_at`]).
+//!
 //! Supported: int8 and float32 plans, any batch, reordered or not, every layer kind of the
 //! model IR; int8 with partial updates on or off, float32 with momentum on or off. int8 plans
 //! also run row-streamed forward steps over frozen convolutions ([`crate::ops::stream`]),
@@ -52,6 +59,7 @@ use super::typed::{
     bytes_of, codes, codes_mut, grad_stats_mut, read_u32, split_disjoint, words, words_mut,
     write_u32, zero_grad_stats_padding, Span,
 };
+use super::{error_q_at, ErrorRanges};
 use super::{
     Geometry, LayerKind, LayerRecord, PlanView, Precision, StepOp, StepRecord, TensorRecord,
     TensorRole, LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
@@ -138,6 +146,71 @@ pub fn scale_range(range: RealRange, factor: f32) -> RealRange {
             max: range.max * factor,
         }
     }
+}
+
+/// An error tensor as written: the quantization of its codes, its real range before
+/// saturation, and whether it was computed a second time ([`quantize_error`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WrittenError {
+    /// Quantization of the codes.
+    pub q: QParams,
+    /// Real range of the values before saturation (the same in both computations).
+    pub range: RealRange,
+    /// True when the tensor was recomputed with its exact range.
+    pub recomputed: bool,
+}
+
+/// Write an error tensor under `mode`. `write(q)` computes the tensor into its buffer in the
+/// quantization `q` and returns its real range before saturation (from the accumulators, so
+/// independent of `q`). It runs with `tracked` (the tracker's quantization times the error
+/// unit) and, under [`ErrorRanges::Exact`], a second time when [`exact_error_q`] asks for it.
+/// Shared by the host reference and this executor so that both decide alike. Scratch: none
+/// (the second call overwrites the first result).
+pub fn quantize_error(
+    mode: ErrorRanges,
+    tracked: QParams,
+    mut write: impl FnMut(QParams) -> RealRange,
+) -> WrittenError {
+    let range = write(tracked);
+    let exact = match mode {
+        ErrorRanges::Exact => exact_error_q(tracked, range),
+        ErrorRanges::Tracked => None,
+    };
+    match exact {
+        Some(q) => {
+            write(q);
+            WrittenError {
+                q,
+                range,
+                recomputed: true,
+            }
+        }
+        None => WrittenError {
+            q: tracked,
+            range,
+            recomputed: false,
+        },
+    }
+}
+
+/// Under [`ErrorRanges::Exact`], the fraction of the tracked scale below which an error tensor
+/// is recomputed: its exact range would use fewer than about `255 * MIN_CODE_USE` codes of
+/// the tracked quantization.
+pub const MIN_CODE_USE: f32 = 0.5;
+
+/// The quantization to recompute an error tensor with, or `None` to keep `tracked`:
+/// `q = QParams::from_range(exact)` when the tensor's real range `exact` leaves `tracked`'s
+/// representable range (codes were saturated) or when `s_q < MIN_CODE_USE * s_tracked` (most
+/// codes unused, so rounding noise is large against the values). An empty range or one of
+/// only zeros keeps `tracked`, which represents 0 exactly.
+pub fn exact_error_q(tracked: QParams, exact: RealRange) -> Option<QParams> {
+    if exact.is_empty() || (exact.min == 0.0 && exact.max == 0.0) {
+        return None;
+    }
+    let (lo, hi) = tracked.representable_range();
+    let q = QParams::from_range(exact.min, exact.max);
+    let clipped = exact.min < lo || exact.max > hi;
+    (clipped || q.scale < MIN_CODE_USE * tracked.scale).then_some(q)
 }
 
 /// Which tracker of a model tensor.
@@ -674,17 +747,73 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         Some(tracker(state, self.view.range_owner(t), Track::Activation)?.qparams())
     }
 
-    /// Quantization of an error tensor: the sample's loss range, or the tracker of its model
-    /// tensor scaled by the sample's error unit.
+    /// Quantization of an error tensor: the sample's loss range for the logits error; else,
+    /// with exact error ranges, the one it was written with ([`Self::write_error`]), with
+    /// tracked ones [`Self::tracked_error_q`].
     fn error_q(&self, state: &[u8], tensor: &TensorRecord) -> Option<QParams> {
         if tensor.quant == LOSS_QUANT {
             return Some(self.loss_q);
         }
+        match self.view.header().config.error_ranges {
+            ErrorRanges::Exact => {
+                let at = self.written_q_at(tensor);
+                let q = QParams {
+                    scale: read_f32(state, at)?,
+                    zero_point: read_u32(state, at + 4)? as i32,
+                };
+                let valid =
+                    q.scale.is_finite() && q.scale > 0.0 && (-128..=127).contains(&q.zero_point);
+                valid.then_some(q)
+            }
+            ErrorRanges::Tracked => self.tracked_error_q(state, tensor),
+        }
+    }
+
+    /// The tracked quantization of an error tensor: the error tracker of its quantization
+    /// source scaled by the sample's error unit.
+    fn tracked_error_q(&self, state: &[u8], tensor: &TensorRecord) -> Option<QParams> {
         let q = tracker(state, tensor.quant as usize, Track::Error)?.qparams();
         Some(QParams {
             scale: q.scale * self.unit,
             zero_point: q.zero_point,
         })
+    }
+
+    /// Where the quantization an error tensor was written with is kept (exact error ranges):
+    /// per quantization source, one for complete errors and one for error parts. Each error
+    /// of a plan is written with its source's model tensor in backward order and an error
+    /// sum reads its operands before it writes, so no later write replaces a quantization
+    /// that a live error still needs.
+    fn written_q_at(&self, tensor: &TensorRecord) -> usize {
+        let part = tensor.role == TensorRole::ErrorPart;
+        error_q_at(self.view.layer_count() + 1, tensor.quant as usize, part)
+    }
+
+    /// Compute an error tensor with `write` ([`quantize_error`] under the plan's error
+    /// ranges, from the first guess `tracked`, its [`Self::tracked_error_q`]).
+    fn compute_error(
+        &self,
+        tracked: QParams,
+        write: impl FnMut(QParams) -> RealRange,
+    ) -> WrittenError {
+        quantize_error(self.view.header().config.error_ranges, tracked, write)
+    }
+
+    /// After [`Self::compute_error`] wrote `tensor`: keep the quantization it was written with
+    /// (exact error ranges) and record its range for model tensor `t`.
+    fn keep_error(
+        &self,
+        state: &mut [u8],
+        tensor: &TensorRecord,
+        t: usize,
+        written: WrittenError,
+    ) -> Option<()> {
+        if self.view.header().config.error_ranges == ErrorRanges::Exact {
+            let at = self.written_q_at(tensor);
+            write_f32(state, at, written.q.scale)?;
+            write_u32(state, at + 4, written.q.zero_point as u32)?;
+        }
+        self.see_error(state, t, written.range)
     }
 
     /// Record the real range of an error of model tensor `t` (in error units).
@@ -728,15 +857,12 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
                     arena_span(&b, len).ok()?,
                     arena_span(&sum, len).ok()?,
                 )?;
-                let range = add::forward_q(
-                    codes(a_codes),
-                    self.error_q(state, &a)?,
-                    codes(b_codes),
-                    self.error_q(state, &b)?,
-                    self.error_q(state, &sum)?,
-                    codes_mut(out),
-                );
-                self.see_error(state, sum.index as usize, range)?;
+                let (a_q, b_q) = (self.error_q(state, &a)?, self.error_q(state, &b)?);
+                let (a_codes, b_codes, out) = (codes(a_codes), codes(b_codes), codes_mut(out));
+                let written = self.compute_error(self.tracked_error_q(state, &sum)?, |q| {
+                    add::forward_q(a_codes, a_q, b_codes, b_q, q, out)
+                });
+                self.keep_error(state, &sum, sum.index as usize, written)?;
             }
             StepOp::WeightGrad | StepOp::BiasGrad => self.gradient(step, tensors, state)?,
             StepOp::WeightUpdate => return self.weight_update(step, tensors, state),
@@ -1072,7 +1198,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let (in_len, out_len) = (view.numel(i)?, view.numel(i + 1)?);
         let part = view.tensor(step.writes[0])?;
         let part_span = arena_span(&part, in_len).ok()?;
-        let part_q = self.error_q(state, &part)?;
+        let tracked = self.tracked_error_q(state, &part)?;
         let error_at = if matches!(layer.kind, LayerKind::AvgPool | LayerKind::GlobalAvgPool) {
             0
         } else {
@@ -1081,7 +1207,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let error = view.tensor(step.reads[error_at])?;
         let error_span = arena_span(&error, out_len).ok()?;
         let error_q = self.error_q(state, &error)?;
-        let range = match geometry {
+        let written = match geometry {
             Geometry::Conv(_) | Geometry::Linear(_) => {
                 let (channels, structure) = geometry.params()?;
                 let (weight, frozen) = self.weights(&layer, channels, structure)?;
@@ -1093,33 +1219,42 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
                 };
                 let (e, p) = (codes(e), codes_mut(p));
                 let selected = self.channels(i, &layer, state)?;
-                let q = (&weight_q[..], error_q, selected, part_q);
-                match geometry {
+                let q = (&weight_q[..], error_q, selected);
+                self.compute_error(tracked, |part_q| match geometry {
                     Geometry::Conv(g) => {
-                        conv2d::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, q.3, p)
+                        conv2d::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, part_q, p)
                     }
                     Geometry::Linear(g) => {
-                        linear::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, q.3, p)
+                        linear::input_backward_parts_q(&g, w, q.0, e, q.1, q.2, part_q, p)
                     }
-                    _ => return None,
-                }
+                    _ => RealRange::EMPTY, // this arm is for conv and linear layers only
+                })
             }
             Geometry::Pool(g) if layer.kind == LayerKind::MaxPool => {
                 let x = arena_span(&view.tensor(step.reads[0])?, in_len).ok()?;
                 let [x, e, p] = split_disjoint(tensors, [x, error_span, part_span])?;
-                pool::max_input_backward_q(&g, codes(x), codes(e), error_q, part_q, codes_mut(p))
+                let (x, e, p) = (codes(x), codes(e), codes_mut(p));
+                self.compute_error(tracked, |part_q| {
+                    pool::max_input_backward_q(&g, x, e, error_q, part_q, p)
+                })
             }
             Geometry::Pool(g) => {
                 let [e, p] = split_disjoint(tensors, [error_span, part_span])?;
-                pool::avg_input_backward_q(&g, codes(e), error_q, part_q, codes_mut(p))
+                let (e, p) = (codes(e), codes_mut(p));
+                self.compute_error(tracked, |part_q| {
+                    pool::avg_input_backward_q(&g, e, error_q, part_q, p)
+                })
             }
             Geometry::GlobalPool(g) => {
                 let [e, p] = split_disjoint(tensors, [error_span, part_span])?;
-                pool::global_avg_input_backward_q(&g, codes(e), error_q, part_q, codes_mut(p))
+                let (e, p) = (codes(e), codes_mut(p));
+                self.compute_error(tracked, |part_q| {
+                    pool::global_avg_input_backward_q(&g, e, error_q, part_q, p)
+                })
             }
             Geometry::Elementwise(_) => return None,
         };
-        self.see_error(state, i, range)
+        self.keep_error(state, &part, i, written)
     }
 
     /// Weight or bias gradient of layer `i` over the selected channels, added into the
@@ -1564,6 +1699,49 @@ mod tests {
             SampleRun::begin(&view, arena, &input, 1).err(),
             Some(ExecError::CorruptArena)
         );
+    }
+
+    #[test]
+    fn exact_ranges_recompute_clipped_and_underused_errors() {
+        let tracked = QParams::from_range(-1.0, 1.0); // s = 2/255, codes cover [-1, 1]
+        let range = |min, max| RealRange { min, max };
+        // 85% of the codes used, nothing clipped: kept.
+        assert_eq!(exact_error_q(tracked, range(-0.9, 0.8)), None);
+        // Exactly half of the codes: kept; less: recomputed with the exact range.
+        assert_eq!(exact_error_q(tracked, range(-0.5, 0.5)), None);
+        let narrow = range(-0.3, 0.4);
+        assert_eq!(
+            exact_error_q(tracked, narrow),
+            Some(QParams::from_range(-0.3, 0.4))
+        );
+        // Saturated on one side even though the span fits: recomputed.
+        assert_eq!(
+            exact_error_q(tracked, range(-0.2, 1.2)),
+            Some(QParams::from_range(-0.2, 1.2))
+        );
+        // Nothing, or only zeros, which every quantization represents exactly: kept.
+        assert_eq!(exact_error_q(tracked, RealRange::EMPTY), None);
+        assert_eq!(exact_error_q(tracked, range(0.0, 0.0)), None);
+        // The kernel runs once with the tracked quantization, a second time with the exact
+        // one when that is needed, and never again under tracked ranges.
+        for (mode, exact, calls) in [
+            (ErrorRanges::Exact, narrow, 2),
+            (ErrorRanges::Exact, range(-0.9, 0.8), 1),
+            (ErrorRanges::Tracked, narrow, 1),
+        ] {
+            let mut seen = [None; 2];
+            let mut count = 0;
+            let written = quantize_error(mode, tracked, |q| {
+                seen[count] = Some(q);
+                count += 1;
+                exact
+            });
+            assert_eq!(count, calls);
+            assert_eq!(seen[0], Some(tracked));
+            assert_eq!(written.recomputed, calls == 2);
+            assert_eq!(written.q, seen[calls - 1].unwrap());
+            assert_eq!(written.range, exact);
+        }
     }
 
     #[test]

@@ -33,28 +33,32 @@
 //! Memory at run time is one caller-supplied arena: the planned tensors in
 //! `[0, arena_bytes)`, then, from [`PlanView::state_offset`], the training-state region
 //! (`state_bytes`): the sample counter and learning rate; int8 also range trackers, the
-//! ranges seen in the current batch, per trained layer its weight quantization and
+//! ranges seen in the current batch, with exact error ranges the quantization each error was
+//! written with in the current sample, per trained layer its weight quantization and
 //! partial-update bookkeeping (see [`exec`]).
 //!
 //! [`PlanView::parse`] validates everything once, for both precisions: bounds, record codes,
 //! shapes against the layer geometries, the int8 kernels' accumulator limits, tensor sizes
 //! against their roles and the precision, the hyper-parameters the precision allows (float32:
-//! no partial updates, momentum in `[0, 1)` with velocities exactly when it is not 0), each
-//! step's operands by position, and the arena plan itself: every operand is live at its step,
-//! tensors kept across samples are live at every step, and no two tensors live at a common
-//! step share a byte (an independent check of the planner, `O(tensors^2)` once). So no file can
-//! make the accessors or the executor panic or overwrite a live tensor; parameter values
-//! themselves (weights, biases, scales, range trackers) are data and not checked.
+//! no partial updates, no exact error ranges, momentum in `[0, 1)` with velocities exactly
+//! when it is not 0), the state region's layout (room for the errors' quantization with exact
+//! error ranges), each step's operands by position (an error part is only ever summed), that
+//! no two parameter tensors share a byte of the blob, and the arena plan itself: every operand
+//! is live at its step, tensors kept across samples are live at every step, and no two
+//! tensors live at a common step share a byte (an independent check of the planner,
+//! `O(tensors^2)` once). So no file can make the accessors or the executor panic or overwrite
+//! a live tensor; parameter values themselves (weights, biases, scales, range trackers) are
+//! data and not checked.
 
 pub mod exec;
 mod record;
 mod typed;
 
 pub use record::{
-    Header, LayerKind, LayerRecord, ModelTensorRecord, PartialUpdate, Precision, StepOp,
-    StepRecord, TensorRecord, TensorRole, TrainConfig, CHECKSUM_START, HEADER_BYTES, LAYER_BYTES,
-    LOSS_QUANT, MAGIC, MAX_READS, MAX_WRITES, MODEL_TENSOR_BYTES, NONE, NO_OFFSET, STEP_BYTES,
-    TENSOR_BYTES, VERSION,
+    ErrorRanges, Header, LayerKind, LayerRecord, ModelTensorRecord, PartialUpdate, Precision,
+    StepOp, StepRecord, TensorRecord, TensorRole, TrainConfig, CHECKSUM_START, HEADER_BYTES,
+    LAYER_BYTES, LOSS_QUANT, MAGIC, MAX_READS, MAX_WRITES, MODEL_TENSOR_BYTES, NONE, NO_OFFSET,
+    STEP_BYTES, TENSOR_BYTES, VERSION,
 };
 
 use crate::checksum::crc32;
@@ -143,17 +147,38 @@ pub fn layer_state_bytes(out_channels: usize, partial: bool) -> usize {
     LAYER_STATE_BYTES + lists
 }
 
-/// Bytes of the state region before the layers' state: header and model tensor states.
-pub fn tensor_state_end(model_tensors: usize) -> usize {
-    STATE_HEADER_BYTES + model_tensors * TENSOR_STATE_BYTES
+/// Bytes of one model tensor's error quantization with [`ErrorRanges::Exact`]: the
+/// quantization (`f32` scale, `i32` zero point) its complete error and then its error part
+/// ([`TensorRole::ErrorPart`]) were written with in the current sample.
+pub const ERROR_Q_BYTES: usize = 16;
+
+/// Offset of the error quantization of model tensor `t` in the state region of a plan with
+/// `model_tensors` model tensors (exact error ranges; `part`: of its error part): after the
+/// model tensor states.
+pub fn error_q_at(model_tensors: usize, t: usize, part: bool) -> usize {
+    STATE_HEADER_BYTES + model_tensors * TENSOR_STATE_BYTES + t * ERROR_Q_BYTES + 8 * part as usize
+}
+
+/// Bytes of an int8 plan's state region before the layers' state: header, model tensor
+/// states and, with exact error ranges, their error quantization.
+pub fn tensor_state_end(model_tensors: usize, error_ranges: ErrorRanges) -> usize {
+    let error_q = match error_ranges {
+        ErrorRanges::Exact => model_tensors * ERROR_Q_BYTES,
+        ErrorRanges::Tracked => 0,
+    };
+    STATE_HEADER_BYTES + model_tensors * TENSOR_STATE_BYTES + error_q
 }
 
 /// Smallest state region of a plan: [`tensor_state_end`] for int8 (range trackers per model
-/// tensor), the [`STATE_HEADER_BYTES`] alone for float32 (no trackers, no layer state; the
-/// velocities are planned tensors).
-pub fn state_bytes_at_least(precision: Precision, model_tensors: usize) -> usize {
+/// tensor, and the error quantization with exact error ranges), the [`STATE_HEADER_BYTES`]
+/// alone for float32 (no trackers, no layer state; the velocities are planned tensors).
+pub fn state_bytes_at_least(
+    precision: Precision,
+    model_tensors: usize,
+    error_ranges: ErrorRanges,
+) -> usize {
     match precision {
-        Precision::Int8 => tensor_state_end(model_tensors),
+        Precision::Int8 => tensor_state_end(model_tensors, error_ranges),
         Precision::Float32 => STATE_HEADER_BYTES,
     }
 }
@@ -247,8 +272,12 @@ enum Operand {
     Absent,
     /// The activation buffer of model tensor `t` (a flatten output shares its input's).
     Activation(usize),
-    /// An error buffer (complete or partial, any role index) of model tensor `t`'s size.
+    /// A complete error buffer (role `Error`, any index) of model tensor `t`'s size: what
+    /// masks, input errors and gradients read (an error part is only ever summed).
     Error(usize),
+    /// An error buffer, complete or partial (any index), of model tensor `t`'s size: what an
+    /// error sum reads.
+    Contribution(usize),
     /// A new error of model tensor `t`: role `Error` or `ErrorPart` with index `t`.
     ErrorOf(usize),
     /// The activation buffer of model tensor `t`, or its clamp mask.
@@ -521,7 +550,8 @@ impl<'a> PlanView<'a> {
         {
             return bad_header;
         }
-        if (h.state_bytes as usize) < state_bytes_at_least(h.precision, layers + 1)
+        let shared_state_end = state_bytes_at_least(h.precision, layers + 1, h.config.error_ranges);
+        if (h.state_bytes as usize) < shared_state_end
             || self
                 .state_offset()
                 .checked_add(h.state_bytes as usize)
@@ -545,13 +575,15 @@ impl<'a> PlanView<'a> {
         {
             return bad_header;
         }
-        // Float32 plans run plain SGD: no partial updates, a momentum in [0, 1) (and int8
-        // plans none).
+        // Float32 plans run plain SGD: no partial updates, no error quantization, a momentum
+        // in [0, 1) (and int8 plans none).
         let momentum_ok = match h.precision {
             Precision::Int8 => h.config.momentum == 0.0,
             Precision::Float32 => (0.0..1.0).contains(&h.config.momentum),
         };
-        if !momentum_ok || (h.precision == Precision::Float32 && h.config.partial.is_some()) {
+        let float_extras =
+            h.config.partial.is_some() || h.config.error_ranges != ErrorRanges::Tracked;
+        if !momentum_ok || (h.precision == Precision::Float32 && float_extras) {
             return bad_header;
         }
         if let Some(partial) = h.config.partial {
@@ -566,7 +598,7 @@ impl<'a> PlanView<'a> {
                 && partial.lambda_max <= 1.0;
             if !fractions_ok
                 || !(h.scores_offset as usize).is_multiple_of(4)
-                || (h.scores_offset as usize) < tensor_state_end(layers + 1)
+                || (h.scores_offset as usize) < shared_state_end
                 || scores_end.is_none_or(|end| end > h.state_bytes as usize)
             {
                 return bad_header;
@@ -576,6 +608,7 @@ impl<'a> PlanView<'a> {
         for id in 0..h.tensor_count {
             self.validate_tensor(id).ok_or(PlanError::BadTensor(id))?;
         }
+        self.validate_flash_layout().map_err(PlanError::BadTensor)?;
         self.validate_liveness().map_err(PlanError::BadTensor)?;
         for s in 0..self.step_count() {
             self.validate_step(s).ok_or(PlanError::BadStep(s as u16))?;
@@ -650,7 +683,8 @@ impl<'a> PlanView<'a> {
             let start = layer.state_offset as usize;
             let partial = self.header.config.partial.is_some();
             start.is_multiple_of(4)
-                && start >= tensor_state_end(self.layer_count() + 1)
+                && start
+                    >= tensor_state_end(self.layer_count() + 1, self.header.config.error_ranges)
                 && start
                     .checked_add(layer_state_bytes(out_channels, partial))
                     .is_some_and(|end| end <= self.header.state_bytes as usize)
@@ -798,6 +832,30 @@ impl<'a> PlanView<'a> {
         Ok(())
     }
 
+    /// No two parameter tensors share a byte of the blob (`Err(id)`: the later tensor of such a
+    /// pair), so a moved flash offset cannot make one layer read another's bytes (say weight
+    /// codes as an `i32` bias, which can overflow the accumulators). `O(tensors^2)` once.
+    fn validate_flash_layout(&self) -> Result<(), u16> {
+        let span = |t: &TensorRecord| {
+            let start = t.flash_offset? as u64;
+            Some((start, start + self.flash_bytes(t)? as u64))
+        };
+        for a in 0..self.header.tensor_count {
+            let Some((a_start, a_end)) = self.tensor(a).as_ref().and_then(span) else {
+                continue;
+            };
+            for b in a + 1..self.header.tensor_count {
+                let Some((b_start, b_end)) = self.tensor(b).as_ref().and_then(span) else {
+                    continue;
+                };
+                if a_start < b_end && b_start < a_end {
+                    return Err(b);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// No two arena tensors live at a common step share a byte (`Err(id)`: the later tensor of
     /// such a pair).
     fn validate_liveness(&self) -> Result<(), u16> {
@@ -911,7 +969,7 @@ impl<'a> PlanView<'a> {
                 let sum = self.tensor(step.writes[0])?;
                 let t = sum.index as usize;
                 (
-                    [Error(t), Error(t), Absent],
+                    [Operand::Contribution(t), Operand::Contribution(t), Absent],
                     [Exactly(TensorRole::Error, t), Absent],
                 )
             }
@@ -971,6 +1029,10 @@ impl<'a> PlanView<'a> {
                 tensor.role == TensorRole::Activation && index == self.buffer_of(t)
             }
             Operand::Error(t) => {
+                tensor.role == TensorRole::Error
+                    && Some(tensor.bytes as u64) == self.tensor_bytes(t)
+            }
+            Operand::Contribution(t) => {
                 tensor.role.is_error() && Some(tensor.bytes as u64) == self.tensor_bytes(t)
             }
             Operand::ErrorOf(t) => tensor.role.is_error() && index == t,
@@ -1113,7 +1175,8 @@ pub(crate) mod tests {
             lowest_layer: 0,
             arena_bytes: 24,
             lower_bound_bytes: 24,
-            state_bytes: (tensor_state_end(2) + layer_state_bytes(2, false)) as u32,
+            state_bytes: (tensor_state_end(2, ErrorRanges::Tracked) + layer_state_bytes(2, false))
+                as u32,
             scores_offset: NO_OFFSET,
             blob_offset: blob_offset as u32,
             blob_bytes: blob.len() as u32,
@@ -1126,6 +1189,7 @@ pub(crate) mod tests {
                 eps: 1e-12,
                 partial: None,
                 momentum: 0.0,
+                error_ranges: ErrorRanges::Tracked,
             },
         };
         let layer = LayerRecord {
@@ -1141,7 +1205,7 @@ pub(crate) mod tests {
             weight_channels: 0,
             weight_tensor: 2,
             bias_tensor: 3,
-            state_offset: tensor_state_end(2) as u32,
+            state_offset: tensor_state_end(2, ErrorRanges::Tracked) as u32,
             bias_scale: input_q.scale * weight_q.scale,
             weight_q,
             weight_range: RangeEma::from_range(-1.0, 1.0),
@@ -1260,6 +1324,9 @@ pub(crate) mod tests {
         let forward =
             HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 6 * TENSOR_BYTES + STEP_BYTES;
         assert_eq!(edited(|f| f[forward + 8] = 5), Err(PlanError::BadStep(1)));
+        // The bias read from the weights' bytes.
+        let bias = HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 3 * TENSOR_BYTES;
+        assert_eq!(edited(|f| f[bias + 16] -= 4), Err(PlanError::BadTensor(3)));
         // The bias gradient declared live only after its first use.
         let grad = HEADER_BYTES + LAYER_BYTES + 2 * MODEL_TENSOR_BYTES + 5 * TENSOR_BYTES;
         assert_eq!(edited(|f| f[grad + 20] = 5), Err(PlanError::BadStep(4)));
@@ -1269,6 +1336,24 @@ pub(crate) mod tests {
             PlanView::parse(&shifted.0[1..=len]).err(),
             Some(PlanError::Misaligned)
         );
+    }
+
+    #[test]
+    fn exact_error_ranges_need_their_state() {
+        // The tiny plan has tracked error ranges: its layer state starts right after the
+        // model tensors' state, where exact ranges keep the errors' quantization.
+        assert_eq!(edited(|f| f[17] |= 4), Err(PlanError::BadLayer(0)));
+        let header = Header::decode(&tiny_plan().0 .0).unwrap();
+        assert_eq!(header.config.error_ranges, ErrorRanges::Tracked);
+        assert_eq!(
+            tensor_state_end(2, ErrorRanges::Exact),
+            tensor_state_end(2, ErrorRanges::Tracked) + 2 * ERROR_Q_BYTES
+        );
+        // Unknown flags are refused (float32 plans with exact ranges: tests/plan_exec_float).
+        assert_eq!(edited(|f| f[17] |= 8), Err(PlanError::BadHeader));
+        assert_eq!("exact".parse(), Ok(ErrorRanges::Exact));
+        assert_eq!("tracked".parse(), Ok(ErrorRanges::Tracked));
+        assert!("exactly".parse::<ErrorRanges>().is_err());
     }
 
     #[test]

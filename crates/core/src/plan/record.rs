@@ -148,6 +148,52 @@ pub struct PartialUpdate {
     pub lambda_max: f32,
 }
 
+/// How the error tensors of fully quantized training get their quantization, per sample.
+///
+/// Each error tensor is first computed with `(s_tracked * unit, z_tracked)`: its moving-average
+/// range (in error units, see [`crate::plan::exec::error_unit`]) scaled by the sample's error
+/// unit. [`ErrorRanges::Exact`] then checks the tensor's real range (known exactly from the
+/// kernel's accumulators) and recomputes the tensor once with that range when the tracked
+/// quantization clipped it or left more than half of the codes unused
+/// ([`crate::plan::exec::exact_error_q`]). The trackers adapt the same way in both modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorRanges {
+    /// The tracked quantization only: the moving-average rule of the paper.
+    Tracked,
+    /// The tracked quantization as a first guess, recomputed with the exact range where it
+    /// fits badly (the default: every error follows its own sample's range).
+    #[default]
+    Exact,
+}
+
+impl ErrorRanges {
+    /// The option's name: `tracked` or `exact`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorRanges::Tracked => "tracked",
+            ErrorRanges::Exact => "exact",
+        }
+    }
+}
+
+impl core::fmt::Display for ErrorRanges {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for ErrorRanges {
+    type Err = &'static str;
+    /// `tracked` or `exact`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tracked" => Ok(ErrorRanges::Tracked),
+            "exact" => Ok(ErrorRanges::Exact),
+            _ => Err("error ranges are 'tracked' (the moving averages alone) or 'exact' (recomputed with each sample's range where the tracked one fits badly)"),
+        }
+    }
+}
+
 /// Numeric form of a plan: what its activations, errors and parameters hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -171,8 +217,9 @@ impl Precision {
 }
 
 /// Hyper-parameters of training, stored in the plan so that the device needs nothing else.
-/// A float32 plan uses `lr` and `momentum` only (the other rates are 0 and `partial` is
-/// `None`); an int8 plan everything but `momentum`, which is 0.
+/// A float32 plan uses `lr` and `momentum` only (the other rates are 0, `partial` is `None`
+/// and `error_ranges` is [`ErrorRanges::Tracked`], since no error is quantized); an int8 plan
+/// everything but `momentum`, which is 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainConfig {
     /// Learning rate of the weight and bias updates (the standardized FQT update, or SGD).
@@ -192,13 +239,16 @@ pub struct TrainConfig {
     /// SGD momentum of a float32 plan, in `[0, 1)`: `v = momentum * v + g / batch`,
     /// `p -= lr * v` ([`crate::update::sgd`]); 0 keeps no velocity.
     pub momentum: f32,
+    /// How error tensors are quantized (int8).
+    pub error_ranges: ErrorRanges,
 }
 
 /// The first record: what the plan holds and where its sections are.
 ///
 /// Layout (96 bytes): magic `MCTP`, version `u16`, header size `u16`, file size `u32`, CRC-32
 /// of the bytes from offset 16 to the end of the file `u32`; precision `u8` (0: int8, 1:
-/// float32), flags `u8` (bit 0 reordered, bit 1 partial updates), batch `u16`; layer, tensor,
+/// float32), flags `u8` (bit 0 reordered, bit 1 partial updates, bit 2 exact error ranges),
+/// batch `u16`; layer, tensor,
 /// step counts, classes and the lowest trained layer (`u16` each, one spare); arena,
 /// lower-bound, state bytes, score-scratch offset, blob offset and blob size (`u32` each); the
 /// eight `f32` of [`TrainConfig`] (lambdas 0 without partial updates); `f32` momentum; 4 spare
@@ -260,7 +310,8 @@ impl Header {
         w.u32(self.file_bytes);
         w.u32(self.crc);
         w.u8(code_of(&Precision::ALL, self.precision));
-        w.u8(self.reorder as u8 | (self.config.partial.is_some() as u8) << 1);
+        let exact = self.config.error_ranges == ErrorRanges::Exact;
+        w.u8(self.reorder as u8 | (self.config.partial.is_some() as u8) << 1 | (exact as u8) << 2);
         w.u16(self.batch);
         for count in [
             self.layer_count,
@@ -324,7 +375,7 @@ impl Header {
             .get(r.u8() as usize)
             .ok_or(PlanError::Unsupported)?;
         let flags = r.u8();
-        if flags & !3 != 0 {
+        if flags & !7 != 0 {
             return Err(PlanError::BadHeader);
         }
         let batch = r.u16();
@@ -366,6 +417,11 @@ impl Header {
                     lambda_max,
                 }),
                 momentum,
+                error_ranges: if flags & 4 != 0 {
+                    ErrorRanges::Exact
+                } else {
+                    ErrorRanges::Tracked
+                },
             },
         })
     }
@@ -920,6 +976,7 @@ mod tests {
                     eps: 1e-12,
                     partial: flag.then_some(PartialUpdate { lambda_min: 0.1, lambda_max: x }),
                     momentum: x / 2.0,
+                    error_ranges: if code % 3 == 0 { ErrorRanges::Exact } else { ErrorRanges::Tracked },
                 },
             };
             prop_assert_eq!(Header::decode(&header.encode()), Ok(header));

@@ -1,5 +1,5 @@
 //! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--momentum [M]]
-//! [--json] [--out PLAN.bin [--lr LR] [--partial MIN:MAX]]`: compile the training step and
+//! [--json] [--out PLAN.bin [--lr LR] [--partial MIN:MAX] [--error-ranges tracked|exact]]`: compile the training step and
 //! print its memory report; a plan over the SRAM budget is refused (an error, so exit code 2)
 //! after the report. With `--out`, a plan that fits is written as a plan file for the device
 //! ([`super::plan_file`]; MODEL must then be a model file: an int8 one gives an FQT plan, a
@@ -7,7 +7,7 @@
 
 use super::report::{check_budget, MemoryReport};
 use super::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
-use crate::engine::fqt::{FqtConfig, PartialUpdate};
+use crate::engine::fqt::{ErrorRanges, FqtConfig, PartialUpdate};
 use crate::engine::UpdateScheme;
 use crate::model::{format, zoo, Architecture, Params};
 use anyhow::{bail, Context, Result};
@@ -61,6 +61,11 @@ pub struct PlanArgs {
     /// (int8 only).
     #[arg(long)]
     pub partial: Option<String>,
+    /// How the device quantizes error tensors, stored in the plan file (int8 only): `tracked`
+    /// or `exact` (the default; needs 16 B of training state per model tensor), see
+    /// `mcutrain train --error-ranges`.
+    #[arg(long)]
+    pub error_ranges: Option<ErrorRanges>,
 }
 
 /// Run `mcutrain plan`.
@@ -122,9 +127,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 file.arena_required,
                 plan.arena_bytes,
                 file.arena_required - file.state_offset,
-                match plan.precision {
-                    Precision::Int8 => "sample counter, learning rate, range trackers, weight quantization, partial-update lists",
-                    Precision::Float32 => "sample counter and learning rate",
+                match (plan.precision, file.error_ranges) {
+                    (Precision::Int8, ErrorRanges::Exact) => "sample counter, learning rate, range trackers, the errors' quantization (exact error ranges), weight quantization, partial-update lists",
+                    (Precision::Int8, ErrorRanges::Tracked) => "sample counter, learning rate, range trackers, weight quantization, partial-update lists",
+                    (Precision::Float32, _) => "sample counter and learning rate",
                 },
             );
         }
@@ -138,6 +144,7 @@ struct WrittenPlan {
     file_bytes: usize,
     state_offset: usize,
     arena_required: usize,
+    error_ranges: ErrorRanges,
 }
 
 /// Write the plan file of `plan` with the model file `args.model` and the plan's
@@ -153,12 +160,18 @@ fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<
         Params::Int8(_) => plan_file::train_config(&FqtConfig {
             lr: args.lr,
             partial: args.partial.as_deref().map(parse_partial).transpose()?,
+            error_ranges: args.error_ranges.unwrap_or_default(),
             ..FqtConfig::default()
         }),
         Params::Float(_) => {
             if args.partial.is_some() {
                 bail!(
                     "--partial applies to int8 models (FQT); a float32 plan updates every channel"
+                );
+            }
+            if args.error_ranges.is_some() {
+                bail!(
+                    "--error-ranges applies to int8 models (FQT); float32 errors are not quantized"
                 );
             }
             let momentum = args.momentum.unwrap_or(0.0);
@@ -177,6 +190,7 @@ fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<
         file_bytes: bytes.len(),
         state_offset: view.state_offset(),
         arena_required: view.arena_required(),
+        error_ranges: view.header().config.error_ranges,
     };
     std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(written)

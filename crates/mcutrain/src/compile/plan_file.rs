@@ -15,15 +15,16 @@
 //!   masked copy keeps the quantization of the error it copies ([`NONE`] in a float32 plan);
 //! - the optimizer state of a bias update (a float32 momentum velocity) becomes the file's
 //!   `BiasOptimizerState`, that of a weight update its `OptimizerState`;
-//! - int8: the training state of each trained layer is placed after the model tensors' state,
-//!   then the partial-update score scratch (sized for the widest layer); float32: the state
-//!   region is the 8-byte header alone (sample counter, learning rate).
+//! - int8: the training state of each trained layer is placed after the model tensors' state
+//!   (with exact error ranges, after their error quantization too), then the partial-update
+//!   score scratch (sized for the widest layer); float32: the state region is the 8-byte
+//!   header alone (sample counter, learning rate).
 
 use super::{liveness, Placement, Precision, StepOp, TensorRole, TrainingPlan};
 use crate::engine::fqt::{FqtConfig, QuantNet};
 use crate::model::{LayerKind, Model, Params, QuantLayer};
 use mcutrain_core::plan::{
-    self as file, exec, layer_state_bytes, state_bytes_at_least, Header, LayerRecord,
+    self as file, exec, layer_state_bytes, state_bytes_at_least, ErrorRanges, Header, LayerRecord,
     ModelTensorRecord, PartialUpdate, PlanView, StepRecord, TensorRecord, TrainConfig,
     HEADER_BYTES, LOSS_QUANT, MAX_READS, MAX_WRITES, NONE, NO_OFFSET, VERSION,
 };
@@ -59,7 +60,8 @@ pub enum PlanFileError {
 }
 
 /// The plan-file hyper-parameters of a host FQT configuration (the same learning rate,
-/// moving-average rates and partial updates; `eps` is the reference trainer's `1e-12`).
+/// moving-average rates, partial updates and error ranges; `eps` is the reference trainer's
+/// `1e-12`).
 pub fn train_config(cfg: &FqtConfig) -> TrainConfig {
     TrainConfig {
         lr: cfg.lr,
@@ -73,6 +75,7 @@ pub fn train_config(cfg: &FqtConfig) -> TrainConfig {
             lambda_max: p.lambda_max,
         }),
         momentum: 0.0,
+        error_ranges: cfg.error_ranges,
     }
 }
 
@@ -88,6 +91,7 @@ pub fn float_train_config(lr: f32, momentum: f32) -> TrainConfig {
         eps: 0.0,
         partial: None,
         momentum,
+        error_ranges: ErrorRanges::Tracked,
     }
 }
 
@@ -152,7 +156,7 @@ pub fn write(
     // Training state (int8): model tensors, then each trained layer, then the score scratch.
     let partial = config.partial.is_some();
     let int8 = precision == file::Precision::Int8;
-    let mut state_bytes = state_bytes_at_least(precision, n + 1);
+    let mut state_bytes = state_bytes_at_least(precision, n + 1, config.error_ranges);
     let mut state_offsets = vec![NO_OFFSET; n];
     for (i, (update, blob)) in plan.updates.iter().zip(&blobs).enumerate() {
         if let (true, true, Some(blob)) = (int8, update.any(), blob) {
@@ -397,12 +401,17 @@ fn parameter_blobs(params: &Params) -> Result<Vec<Option<LayerBlob>>, PlanFileEr
     }
 }
 
-/// A float32 plan runs SGD without partial updates, with a velocity per trained parameter
-/// exactly when the momentum is not 0, and a momentum in `[0, 1)`.
+/// A float32 plan runs SGD without partial updates or error quantization, with a velocity per
+/// trained parameter exactly when the momentum is not 0, and a momentum in `[0, 1)`.
 fn check_float_config(plan: &TrainingPlan, config: &TrainConfig) -> Result<(), PlanFileError> {
     if config.partial.is_some() {
         return Err(PlanFileError::FloatConfig(
             "dynamic partial updates are an int8 (FQT) feature; drop --partial".into(),
+        ));
+    }
+    if config.error_ranges != ErrorRanges::Tracked {
+        return Err(PlanFileError::FloatConfig(
+            "exact error ranges apply to int8 (FQT) errors; float32 errors are not quantized (use ErrorRanges::Tracked)".into(),
         ));
     }
     if !(0.0..1.0).contains(&config.momentum) {

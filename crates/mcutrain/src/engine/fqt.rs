@@ -6,6 +6,15 @@
 //! quantization parameters fixed at the start of the batch, its gradients are added to the
 //! batch's `f32` gradient buffers in sample order, then the updates are applied and the range
 //! trackers fold in the real extremes observed over the batch.
+//!
+//! Error tensors: the logits error is quantized with its own range, whose largest magnitude is
+//! the sample's error unit ([`error_unit`]); every other error is first computed with its
+//! tracker's range in that unit. With [`ErrorRanges::Exact`] (the default) it is computed once
+//! more with its exact range when that first guess clipped it or left more than half of the
+//! codes unused ([`quantize_error`]): the spread of error magnitudes between samples is wider
+//! than any one tracked range fits (on fashion-shift, the errors and weight gradients of the
+//! layers furthest from the loss fall below a cosine similarity of 0.99 with the float ones
+//! under tracked ranges alone). [`ErrorRanges::Tracked`] is the paper's moving-average rule.
 
 use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
@@ -15,8 +24,11 @@ use crate::model::{
     Shape,
 };
 use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
-/// The per-sample error unit, shared with the device executor.
-pub use mcutrain_core::plan::exec::{error_unit, scale_range};
+/// The per-sample error unit and the error quantization rule, shared with the device
+/// executor.
+pub use mcutrain_core::plan::exec::{error_unit, quantize_error, scale_range, WrittenError};
+/// How error tensors get their quantization (a training option, stored in plan files).
+pub use mcutrain_core::plan::ErrorRanges;
 use mcutrain_core::quant::{QParams, RealRange};
 use mcutrain_core::rng::Rng;
 use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
@@ -56,6 +68,9 @@ pub struct FqtConfig {
     pub stats_rate: f32,
     /// Dynamic partial updates, or `None` to update every structure.
     pub partial: Option<PartialUpdate>,
+    /// How error tensors are quantized: the tracked ranges alone, or recomputed with their
+    /// exact range where those fit badly ([`ErrorRanges`]).
+    pub error_ranges: ErrorRanges,
 }
 
 impl Default for FqtConfig {
@@ -71,6 +86,7 @@ impl Default for FqtConfig {
             weight_rate: 0.001,
             stats_rate: 0.2,
             partial: None,
+            error_ranges: ErrorRanges::Exact,
         }
     }
 }
@@ -104,6 +120,11 @@ pub struct SampleGradients {
     pub layer_errors: Vec<f32>,
     /// Error tensors as the consuming layers used them.
     pub errors: Vec<Option<QError>>,
+    /// Error tensors computed by a kernel in this sample (input errors and sums; the logits
+    /// error and pass-through errors are not counted).
+    pub errors_written: usize,
+    /// How many of them were recomputed with their exact range ([`quantize_error`]).
+    pub errors_recomputed: usize,
 }
 
 impl<'a> QuantNet<'a> {
@@ -226,7 +247,9 @@ impl<'a> QuantNet<'a> {
         (tensors, ranges)
     }
 
-    /// Backward pass of one sample (forward `tensors`, `label`), with softmax cross-entropy.
+    /// Backward pass of one sample (forward `tensors`, `label`), with softmax cross-entropy;
+    /// every input error and error sum is quantized by [`quantize_error`] under
+    /// `error_ranges`, and its consumers use the quantization it was written with.
     pub fn backward(
         &self,
         state: &QuantState,
@@ -234,6 +257,7 @@ impl<'a> QuantNet<'a> {
         label: u16,
         trainable: &[Trainable],
         partial: Option<(PartialUpdate, &[f32])>,
+        error_ranges_mode: ErrorRanges,
     ) -> SampleGradients {
         let n = self.arch.layers.len();
         let mut errors: Vec<Option<QError>> = vec![None; n + 1];
@@ -263,12 +287,19 @@ impl<'a> QuantNet<'a> {
             &mut out_err,
         );
         let unit = error_unit(loss_range);
+        // The first guess for an error of tensor `t`: its tracker in this sample's unit.
         let err_q = |t: usize| {
             let q = state.errors[t].qparams();
             QParams {
                 scale: q.scale * unit,
                 zero_point: q.zero_point,
             }
+        };
+        let (mut errors_written, mut errors_recomputed) = (0usize, 0usize);
+        let mut count = |written: WrittenError| {
+            errors_written += 1;
+            errors_recomputed += written.recomputed as usize;
+            written
         };
         let out_q = QParams::from_range(loss_range.min, loss_range.max);
         let (loss, _) = loss::softmax_cross_entropy_q(
@@ -292,6 +323,8 @@ impl<'a> QuantNet<'a> {
                 selected,
                 layer_errors,
                 errors,
+                errors_written,
+                errors_recomputed,
             };
         };
         for i in (lowest..n).rev() {
@@ -359,8 +392,7 @@ impl<'a> QuantNet<'a> {
                         None => ChannelSet::All,
                     };
                     let mut input_err = vec![0i8; if needs_input_err { x.len() } else { 0 }];
-                    let in_err_q = err_q(i);
-                    let range = match geometry {
+                    match geometry {
                         Geometry::Conv(g) => {
                             if trainable[i].weight {
                                 conv2d::weight_backward_q(
@@ -376,18 +408,6 @@ impl<'a> QuantNet<'a> {
                             if trainable[i].bias {
                                 conv2d::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
                             }
-                            needs_input_err.then(|| {
-                                conv2d::input_backward_q(
-                                    &g,
-                                    &p.weight,
-                                    &p.weight_q,
-                                    &err,
-                                    eq,
-                                    channels,
-                                    in_err_q,
-                                    &mut input_err,
-                                )
-                            })
                         }
                         Geometry::Linear(g) => {
                             if trainable[i].weight {
@@ -404,29 +424,30 @@ impl<'a> QuantNet<'a> {
                             if trainable[i].bias {
                                 linear::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
                             }
-                            needs_input_err.then(|| {
-                                linear::input_backward_q(
-                                    &g,
-                                    &p.weight,
-                                    &p.weight_q,
-                                    &err,
-                                    eq,
-                                    channels,
-                                    in_err_q,
-                                    &mut input_err,
-                                )
-                            })
                         }
                         _ => unreachable!(),
-                    };
-                    if let Some(range) = range {
+                    }
+                    if needs_input_err {
+                        let (w, wq) = (&p.weight, &p.weight_q);
+                        let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
+                            let e = &mut input_err;
+                            match geometry {
+                                Geometry::Conv(g) => {
+                                    conv2d::input_backward_q(&g, w, wq, &err, eq, channels, q, e)
+                                }
+                                Geometry::Linear(g) => {
+                                    linear::input_backward_q(&g, w, wq, &err, eq, channels, q, e)
+                                }
+                                _ => unreachable!(),
+                            }
+                        }));
                         contributions.push((
                             i,
                             QError {
                                 codes: input_err,
-                                q: in_err_q,
+                                q: written.q,
                             },
-                            range,
+                            written.range,
                         ));
                     }
                 }
@@ -443,48 +464,49 @@ impl<'a> QuantNet<'a> {
                 }
                 (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
                     let mut e = vec![0i8; x.len()];
-                    let range = pool::avg_input_backward_q(&g, &err, eq, err_q(i), &mut e);
+                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
+                        pool::avg_input_backward_q(&g, &err, eq, q, &mut e)
+                    }));
                     contributions.push((
                         i,
                         QError {
                             codes: e,
-                            q: err_q(i),
+                            q: written.q,
                         },
-                        range,
+                        written.range,
                     ));
                 }
                 (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
                     let mut e = vec![0i8; x.len()];
-                    let range = pool::max_input_backward_q(&g, x, &err, eq, err_q(i), &mut e);
+                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
+                        pool::max_input_backward_q(&g, x, &err, eq, q, &mut e)
+                    }));
                     contributions.push((
                         i,
                         QError {
                             codes: e,
-                            q: err_q(i),
+                            q: written.q,
                         },
-                        range,
+                        written.range,
                     ));
                 }
                 (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
                     let mut e = vec![0i8; x.len()];
-                    let range = pool::global_avg_input_backward_q(
-                        &pool::GlobalPoolGeom {
-                            batch: 1,
-                            channels,
-                            spatial,
-                        },
-                        &err,
-                        eq,
-                        err_q(i),
-                        &mut e,
-                    );
+                    let g = pool::GlobalPoolGeom {
+                        batch: 1,
+                        channels,
+                        spatial,
+                    };
+                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
+                        pool::global_avg_input_backward_q(&g, &err, eq, q, &mut e)
+                    }));
                     contributions.push((
                         i,
                         QError {
                             codes: e,
-                            q: err_q(i),
+                            q: written.q,
                         },
-                        range,
+                        written.range,
                     ));
                 }
                 (LayerKind::Add { skip_from }, _) => {
@@ -525,18 +547,23 @@ impl<'a> QuantNet<'a> {
                 errors[t] = Some(match errors[t].take() {
                     None => contribution,
                     Some(existing) => {
-                        let q = err_q(t);
                         let mut sum = vec![0i8; existing.codes.len()];
-                        let range = add::forward_q(
-                            &existing.codes,
-                            existing.q,
-                            &contribution.codes,
-                            contribution.q,
-                            q,
-                            &mut sum,
-                        );
-                        error_ranges[t] = error_ranges[t].merge(scale_range(range, 1.0 / unit));
-                        QError { codes: sum, q }
+                        let written = count(quantize_error(error_ranges_mode, err_q(t), |q| {
+                            add::forward_q(
+                                &existing.codes,
+                                existing.q,
+                                &contribution.codes,
+                                contribution.q,
+                                q,
+                                &mut sum,
+                            )
+                        }));
+                        let range = scale_range(written.range, 1.0 / unit);
+                        error_ranges[t] = error_ranges[t].merge(range);
+                        QError {
+                            codes: sum,
+                            q: written.q,
+                        }
                     }
                 });
             }
@@ -549,6 +576,8 @@ impl<'a> QuantNet<'a> {
             selected,
             layer_errors,
             errors,
+            errors_written,
+            errors_recomputed,
         }
     }
 
@@ -609,6 +638,43 @@ pub struct EpochStats {
     pub loss: f64,
     /// Fraction of structures whose gradient was computed, over trainable layers and samples.
     pub computed_fraction: f64,
+    /// Fraction of the error tensors computed by a kernel that were computed a second time
+    /// with their exact range (0 with [`ErrorRanges::Tracked`]).
+    pub recomputed_fraction: f64,
+}
+
+/// What one mini-batch did ([`FqtTrainer::train_batch`]), summed over its samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    /// Sum of the losses.
+    pub loss: f64,
+    /// Structures whose gradient was computed, over the trainable layers.
+    pub computed: usize,
+    /// Structures of the trainable layers.
+    pub possible: usize,
+    /// Error tensors computed by a kernel ([`SampleGradients::errors_written`]).
+    pub errors_written: usize,
+    /// How many of them were recomputed with their exact range.
+    pub errors_recomputed: usize,
+}
+
+impl std::ops::AddAssign for BatchStats {
+    fn add_assign(&mut self, other: BatchStats) {
+        self.loss += other.loss;
+        self.computed += other.computed;
+        self.possible += other.possible;
+        self.errors_written += other.errors_written;
+        self.errors_recomputed += other.errors_recomputed;
+    }
+}
+
+/// `part / whole`, 0 when `whole` is 0.
+fn fraction(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 impl FqtTrainer {
@@ -688,13 +754,14 @@ impl FqtTrainer {
     }
 
     /// One mini-batch: gradients of every sample (in parallel, summed in sample order), the
-    /// updates, then range adaptation. Returns the loss sum and the computed-structure count.
+    /// updates, then range adaptation. Returns the loss sum, the computed-structure count and
+    /// the error tensors computed and recomputed.
     pub fn train_batch(
         &mut self,
         model: &mut Model,
         samples: &[&[f32]],
         labels: &[u16],
-    ) -> (f64, usize, usize) {
+    ) -> BatchStats {
         let arch = model.arch.clone();
         let net = QuantNet::new(&arch).expect("the trainer was built for a valid model");
         let Params::Int8(state) = &mut model.params else {
@@ -707,7 +774,8 @@ impl FqtTrainer {
             .map(|(sample, &label)| {
                 let input = net.quantize_input(state, sample);
                 let (tensors, act_ranges) = net.forward(state, input, 1);
-                let back = net.backward(state, &tensors, label, &self.trainable, partial);
+                let mode = self.cfg.error_ranges;
+                let back = net.backward(state, &tensors, label, &self.trainable, partial, mode);
                 (back, act_ranges)
             })
             .collect();
@@ -720,10 +788,11 @@ impl FqtTrainer {
             .collect();
         let mut act_ranges = vec![RealRange::EMPTY; n + 1];
         let mut err_ranges = vec![RealRange::EMPTY; n + 1];
-        let mut loss = 0.0f64;
-        let (mut computed, mut possible) = (0usize, 0usize);
+        let mut stats = BatchStats::default();
         for (r, a) in &results {
-            loss += r.loss as f64;
+            stats.loss += r.loss as f64;
+            stats.errors_written += r.errors_written;
+            stats.errors_recomputed += r.errors_recomputed;
             for (acc, g) in grads.iter_mut().zip(&r.grads) {
                 acc.weight
                     .iter_mut()
@@ -739,14 +808,14 @@ impl FqtTrainer {
                 if !self.trainable[i].any() {
                     continue;
                 }
-                possible += layer_touched.len();
+                stats.possible += layer_touched.len();
                 match &r.selected[i] {
                     Some(list) => {
-                        computed += list.len();
+                        stats.computed += list.len();
                         list.iter().for_each(|&c| layer_touched[c as usize] = true);
                     }
                     None => {
-                        computed += layer_touched.len();
+                        stats.computed += layer_touched.len();
                         layer_touched.iter_mut().for_each(|t| *t = true);
                     }
                 }
@@ -816,7 +885,7 @@ impl FqtTrainer {
             }
             state.errors[t].observe(err_ranges[t], self.cfg.error_rate);
         }
-        (loss, computed, possible)
+        stats
     }
 
     /// Train `model` on `data` for the configured epochs, with the learning rate decayed from
@@ -833,24 +902,19 @@ impl FqtTrainer {
         let mut out = Vec::new();
         for epoch in 0..self.cfg.epochs {
             let order = shuffled(data.len(), &mut rng);
-            let (mut loss, mut computed, mut possible) = (0.0, 0usize, 0usize);
+            let mut epoch_stats = BatchStats::default();
             for (step, idx) in order.chunks(batch).enumerate() {
                 self.lr = cosine_lr(self.cfg.lr, epoch * steps + step, steps * self.cfg.epochs);
                 let samples: Vec<&[f32]> = idx.iter().map(|&i| data.sample(i)).collect();
                 let labels: Vec<u16> = idx.iter().map(|&i| data.labels[i]).collect();
-                let (l, c, p) = self.train_batch(model, &samples, &labels);
-                loss += l;
-                computed += c;
-                possible += p;
+                epoch_stats += self.train_batch(model, &samples, &labels);
                 progress(epoch, step + 1, steps);
             }
+            let s = epoch_stats;
             out.push(EpochStats {
-                loss: loss / data.len().max(1) as f64,
-                computed_fraction: if possible == 0 {
-                    0.0
-                } else {
-                    computed as f64 / possible as f64
-                },
+                loss: s.loss / data.len().max(1) as f64,
+                computed_fraction: fraction(s.computed, s.possible),
+                recomputed_fraction: fraction(s.errors_recomputed, s.errors_written),
             });
         }
         out
