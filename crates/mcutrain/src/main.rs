@@ -3,8 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::ProgressBar;
 use mcutrain::adapt::{evaluate, float_finetune, fqt_finetune};
 use mcutrain::data::{self, CorruptionSpec, Dataset, Split};
+use mcutrain::device::{self, Budget, Machine, Qemu};
 use mcutrain::engine::float::FloatTrainConfig;
 use mcutrain::engine::fqt::{FqtConfig, PartialUpdate};
 use mcutrain::engine::UpdateScheme;
@@ -13,6 +15,7 @@ use mcutrain::report::{milestone, pct, progress, table};
 use mcutrain::workload::ShiftWorkload;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -126,10 +129,58 @@ enum Method {
     Float,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
     /// The host twin.
     Host,
+    /// The firmware on QEMU's Cortex-M4F (MPS2-AN386).
+    QemuM4,
+    /// The firmware on QEMU's Cortex-M7 (MPS2-AN500).
+    QemuM7,
+}
+
+impl Target {
+    /// The emulated machine (`None` for the host).
+    fn machine(self) -> Option<Machine> {
+        match self {
+            Target::Host => None,
+            Target::QemuM4 => Some(Machine::QemuM4),
+            Target::QemuM7 => Some(Machine::QemuM7),
+        }
+    }
+}
+
+/// Memory budgets of the firmware image (`--on qemu-m4|qemu-m7`).
+#[derive(Args, Clone, Debug)]
+struct BudgetArgs {
+    /// SRAM budget: static data (the arena included) plus the minimum stack, enforced when
+    /// the image links; e.g. 256K, 320KB, 262144.
+    #[arg(long, default_value = "256K")]
+    sram: String,
+    /// Flash budget: code plus constants (the plan included).
+    #[arg(long, default_value = "1M")]
+    flash: String,
+}
+
+impl BudgetArgs {
+    /// The device target for `machine` with these budgets; QEMU may run for `samples`
+    /// streamed samples (two seconds each at most, plus a minute).
+    fn target(&self, machine: Machine, samples: usize) -> Result<device::adapt::Target> {
+        let budget = Budget {
+            sram_bytes: device::parse_size(&self.sram)?,
+            flash_bytes: device::parse_size(&self.flash)?,
+            ..Budget::default()
+        };
+        let qemu = Qemu {
+            timeout: Duration::from_secs(60 + 2 * samples as u64),
+            ..Qemu::default()
+        };
+        Ok(device::adapt::Target {
+            machine,
+            budget,
+            qemu,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -172,6 +223,12 @@ struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     #[command(flatten)]
+    budget: BudgetArgs,
+    /// On a device: evaluate only the first N evaluation samples there (the host twin
+    /// evaluates all of them with the weights the device trained).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    #[command(flatten)]
     output: Output,
 }
 
@@ -182,6 +239,11 @@ struct EvalArgs {
     /// Evaluation data (default: Fashion-MNIST test set).
     #[command(flatten)]
     data: DataArgs,
+    /// Where evaluation runs (a device evaluates int8 models).
+    #[arg(long, value_enum, default_value = "host")]
+    on: Target,
+    #[command(flatten)]
+    budget: BudgetArgs,
     #[command(flatten)]
     output: Output,
 }
@@ -434,21 +496,55 @@ fn parse_partial(s: &str) -> Result<PartialUpdate> {
     })
 }
 
+/// The FQT configuration of `train`'s arguments.
+fn fqt_config(a: &TrainArgs) -> Result<FqtConfig> {
+    if a.epochs == 0 || a.batch == 0 || a.lr.is_nan() || a.lr <= 0.0 {
+        bail!("need epochs >= 1, batch >= 1 and lr > 0");
+    }
+    Ok(FqtConfig {
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        scheme: a.update,
+        seed: a.data.seed,
+        partial: a.partial.as_deref().map(parse_partial).transpose()?,
+        stats_rate: a.grad_stats_rate,
+        ..FqtConfig::default()
+    })
+}
+
+/// A progress bar over a device session: its epochs, then its evaluation samples.
+fn session_bar(epochs: usize, eval_samples: usize, machine: Machine, quiet: bool) -> ProgressBar {
+    let bar = progress(
+        (epochs + eval_samples) as u64,
+        &format!("{machine}: epochs + evaluations"),
+        quiet,
+    );
+    bar.set_prefix("building the firmware / running");
+    bar
+}
+
 fn train(a: TrainArgs) -> Result<()> {
-    let Target::Host = a.on;
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Train)?;
     check_fit(&model, &ds)?;
     let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
     let before = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
     let steps = ds.len().div_ceil(a.batch.max(1)) * a.epochs;
-    let (trained, losses, method) = match a.method {
-        Method::Float => {
+    if a.on == Target::Host && a.eval_limit.is_some() {
+        bail!("--eval-limit applies to training on a device (--on qemu-m4 or qemu-m7)");
+    }
+    let mut device_run = None;
+    let (trained, losses, method) = match (a.method, a.on.machine()) {
+        (Method::Float, _) => {
             if matches!(model.params, Params::Int8(_)) {
                 bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
             }
             if a.partial.is_some() {
                 bail!("--partial applies to --method fqt only");
+            }
+            if a.on != Target::Host {
+                bail!("float32 training on a device needs float32 plan files, which this build does not have yet; train on the host, or an int8 model with --method fqt");
             }
             let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
             let bar = progress(steps as u64, "training (float32)", false);
@@ -456,27 +552,41 @@ fn train(a: TrainArgs) -> Result<()> {
             bar.finish_and_clear();
             (r.0, r.1, "float")
         }
-        Method::Fqt => {
+        (Method::Fqt, machine) => {
             if matches!(model.params, Params::Float(_)) {
                 bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
             }
-            if a.epochs == 0 || a.batch == 0 || a.lr.is_nan() || a.lr <= 0.0 {
-                bail!("need epochs >= 1, batch >= 1 and lr > 0");
+            let cfg = fqt_config(&a)?;
+            match machine {
+                None => {
+                    let bar = progress(steps as u64, "training (int8 FQT)", false);
+                    let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
+                    bar.finish_and_clear();
+                    (r.0, r.1, "fqt")
+                }
+                Some(machine) => {
+                    let device_eval = eval_ds.as_ref().map(|d| {
+                        let n = a.eval_limit.unwrap_or(d.len()).min(d.len());
+                        d.subset(&(0..n).collect::<Vec<_>>())
+                    });
+                    let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
+                    let target = a.budget.target(machine, ds.len() * a.epochs + eval_n)?;
+                    let bar = session_bar(a.epochs, eval_n, machine, false);
+                    let run = device::adapt::fqt_finetune(
+                        &model,
+                        &ds,
+                        device_eval.as_ref(),
+                        &cfg,
+                        &target,
+                        |p| bar.set_position((p.epochs + p.eval_samples) as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    let losses = run.results.epoch_losses.clone();
+                    let trained = run.model.clone();
+                    device_run = Some(run);
+                    (trained, losses, "fqt")
+                }
             }
-            let cfg = FqtConfig {
-                epochs: a.epochs,
-                batch: a.batch,
-                lr: a.lr,
-                scheme: a.update,
-                seed: a.data.seed,
-                partial: a.partial.as_deref().map(parse_partial).transpose()?,
-                stats_rate: a.grad_stats_rate,
-                ..FqtConfig::default()
-            };
-            let bar = progress(steps as u64, "training (int8 FQT)", false);
-            let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
-            bar.finish_and_clear();
-            (r.0, r.1, "fqt")
         }
     };
     if let Some(out) = &a.out {
@@ -486,14 +596,16 @@ fn train(a: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|d| evaluate(&trained, d))
         .transpose()?;
+    let on = a.on.machine().map_or("host", Machine::name);
     if a.output.json {
-        println!(
-            "{}",
-            json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out})
-        );
+        let mut value = json!({"method": method, "on": on, "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out});
+        if let Some(run) = &device_run {
+            add_device_figures(&mut value, run, after);
+        }
+        println!("{value}");
     } else {
         println!(
-            "{method} training on {} samples, {} epochs, update {}; losses per epoch: {}",
+            "{method} training on {on}, {} samples, {} epochs, update {}; losses per epoch: {}",
             ds.len(),
             a.epochs,
             a.update,
@@ -504,12 +616,20 @@ fn train(a: TrainArgs) -> Result<()> {
                 .join(" ")
         );
         if let (Some(b), Some(f), Some(d)) = (before, after, &eval_ds) {
+            let whose = if device_run.is_some() {
+                " (host twin; after: with the weights trained on the device)"
+            } else {
+                ""
+            };
             println!(
-                "accuracy on {} evaluation samples: before {}, after {}",
+                "accuracy on {} evaluation samples{whose}: before {}, after {}",
                 d.len(),
                 pct(b),
                 pct(f)
             );
+        }
+        if let Some(run) = &device_run {
+            print_device_figures(run);
         }
         if let Some(out) = &a.out {
             println!("wrote {}", out.display());
@@ -518,23 +638,80 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The device's accuracy and measurements into the JSON of `train` or `eval`: `accuracy`
+/// becomes the device's, the host twin's (`host_accuracy`, the same weights on every
+/// evaluation sample) stays beside it.
+fn add_device_figures(
+    value: &mut serde_json::Value,
+    run: &device::adapt::DeviceRun,
+    host: Option<f64>,
+) {
+    value["accuracy"] = run.results.device_accuracy().into();
+    value["device_eval_samples"] = run.results.predictions.len().into();
+    value["host_accuracy"] = host.into();
+    if let (Some(object), serde_json::Value::Object(report)) =
+        (value.as_object_mut(), run.report.json())
+    {
+        object.extend(report);
+    }
+}
+
+fn print_device_figures(run: &device::adapt::DeviceRun) {
+    if let Some(acc) = run.results.device_accuracy() {
+        println!(
+            "accuracy measured on the device: {} of {} samples correct ({})",
+            run.results.metrics.timing.eval_correct,
+            run.results.predictions.len(),
+            pct(acc)
+        );
+    }
+    println!("{}", run.report.text());
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Test)?;
     check_fit(&model, &ds)?;
-    let acc = evaluate(&model, &ds)?;
+    let Some(machine) = a.on.machine() else {
+        let acc = evaluate(&model, &ds)?;
+        if a.output.json {
+            println!(
+                "{}",
+                json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision(), "on": "host"})
+            );
+        } else {
+            println!(
+                "{} model, {} samples: accuracy {}",
+                model.precision(),
+                ds.len(),
+                pct(acc)
+            );
+        }
+        return Ok(());
+    };
+    if matches!(model.params, Params::Float(_)) {
+        bail!("{} is a float32 model; a device evaluates int8 models (float32 plan files are not in this build yet): run `mcutrain quantize` first, or evaluate on the host", a.model.display());
+    }
+    let target = a.budget.target(machine, ds.len())?;
+    let bar = session_bar(0, ds.len(), machine, a.output.json);
+    let run = device::adapt::evaluate(&model, &ds, &target, |p| {
+        bar.set_position(p.eval_samples as u64)
+    })?;
+    bar.finish_and_clear();
+    let host = evaluate(&model, &ds)?;
     if a.output.json {
-        println!(
-            "{}",
-            json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision()})
-        );
+        let mut value =
+            json!({"samples": ds.len(), "precision": model.precision(), "on": machine.name()});
+        add_device_figures(&mut value, &run, Some(host));
+        println!("{value}");
     } else {
         println!(
-            "{} model, {} samples: accuracy {}",
+            "{} model, {} samples on {machine} (host twin: {})",
             model.precision(),
             ds.len(),
-            pct(acc)
+            pct(host)
         );
+        print_device_figures(&run);
     }
     Ok(())
 }

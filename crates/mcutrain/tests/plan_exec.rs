@@ -103,7 +103,8 @@ fn reference_run(
     (model, losses)
 }
 
-/// The executor over the same samples; the trained model and the loss of every batch.
+/// The executor over the same samples, batch by batch as `reference_run` cuts them (a shorter
+/// last batch ends early); the trained model and the loss of every batch.
 fn planned_run(
     model: &Model,
     cfg: &FqtConfig,
@@ -119,10 +120,16 @@ fn planned_run(
         .chunks(cfg.batch)
         .map(|idx| {
             idx.iter()
-                .map(|&i| {
+                .enumerate()
+                .map(|(k, &i)| {
                     let codes = input_codes(&view, data, i);
-                    exec::train_sample(&view, arena.as_mut_slice(), &codes, data.labels[i])
-                        .expect("trains") as f64
+                    let train = if k + 1 == idx.len() {
+                        exec::train_sample_ending_batch
+                    } else {
+                        exec::train_sample
+                    };
+                    train(&view, arena.as_mut_slice(), &codes, data.labels[i]).expect("trains")
+                        as f64
                 })
                 .sum()
         })
@@ -220,7 +227,8 @@ proptest! {
             _ => UpdateScheme::BiasOnly(k),
         };
         let cfg = fqt_config(scheme, batch, partial);
-        let order: Vec<usize> = (0..8).chain(0..4).collect();
+        // 11 samples: batches of 2, 3 and 4 end with a shorter one.
+        let order: Vec<usize> = (0..8).chain(0..3).collect();
         let (expected, expected_losses) = reference_run(&model, &cfg, &data, &order);
         let (actual, actual_losses) = planned_run(&model, &cfg, &data, &order, reorder);
         let bits = |l: &[f64]| l.iter().map(|v| (*v as f32).to_bits()).collect::<Vec<_>>();
@@ -270,6 +278,16 @@ fn fashion_shift_trains_bit_for_bit() {
     );
     let cfg = fqt_config(UpdateScheme::All, 4, true);
     check_equal_runs(&model, &cfg, &data, &order, true, "fashion-shift batch 4");
+    // 22 samples in batches of 8: the last batch has 6.
+    let cfg = fqt_config(UpdateScheme::LastLayers(5), 8, false);
+    check_equal_runs(
+        &model,
+        &cfg,
+        &data,
+        &order[..22],
+        true,
+        "fashion-shift shorter last batch",
+    );
 }
 
 #[test]

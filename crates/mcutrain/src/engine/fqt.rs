@@ -9,7 +9,7 @@
 
 use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
-use crate::engine::float::{shuffled, zeros_like};
+use crate::engine::float::{epoch_orders, zeros_like};
 use crate::model::{
     numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState,
     Shape,
@@ -18,7 +18,6 @@ use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet
 /// The per-sample error unit, shared with the device executor.
 pub use mcutrain_core::plan::exec::{error_unit, scale_range};
 use mcutrain_core::quant::{QParams, RealRange};
-use mcutrain_core::rng::Rng;
 use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
 use rayon::prelude::*;
 
@@ -766,12 +765,11 @@ impl FqtTrainer {
         data: &Dataset,
         mut progress: impl FnMut(usize, usize, usize),
     ) -> Vec<EpochStats> {
-        let mut rng = Rng::new(self.cfg.seed);
         let batch = self.cfg.batch.max(1);
         let steps = data.len().div_ceil(batch);
         let mut out = Vec::new();
-        for epoch in 0..self.cfg.epochs {
-            let order = shuffled(data.len(), &mut rng);
+        let orders = epoch_orders(data.len(), self.cfg.epochs, self.cfg.seed);
+        for (epoch, order) in orders.into_iter().enumerate() {
             let (mut loss, mut computed, mut possible) = (0.0, 0usize, 0usize);
             for (step, idx) in order.chunks(batch).enumerate() {
                 self.lr = cosine_lr(self.cfg.lr, epoch * steps + step, steps * self.cfg.epochs);

@@ -115,12 +115,8 @@ pub fn consumers(arch: &Architecture, tensor: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Cosine learning-rate decay: `lr = peak * (1 + cos(pi * done / total)) / 2`, from `peak`
-/// at the first step towards 0 at the last (libm, so a device computes the same value).
-pub fn cosine_lr(peak: f32, done: usize, total: usize) -> f32 {
-    let t = done as f32 / total.max(1) as f32;
-    peak * 0.5 * (1.0 + libm::cosf(core::f32::consts::PI * t))
-}
+/// Cosine learning-rate decay, shared with the device's training loop.
+pub use mcutrain_core::update::cosine_lr;
 
 /// Fraction of `labels` equal to the argmax `predictions`.
 pub fn accuracy(predictions: &[usize], labels: &[u16]) -> f64 {

@@ -1,0 +1,136 @@
+//! Fine-tuning and evaluation on a device, the device side of `mcutrain train --on` and
+//! `mcutrain eval --on`: compile the plan for the model and the training settings, run the
+//! session on the machine ([`session::run`]: build cached, budget enforced before anything
+//! runs), rebuild the trained model and report the measurements.
+//!
+//! The plan carries the same hyper-parameters as the host trainer's configuration and the
+//! session streams the samples in the host trainer's order, so the trained model equals the
+//! host twin's bit for bit.
+
+use super::report::DeviceReport;
+use super::session::{self, Progress, Session, SessionResults};
+use super::{Budget, DeviceError, Machine, Qemu};
+use crate::compile::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision};
+use crate::data::Dataset;
+use crate::engine::fqt::FqtConfig;
+use crate::engine::UpdateScheme;
+use crate::model::Model;
+
+/// Where and within which budgets a session runs.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The emulated board.
+    pub machine: Machine,
+    /// Memory budgets, enforced when the image links.
+    pub budget: Budget,
+    /// How QEMU runs (its timeout).
+    pub qemu: Qemu,
+}
+
+/// A finished session: the model after it, what came back and the measurements.
+#[derive(Clone, Debug)]
+pub struct DeviceRun {
+    /// The trained model (the input model after an evaluation-only session).
+    pub model: Model,
+    /// What the device sent back.
+    pub results: SessionResults,
+    /// The measurements.
+    pub report: DeviceReport,
+    /// The plan file the image embedded.
+    pub plan: Vec<u8>,
+}
+
+/// The plan file of fully quantized training of `model` under `updates` and `cfg` (batch,
+/// learning rate, moving-average rates, partial updates), with operator reordering.
+fn int8_plan(
+    model: &Model,
+    updates: &[LayerUpdate],
+    cfg: &FqtConfig,
+) -> Result<Vec<u8>, DeviceError> {
+    let options = PlanOptions {
+        batch: cfg.batch,
+        ..PlanOptions::new(Precision::Int8)
+    };
+    let plan =
+        compile(&model.arch, updates, &options).map_err(|e| DeviceError::Plan(e.to_string()))?;
+    plan_file::write(&plan, model, &plan_file::train_config(cfg))
+        .map_err(|e| DeviceError::Plan(e.to_string()))
+}
+
+/// Runs `session` of `plan` for `model` on `target` and rebuilds the model.
+fn run_session(
+    model: &Model,
+    plan: Vec<u8>,
+    session: Session,
+    target: &Target,
+    progress: impl FnMut(Progress),
+) -> Result<DeviceRun, DeviceError> {
+    let session = Session {
+        plan: &plan,
+        ..session
+    };
+    let results = session::run(
+        target.machine,
+        &target.budget,
+        &target.qemu,
+        &session,
+        progress,
+    )?;
+    let trained = results.trained_model(&plan, model)?;
+    let report = DeviceReport::new(target.machine, &results, &plan, &model.arch)?;
+    Ok(DeviceRun {
+        model: trained,
+        results,
+        report,
+        plan,
+    })
+}
+
+/// Fully quantized fine-tuning of the int8 `model` on `data` on the device as `cfg` says
+/// (epochs, batch, learning rate with cosine decay, scheme, partial updates, order seed),
+/// then the evaluation of `eval` there.
+pub fn fqt_finetune(
+    model: &Model,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+    cfg: &FqtConfig,
+    target: &Target,
+    progress: impl FnMut(Progress),
+) -> Result<DeviceRun, DeviceError> {
+    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
+    let plan = int8_plan(model, &updates, cfg)?;
+    let session = Session {
+        plan: &[],
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+        train: Some(data),
+        eval,
+    };
+    run_session(model, plan, session, target, progress)
+}
+
+/// Accuracy of the int8 `model` on `eval`, measured on the device. The plan trains only the
+/// classifier's bias (the smallest training plan; a plan must train something), and nothing
+/// is trained: the session has no training samples.
+pub fn evaluate(
+    model: &Model,
+    eval: &Dataset,
+    target: &Target,
+    progress: impl FnMut(Progress),
+) -> Result<DeviceRun, DeviceError> {
+    let cfg = FqtConfig {
+        batch: 1,
+        scheme: UpdateScheme::BiasOnly(1),
+        ..FqtConfig::default()
+    };
+    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
+    let plan = int8_plan(model, &updates, &cfg)?;
+    let session = Session {
+        plan: &[],
+        epochs: 0,
+        seed: 0,
+        train: None,
+        eval: Some(eval),
+    };
+    run_session(model, plan, session, target, progress)
+}
