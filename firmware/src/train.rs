@@ -21,14 +21,16 @@ include!(concat!(env!("OUT_DIR"), "/plan.rs"));
 struct Buffers {
     arena: Aligned<[u8; ARENA_BYTES]>,
     record: [u8; session::sample_record_bytes(INPUT_LEN)],
-    codes: [i8; INPUT_LEN],
+    codes: [i8; CODES_LEN],
+    values: [f32; VALUES_LEN],
     step_counts: [u64; STEP_COUNT],
 }
 
 static BUFFERS: TakeOnce<Buffers> = TakeOnce::new(Buffers {
     arena: Aligned([0; ARENA_BYTES]),
     record: [0; session::sample_record_bytes(INPUT_LEN)],
-    codes: [0; INPUT_LEN],
+    codes: [0; CODES_LEN],
+    values: [0.0; VALUES_LEN],
     step_counts: [0; STEP_COUNT],
 });
 
@@ -55,6 +57,7 @@ pub fn run() -> Result<(), FirmwareError> {
     let workspace = Workspace {
         record: &mut buffers.record,
         codes: &mut buffers.codes,
+        values: &mut buffers.values,
         step_counts: &mut buffers.step_counts,
     };
     let arena = &mut buffers.arena.0;

@@ -12,7 +12,8 @@
 //! session = header sample[epochs * train_samples] sample[eval_samples]        host -> device
 //! header  = "MCTS" version:u16 spare:u16 epochs:u32 train_samples:u32 eval_samples:u32
 //!           input_len:u32                                                      (24 bytes)
-//! sample  = label:u16 spare:u16 value:f32[input_len]   real values, quantized on the device
+//! sample  = label:u16 spare:u16 value:f32[input_len]   real values (an int8 plan's device
+//!           quantizes them with the plan's input quantization)
 //! results = record*  ending with the END record                                device -> host
 //! record  = tag:[u8; 4] len:u32 payload[len]
 //!   LOSS  f64 per epoch: the sum of its sample losses, summed batch by batch
@@ -28,13 +29,14 @@
 //! with `cosine_lr(lr, e * batches + k, epochs * batches)`, `lr` the plan's: the order and the
 //! schedule of the host trainer fed the same samples.
 //!
-//! Every step of every training sample is timed with the caller's [`Clock`] and its count
+//! Int8 and float32 plans run the same loop; only the sample's form differs (codes or
+//! values). Every step of every training sample is timed with the caller's [`Clock`] and its count
 //! added to that step's total, so the host can split instructions into forward, backward and
 //! update and attribute them to layers. Memory: the caller's [`Workspace`] (one sample record,
-//! its codes, a `u64` per plan step) and a few hundred bytes of stack beyond the executor's.
+//! its codes or values, a `u64` per plan step) and a few hundred bytes of stack beyond the executor's.
 
-use crate::plan::exec::{self, ExecError, SampleRun};
-use crate::plan::{PlanView, TensorRole};
+use crate::plan::exec::{self, ExecError, InputElement, SampleRun};
+use crate::plan::{PlanView, Precision, TensorRole};
 use crate::update::cosine_lr;
 
 /// First bytes of a session.
@@ -489,8 +491,12 @@ pub fn write_end(link: &mut impl Link) -> Result<(), LinkError> {
 pub struct Workspace<'a> {
     /// One sample record: [`sample_record_bytes`] of the plan's input length.
     pub record: &'a mut [u8],
-    /// The sample's input codes: the plan's input length.
+    /// The sample's input codes (int8 plans): the plan's input length; may be empty for a
+    /// float32 plan.
     pub codes: &'a mut [i8],
+    /// The sample's values (float32 plans): the plan's input length; may be empty for an
+    /// int8 plan.
+    pub values: &'a mut [f32],
     /// One count per plan step; [`run`] adds each training sample's counts.
     pub step_counts: &'a mut [u64],
 }
@@ -498,26 +504,62 @@ pub struct Workspace<'a> {
 impl Workspace<'_> {
     /// True when the buffers have the sizes `view` needs.
     pub fn fits(&self, view: &PlanView) -> bool {
+        let input = match view.precision() {
+            Precision::Int8 => self.codes.len(),
+            Precision::Float32 => self.values.len(),
+        };
         self.record.len() >= sample_record_bytes(view.input_len())
-            && self.codes.len() >= view.input_len()
+            && input >= view.input_len()
             && self.step_counts.len() >= view.step_count()
+    }
+
+    /// Bytes of the input buffers a plan of `precision` with `input_len` values needs:
+    /// `(codes, values)` lengths, the other one 0.
+    pub const fn input_lens(precision: Precision, input_len: usize) -> (usize, usize) {
+        match precision {
+            Precision::Int8 => (input_len, 0),
+            Precision::Float32 => (0, input_len),
+        }
     }
 }
 
-/// Read the next sample record and quantize its values into `codes` with the plan's input
-/// quantization; returns the label.
-fn next_sample(
+/// The sample a session hands to the executor, in the plan's input form.
+enum Sample<'a> {
+    /// Input codes (int8 plans).
+    Codes(&'a [i8]),
+    /// Real values (float32 plans).
+    Values(&'a [f32]),
+}
+
+/// Read the next sample record into the input buffer of the plan's precision (int8: quantized
+/// with the plan's input quantization); returns the label and the sample.
+fn next_sample<'a>(
     view: &PlanView,
     link: &mut impl Link,
     record: &mut [u8],
-    codes: &mut [i8],
-) -> Result<u16, SessionError> {
+    codes: &'a mut [i8],
+    values: &'a mut [f32],
+) -> Result<(u16, Sample<'a>), SessionError> {
     link.read_exact(record)?;
-    let q = view.input_qparams();
-    for (code, value) in codes.iter_mut().zip(record[4..].chunks_exact(4)) {
-        *code = q.quantize(f32::from_le_bytes([value[0], value[1], value[2], value[3]]));
-    }
-    Ok(u16::from_le_bytes([record[0], record[1]]))
+    let label = u16::from_le_bytes([record[0], record[1]]);
+    let reals = record[4..]
+        .chunks_exact(4)
+        .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+    let sample = match view.precision() {
+        Precision::Int8 => {
+            let q = view.input_qparams();
+            codes
+                .iter_mut()
+                .zip(reals)
+                .for_each(|(c, v)| *c = q.quantize(v));
+            Sample::Codes(codes)
+        }
+        Precision::Float32 => {
+            values.iter_mut().zip(reals).for_each(|(x, v)| *x = v);
+            Sample::Values(values)
+        }
+    };
+    Ok((label, sample))
 }
 
 /// Run a session: read its header from `link`, prepare `arena` ([`exec::init`]), train and
@@ -535,7 +577,9 @@ pub fn run(
     }
     let input_len = view.input_len();
     let record = &mut workspace.record[..sample_record_bytes(input_len)];
-    let codes = &mut workspace.codes[..input_len];
+    let (codes_len, values_len) = Workspace::input_lens(view.precision(), input_len);
+    let codes = &mut workspace.codes[..codes_len];
+    let values = &mut workspace.values[..values_len];
     let step_counts = &mut workspace.step_counts[..view.step_count()];
     let mut header = [0u8; HEADER_BYTES];
     link.read_exact(&mut header)?;
@@ -569,17 +613,19 @@ pub fn run(
             let in_batch = batch.min(samples - k * batch);
             let mut batch_loss = 0.0f64;
             for j in 0..in_batch {
-                let label = next_sample(view, link, record, codes)?;
+                let (label, sample) = next_sample(view, link, record, codes, values)?;
+                let last = j + 1 == in_batch;
                 let start = clock.now();
-                batch_loss += train_timed(
-                    view,
-                    arena,
-                    codes,
-                    label,
-                    j + 1 == in_batch,
-                    clock,
-                    step_counts,
-                )? as f64;
+                let loss = match sample {
+                    Sample::Codes(x) => {
+                        train_timed(view, arena, x, label, last, clock, step_counts)
+                    }
+                    Sample::Values(x) => {
+                        train_timed(view, arena, x, label, last, clock, step_counts)
+                    }
+                }?;
+                batch_loss += loss as f64;
+
                 timing.train_count += clock.now().wrapping_sub(start) as u64;
                 timing.train_samples += 1;
             }
@@ -590,9 +636,12 @@ pub fn run(
 
     write_record_header(link, Tag::Predictions, 2 * session.eval_samples as usize)?;
     for _ in 0..session.eval_samples {
-        let label = next_sample(view, link, record, codes)?;
+        let (label, sample) = next_sample(view, link, record, codes, values)?;
         let start = clock.now();
-        let class = exec::infer_sample(view, arena, codes)?;
+        let class = match sample {
+            Sample::Codes(x) => exec::infer_sample(view, arena, x),
+            Sample::Values(x) => exec::infer_sample(view, arena, x),
+        }?;
         timing.eval_count += clock.now().wrapping_sub(start) as u64;
         timing.eval_samples += 1;
         timing.eval_correct += (class == label as usize) as u32;
@@ -611,19 +660,19 @@ pub fn run(
 
 /// Train one sample step by step, adding each step's count to `step_counts`; the sample ends
 /// its batch when `last_of_batch`. Returns its loss.
-fn train_timed(
+fn train_timed<T: InputElement>(
     view: &PlanView,
     arena: &mut [u8],
-    codes: &[i8],
+    sample: &[T],
     label: u16,
     last_of_batch: bool,
     clock: &impl Clock,
     step_counts: &mut [u64],
 ) -> Result<f32, ExecError> {
     let mut run = if last_of_batch {
-        SampleRun::begin_ending_batch(view, arena, codes, label)?
+        SampleRun::begin_ending_batch(view, arena, sample, label)?
     } else {
-        SampleRun::begin(view, arena, codes, label)?
+        SampleRun::begin(view, arena, sample, label)?
     };
     loop {
         let s = run.next_step();
@@ -738,6 +787,7 @@ mod tests {
         let workspace = Workspace {
             record: &mut record_buf,
             codes: &mut codes,
+            values: &mut [],
             step_counts: &mut counts,
         };
         let clock = Ticker(core::cell::Cell::new(0));
@@ -802,6 +852,7 @@ mod tests {
             let workspace = Workspace {
                 record: &mut record_buf[..record_len],
                 codes: &mut codes,
+                values: &mut [],
                 step_counts: &mut counts,
             };
             run(

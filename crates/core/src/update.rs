@@ -37,7 +37,8 @@ pub fn sgd(
 }
 
 /// Cosine learning-rate decay: `lr = peak * (1 + cos(pi * done / total)) / 2`, from `peak`
-/// at the first step towards 0 at the last (libm, so host and device compute the same bits).
+/// at the first step towards 0 at the last (libm, so host and device compute the same value;
+/// `total` 0 counts as 1).
 pub fn cosine_lr(peak: f32, done: usize, total: usize) -> f32 {
     let t = done as f32 / total.max(1) as f32;
     peak * 0.5 * (1.0 + libm::cosf(core::f32::consts::PI * t))

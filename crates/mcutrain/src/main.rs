@@ -514,10 +514,16 @@ fn fqt_config(a: &TrainArgs) -> Result<FqtConfig> {
 }
 
 /// A progress bar over a device session: its epochs, then its evaluation samples.
-fn session_bar(epochs: usize, eval_samples: usize, machine: Machine, quiet: bool) -> ProgressBar {
+fn session_bar(
+    epochs: usize,
+    eval_samples: usize,
+    machine: Machine,
+    what: &str,
+    quiet: bool,
+) -> ProgressBar {
     let bar = progress(
         (epochs + eval_samples) as u64,
-        &format!("{machine}: epochs + evaluations"),
+        &format!("{machine} {what}: epochs + evaluations"),
         quiet,
     );
     bar.set_prefix("building the firmware / running");
@@ -534,30 +540,56 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.on == Target::Host && a.eval_limit.is_some() {
         bail!("--eval-limit applies to training on a device (--on qemu-m4 or qemu-m7)");
     }
+    let device_eval = eval_ds.as_ref().map(|d| {
+        let n = a.eval_limit.unwrap_or(d.len()).min(d.len());
+        d.subset(&(0..n).collect::<Vec<_>>())
+    });
+    let on_device = |machine: Machine, label: &str| -> Result<_> {
+        let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
+        let target = a.budget.target(machine, ds.len() * a.epochs + eval_n)?;
+        let bar = session_bar(a.epochs, eval_n, machine, label, false);
+        Ok((target, bar))
+    };
     let mut device_run = None;
-    let (trained, losses, method) = match (a.method, a.on.machine()) {
-        (Method::Float, _) => {
+    let (trained, losses, method) = match a.method {
+        Method::Float => {
             if matches!(model.params, Params::Int8(_)) {
                 bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
             }
             if a.partial.is_some() {
                 bail!("--partial applies to --method fqt only");
             }
-            if a.on != Target::Host {
-                bail!("float32 training on a device needs float32 plan files, which this build does not have yet; train on the host, or an int8 model with --method fqt");
-            }
             let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
-            let bar = progress(steps as u64, "training (float32)", false);
-            let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
-            bar.finish_and_clear();
-            (r.0, r.1, "float")
+            match a.on.machine() {
+                None => {
+                    let bar = progress(steps as u64, "training (float32)", false);
+                    let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
+                    bar.finish_and_clear();
+                    (r.0, r.1, "float")
+                }
+                Some(machine) => {
+                    let (target, bar) = on_device(machine, "float32")?;
+                    let run = device::adapt::float_finetune(
+                        &model,
+                        &ds,
+                        device_eval.as_ref(),
+                        &cfg,
+                        &target,
+                        |p| bar.set_position((p.epochs + p.eval_samples) as u64),
+                    )?;
+                    bar.finish_and_clear();
+                    let trained = (run.model.clone(), run.results.epoch_losses.clone());
+                    device_run = Some(run);
+                    (trained.0, trained.1, "float")
+                }
+            }
         }
-        (Method::Fqt, machine) => {
+        Method::Fqt => {
             if matches!(model.params, Params::Float(_)) {
                 bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
             }
             let cfg = fqt_config(&a)?;
-            match machine {
+            match a.on.machine() {
                 None => {
                     let bar = progress(steps as u64, "training (int8 FQT)", false);
                     let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
@@ -565,13 +597,7 @@ fn train(a: TrainArgs) -> Result<()> {
                     (r.0, r.1, "fqt")
                 }
                 Some(machine) => {
-                    let device_eval = eval_ds.as_ref().map(|d| {
-                        let n = a.eval_limit.unwrap_or(d.len()).min(d.len());
-                        d.subset(&(0..n).collect::<Vec<_>>())
-                    });
-                    let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
-                    let target = a.budget.target(machine, ds.len() * a.epochs + eval_n)?;
-                    let bar = session_bar(a.epochs, eval_n, machine, false);
+                    let (target, bar) = on_device(machine, "int8 FQT")?;
                     let run = device::adapt::fqt_finetune(
                         &model,
                         &ds,
@@ -581,10 +607,9 @@ fn train(a: TrainArgs) -> Result<()> {
                         |p| bar.set_position((p.epochs + p.eval_samples) as u64),
                     )?;
                     bar.finish_and_clear();
-                    let losses = run.results.epoch_losses.clone();
-                    let trained = run.model.clone();
+                    let trained = (run.model.clone(), run.results.epoch_losses.clone());
                     device_run = Some(run);
-                    (trained, losses, "fqt")
+                    (trained.0, trained.1, "fqt")
                 }
             }
         }
@@ -689,11 +714,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
         return Ok(());
     };
-    if matches!(model.params, Params::Float(_)) {
-        bail!("{} is a float32 model; a device evaluates int8 models (float32 plan files are not in this build yet): run `mcutrain quantize` first, or evaluate on the host", a.model.display());
-    }
     let target = a.budget.target(machine, ds.len())?;
-    let bar = session_bar(0, ds.len(), machine, a.output.json);
+    let bar = session_bar(0, ds.len(), machine, model.precision(), a.output.json);
     let run = device::adapt::evaluate(&model, &ds, &target, |p| {
         bar.set_position(p.eval_samples as u64)
     })?;

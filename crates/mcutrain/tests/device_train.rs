@@ -86,32 +86,23 @@ fn corrupted(split: Split, n: usize) -> Dataset {
     data::corrupt_dataset(&subset, "gaussian_noise:5".parse().unwrap(), 7)
 }
 
-#[test]
-fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
+/// `mcutrain train MODEL --on ON --out FILE --json` with `settings`, on 24 corrupted training
+/// samples (two epochs; batches of 16, so each epoch ends with a shorter one) and 16
+/// evaluation samples; returns the model file and the JSON, after checking that the device
+/// run and the host run wrote the same file and agree on losses and accuracy.
+fn train_on_host_and_device(model: &Path, settings: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    // 24 samples in batches of 16 (the second one shorter), two epochs, partial updates.
     let (train, train_labels) = write_npy(dir.path(), "train", &corrupted(Split::Train, 24));
     let (eval, eval_labels) = write_npy(dir.path(), "eval", &corrupted(Split::Test, 16));
-    let model = int8_model_path();
     let run = |on: &str| {
         let out = dir.path().join(format!("{on}.mcut"));
-        let json = ok_json(&[
-            "train",
-            model.to_str().unwrap(),
-            "--method",
-            "fqt",
-            "--on",
-            on,
-            "--update",
-            "last:5",
+        let mut args = vec!["train", model.to_str().unwrap(), "--on", on];
+        args.extend(settings);
+        args.extend([
             "--batch",
             "16",
             "--epochs",
             "2",
-            "--lr",
-            "0.004",
-            "--partial",
-            "0.5:1",
             "--data",
             &train,
             "--labels",
@@ -126,17 +117,18 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
             out.to_str().unwrap(),
             "--json",
         ]);
+        let json = ok_json(&args);
         (std::fs::read(&out).unwrap(), json)
     };
     let (host_file, host) = run("host");
     let (device_file, device) = run("qemu-m4");
     assert!(
         host_file == device_file,
-        "the model files of --on host and --on qemu-m4 differ"
+        "the model files of --on host and --on qemu-m4 differ ({settings:?})"
     );
     assert_ne!(
         host_file,
-        std::fs::read(&model).unwrap(),
+        std::fs::read(model).unwrap(),
         "training changed nothing"
     );
     assert_eq!(host["epoch_losses"], device["epoch_losses"]);
@@ -144,13 +136,54 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
     assert_eq!(device["device_eval_samples"], 16);
     assert_eq!(device["accuracy"], host["accuracy"]);
     assert_eq!(device["host_accuracy"], host["accuracy"]);
+    assert_eq!(device["train_samples"], 48);
+    device
+}
+
+#[test]
+fn fashion_shift_float32_trains_byte_for_byte_on_qemu_m4_and_the_host() {
+    // SGD with momentum on the last two layers: a 249 KB arena, so a 512 KB budget.
+    let device = train_on_host_and_device(
+        &repo_file("models/fashion-shift/float32.mcut"),
+        &[
+            "--method",
+            "float",
+            "--update",
+            "last:2",
+            "--lr",
+            "0.01",
+            "--momentum",
+            "0.9",
+            "--sram",
+            "512K",
+        ],
+    );
+    assert!(device["instructions_per_sample"].as_u64().unwrap() > 3_329_216);
+    assert!(device["arena_bytes"].as_u64().unwrap() > 248_952);
+}
+
+#[test]
+fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
+    // Partial updates on the last five layers.
+    let device = train_on_host_and_device(
+        &int8_model_path(),
+        &[
+            "--method",
+            "fqt",
+            "--update",
+            "last:5",
+            "--lr",
+            "0.004",
+            "--partial",
+            "0.5:1",
+        ],
+    );
 
     let figure = |key: &str| {
         device[key]
             .as_u64()
             .unwrap_or_else(|| panic!("{key} in {device}"))
     };
-    assert_eq!(figure("train_samples"), 48);
     let per_sample = figure("instructions_per_sample");
     let split = &device["instructions_per_sample_split"];
     let parts: u64 = ["forward", "backward", "update", "other"]

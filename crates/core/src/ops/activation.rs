@@ -59,6 +59,24 @@ pub fn forward(act: Activation, input: &[f32], output: &mut [f32]) {
     }
 }
 
+/// [`forward`] in place: `values[i] = clamp(values[i], lo, hi)` (a fused activation after a
+/// convolution or fully connected layer). Scratch: none.
+pub fn forward_in_place(act: Activation, values: &mut [f32]) {
+    if act == Activation::None {
+        return;
+    }
+    let (lo, hi) = act.real_bounds();
+    for v in values {
+        *v = if *v < lo {
+            lo
+        } else if *v > hi {
+            hi
+        } else {
+            *v
+        };
+    }
+}
+
 /// In place `err[i] = 0` where `output[i]` sits at an activation bound (`y <= 0` for ReLU,
 /// `y <= 0` or `y >= 6` for ReLU6), else unchanged: `dL/dx = dL/dy * [lo < y < hi]`.
 /// The identity leaves `err` unchanged. Scratch: none.

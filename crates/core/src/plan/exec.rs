@@ -1,7 +1,11 @@
-//! The plan executor: fully quantized training (shared/methods.md section 1) of one sample at
-//! a time over one caller-supplied arena, following a plan's steps.
+//! The plan executor: training of one sample at a time over one caller-supplied arena,
+//! following a plan's steps: fully quantized training (shared/methods.md section 1) for an
+//! int8 plan, float32 SGD for a float32 plan. Both precisions share the entry points, the step
+//! walk, the batch bookkeeping, the learning rate and the operand resolution; only the
+//! kernels a step calls differ (the float32 ones are in `exec_float.rs`, documented there:
+//! the host float engine's kernels at batch 1, gradients folded in sample order).
 //!
-//! It calls the same `mcutrain-core` kernels as the host reference (`engine::fqt` of the
+//! For an int8 plan it calls the same `mcutrain-core` kernels as the host reference (`engine::fqt` of the
 //! `mcutrain` crate) with the same quantization parameters, so after the same samples in the
 //! same order both hold the same bits. Per sample: the forward and the backward run with the
 //! range trackers fixed at the start of the batch; the logits error is quantized with its
@@ -10,40 +14,49 @@
 //! reordered); the trackers fold in the real ranges seen over the batch when it ends.
 //!
 //! Arena: the planned tensors at their offsets, then the training-state region at
-//! [`PlanView::state_offset`] (layout in [`crate::plan`]'s constants): per model tensor its
-//! activation and error trackers and the ranges seen in the batch; per trained layer its
-//! weight quantization and range tracker, the largest mean error seen (partial updates) and
-//! the selected channels. Trained weights and biases, gradient statistics and gradients live
-//! in planned tensors; frozen parameters are read from the plan bytes.
+//! [`PlanView::state_offset`] (layout in [`crate::plan`]'s constants): the samples trained in
+//! the current batch and the learning rate (8 bytes, both precisions); int8 only: per model
+//! tensor its activation and error trackers and the ranges seen in the batch, per trained
+//! layer its weight quantization and range tracker, the largest mean error seen (partial
+//! updates) and the selected channels. Trained weights and biases, gradient statistics or
+//! momentum velocities, and gradients live in planned tensors; frozen parameters are read from
+//! the plan bytes.
 //!
-//! Supported: int8 plans, any batch, partial updates on or off, reordered or not, every layer
-//! kind of the model IR. Not supported ([`ExecError::Unsupported`]): training a strict subset
-//! of a layer's weight channels (the standardized update re-codes the whole tensor and needs
-//! the whole gradient; see [`init`]).
+//! Supported: int8 and float32 plans, any batch, reordered or not, every layer kind of the
+//! model IR; int8 with partial updates on or off, float32 with momentum on or off. Not
+//! supported ([`ExecError::Unsupported`]): training a strict subset of a layer's weight
+//! channels (the standardized update re-codes the whole tensor and needs the whole gradient,
+//! and the float kernels write every channel's gradient; see [`init`]).
 //!
 //! Use (the firmware's loop; `arena` is 4-byte aligned, [`PlanView::arena_required`] long):
 //!
 //! ```text
 //! let view = PlanView::parse(plan_in_flash)?;        // validated once
-//! exec::init(&view, arena)?;                          // parameters and trackers into SRAM
-//! for (codes, label) in samples {                     // codes: view.input_qparams()
-//!     let loss = exec::train_sample(&view, arena, codes, label)?;
+//! exec::init(&view, arena)?;                          // parameters and state into SRAM
+//! for (b, batch) in batches.enumerate() {             // view.header().batch samples each
+//!     exec::set_learning_rate(&view, arena, update::cosine_lr(peak, b, total))?;
+//!     for (sample, label) in batch {                  // &[i8] codes (int8 plan, quantized
+//!         let loss = exec::train_sample(&view, arena, sample, label)?; // with
+//!     }                                               // view.input_qparams()) or &[f32]
 //! }
-//! let class = exec::infer_sample(&view, arena, codes)?;
+//! let class = exec::infer_sample(&view, arena, sample)?;
 //! ```
 
 use super::typed::{
-    codes, codes_mut, grad_stats_mut, read_u32, split_disjoint, words, words_mut, write_u32,
-    zero_grad_stats_padding, Span,
+    bytes_of, codes, codes_mut, grad_stats_mut, read_u32, split_disjoint, words, words_mut,
+    write_u32, zero_grad_stats_padding, Span,
 };
 use super::{
-    Geometry, LayerKind, LayerRecord, PlanView, StepOp, StepRecord, TensorRecord, TensorRole,
-    LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
+    Geometry, LayerKind, LayerRecord, PlanView, Precision, StepOp, StepRecord, TensorRecord,
+    TensorRole, LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
 };
 use crate::ops::conv2d::{self, QLayerParams};
 use crate::ops::{activation, add, linear, loss, pool, ChannelSet};
 use crate::quant::{QParams, RangeEma, RealRange};
 use crate::update::{self, FqtUpdateConfig};
+
+#[path = "exec_float.rs"]
+mod float;
 
 /// Why a sample could not run. Small and non-exhaustive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +78,9 @@ pub enum ExecError {
     BadPlan,
     /// [`SampleRun::finish`] before every step ran.
     Unfinished,
+    /// The sample's element type is not the plan's input type (`i8` codes for an int8 plan,
+    /// `f32` values for a float32 plan).
+    SampleType,
 }
 
 impl core::fmt::Display for ExecError {
@@ -78,6 +94,9 @@ impl core::fmt::Display for ExecError {
             ExecError::CorruptArena => "the arena's training state is corrupt",
             ExecError::BadPlan => "the plan is inconsistent",
             ExecError::Unfinished => "the sample's steps did not all run",
+            ExecError::SampleType => {
+                "the sample is not of the plan's input type (i8 codes for int8, f32 for float32)"
+            }
         })
     }
 }
@@ -178,6 +197,12 @@ fn merge_seen(state: &mut [u8], t: usize, which: Track, range: RealRange) -> Opt
 /// Samples of the current batch already trained.
 fn samples_in_batch(state: &[u8]) -> Option<u32> {
     read_u32(state, 0)
+}
+
+/// Samples in the current batch, counting the one in progress: the `1 / batch` of its
+/// updates (a shorter last batch has fewer than the plan's batch size).
+fn samples_this_batch(state: &[u8]) -> Option<f32> {
+    Some((samples_in_batch(state)? + 1) as f32)
 }
 
 /// Byte offset of the learning rate in the state region.
@@ -302,7 +327,7 @@ pub fn init(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
                 let source = view.flash(&tensor, span.len).ok_or(ExecError::BadPlan)?;
                 target.copy_from_slice(source);
             }
-            TensorRole::OptimizerState => target.fill(0),
+            TensorRole::OptimizerState | TensorRole::BiasOptimizerState => target.fill(0),
             _ => {}
         }
     }
@@ -311,6 +336,9 @@ pub fn init(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
         .ok_or(ExecError::BadPlan)?;
     state.fill(0);
     write_f32(state, LEARNING_RATE_AT, view.header().config.lr).ok_or(ExecError::BadPlan)?;
+    if view.precision() == Precision::Float32 {
+        return Ok(()); // no range trackers, no layer state
+    }
     for t in 0..=view.layer_count() {
         let record = view.model_tensor(t).ok_or(ExecError::BadPlan)?;
         set_tracker(state, t, Track::Activation, &record.activation).ok_or(ExecError::BadPlan)?;
@@ -337,13 +365,58 @@ pub fn init(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// Train one sample (`sample`: input codes quantized with [`PlanView::input_qparams`]) over an
-/// arena prepared by [`init`]; returns the sample's loss. The parameters change after the
-/// last sample of each batch of the plan's batch size. Scratch: none beyond the arena.
-pub fn train_sample(
+/// The element type of a plan's input samples: `i8` codes for an int8 plan (quantized with
+/// [`PlanView::input_qparams`]), `f32` values for a float32 plan. Sealed.
+pub trait InputElement: sealed::Sealed + Copy {
+    /// The precision of the plans that take this input.
+    const PRECISION: Precision;
+    /// The sample's bytes as the input tensor holds them (little-endian).
+    fn sample_bytes(sample: &[Self]) -> &[u8];
+}
+
+impl InputElement for i8 {
+    const PRECISION: Precision = Precision::Int8;
+    fn sample_bytes(sample: &[i8]) -> &[u8] {
+        bytes_of(sample)
+    }
+}
+
+impl InputElement for f32 {
+    const PRECISION: Precision = Precision::Float32;
+    fn sample_bytes(sample: &[f32]) -> &[u8] {
+        bytes_of(sample)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for i8 {}
+    impl Sealed for f32 {}
+}
+
+/// The bytes of `sample` after checking its element type and length against the plan.
+fn sample_bytes<'s, T: InputElement>(
+    view: &PlanView,
+    sample: &'s [T],
+) -> Result<&'s [u8], ExecError> {
+    if T::PRECISION != view.precision() {
+        return Err(ExecError::SampleType);
+    }
+    if sample.len() != view.input_len() {
+        return Err(ExecError::SampleLength);
+    }
+    Ok(T::sample_bytes(sample))
+}
+
+/// Train one sample over an arena prepared by [`init`]; returns the sample's loss. `sample`
+/// holds [`PlanView::input_len`] elements of the plan's input type ([`InputElement`]: `i8`
+/// codes quantized with [`PlanView::input_qparams`], or `f32` values). The parameters change
+/// during the last sample of each batch of the plan's batch size, with the learning rate
+/// [`learning_rate`] holds then. Scratch: none beyond the arena.
+pub fn train_sample<T: InputElement>(
     view: &PlanView,
     arena: &mut [u8],
-    sample: &[i8],
+    sample: &[T],
     label: u16,
 ) -> Result<f32, ExecError> {
     let mut run = SampleRun::begin(view, arena, sample, label)?;
@@ -354,11 +427,12 @@ pub fn train_sample(
 /// [`train_sample`], then end the batch after this sample even when it holds fewer samples
 /// than the plan's batch size (the shorter last batch of an epoch, as the host trainer's
 /// `order.chunks(batch)` makes it): the updates run, the bias gradient scaled by
-/// `1 / samples in the batch`, and the range trackers fold in the batch's ranges.
-pub fn train_sample_ending_batch(
+/// `1 / samples in the batch` (int8 bias update, float32 SGD), and the range trackers fold in
+/// the batch's ranges.
+pub fn train_sample_ending_batch<T: InputElement>(
     view: &PlanView,
     arena: &mut [u8],
-    sample: &[i8],
+    sample: &[T],
     label: u16,
 ) -> Result<f32, ExecError> {
     let mut run = SampleRun::begin_ending_batch(view, arena, sample, label)?;
@@ -368,12 +442,14 @@ pub fn train_sample_ending_batch(
 
 /// The predicted class of one sample: the forward steps of the plan over `arena` (prepared by
 /// [`init`]), then the argmax of the logits. Changes only activation tensors, so it may run
-/// between the samples of a batch.
-pub fn infer_sample(view: &PlanView, arena: &mut [u8], sample: &[i8]) -> Result<usize, ExecError> {
+/// between the samples of a batch. `sample` as for [`train_sample`].
+pub fn infer_sample<T: InputElement>(
+    view: &PlanView,
+    arena: &mut [u8],
+    sample: &[T],
+) -> Result<usize, ExecError> {
     check_arena(view, arena)?;
-    if sample.len() != view.input_len() {
-        return Err(ExecError::SampleLength);
-    }
+    let sample = sample_bytes(view, sample)?;
     let mut run = SampleRun {
         view,
         sample,
@@ -389,9 +465,14 @@ pub fn infer_sample(view: &PlanView, arena: &mut [u8], sample: &[i8]) -> Result<
         if step.op == StepOp::Loss {
             let logits = view.tensor(step.reads[0]).ok_or(ExecError::BadPlan)?;
             let classes = view.header().classes as usize;
-            let span = arena_span(&logits, classes)?;
+            let span = arena_span(&logits, classes * view.precision().element_bytes())?;
             let logits = region(arena, span).ok_or(ExecError::BadPlan)?;
-            return Ok(loss::argmax_q(codes(logits)));
+            return match view.precision() {
+                Precision::Int8 => Ok(loss::argmax_q(codes(logits))),
+                Precision::Float32 => words::<f32>(logits)
+                    .map(loss::argmax)
+                    .ok_or(ExecError::BadPlan),
+            };
         }
         run.step(arena)?;
     }
@@ -410,7 +491,8 @@ enum Mode {
 /// writes); [`train_sample`] runs it to the end.
 pub struct SampleRun<'v, 'p, 's> {
     view: &'v PlanView<'p>,
-    sample: &'s [i8],
+    /// The input sample's bytes (codes, or little-endian `f32`).
+    sample: &'s [u8],
     label: u16,
     /// Index of the next step.
     next: usize,
@@ -451,6 +533,24 @@ fn two_reads_one_write(
     Some((a, b, out))
 }
 
+/// The output and the error to mask of an activation-mask step, `bytes` each: the error in
+/// place, or first copied into the step's output when the plan masks into a copy.
+fn mask_operands<'t>(
+    view: &PlanView,
+    step: &StepRecord,
+    tensors: &'t mut [u8],
+    bytes: usize,
+) -> Option<[&'t mut [u8]; 2]> {
+    let output = arena_span(&view.tensor(step.reads[0])?, bytes).ok()?;
+    let masked = arena_span(&view.tensor(step.writes[0])?, bytes).ok()?;
+    if step.writes[0] != step.reads[1] {
+        let source = arena_span(&view.tensor(step.reads[1])?, bytes).ok()?;
+        let [from, to] = split_disjoint(tensors, [source, masked])?;
+        to.copy_from_slice(from);
+    }
+    split_disjoint(tensors, [output, masked])
+}
+
 /// Where a parameter's bytes are: in the arena (trained) or in the plan (frozen).
 #[derive(Clone, Copy)]
 enum Source<'p> {
@@ -480,11 +580,12 @@ impl<'p> Source<'p> {
 }
 
 impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
-    /// Start training one sample over an arena prepared by [`init`].
-    pub fn begin(
+    /// Start training one sample over an arena prepared by [`init`] (`sample` as for
+    /// [`train_sample`]).
+    pub fn begin<T: InputElement>(
         view: &'v PlanView<'p>,
         arena: &mut [u8],
-        sample: &'s [i8],
+        sample: &'s [T],
         label: u16,
     ) -> Result<Self, ExecError> {
         Self::start(view, arena, sample, label, false)
@@ -492,26 +593,24 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
 
     /// Start training one sample that ends its batch whatever the batch's sample count (see
     /// [`train_sample_ending_batch`]).
-    pub fn begin_ending_batch(
+    pub fn begin_ending_batch<T: InputElement>(
         view: &'v PlanView<'p>,
         arena: &mut [u8],
-        sample: &'s [i8],
+        sample: &'s [T],
         label: u16,
     ) -> Result<Self, ExecError> {
         Self::start(view, arena, sample, label, true)
     }
 
-    fn start(
+    fn start<T: InputElement>(
         view: &'v PlanView<'p>,
         arena: &mut [u8],
-        sample: &'s [i8],
+        sample: &'s [T],
         label: u16,
         ends_batch: bool,
     ) -> Result<Self, ExecError> {
         check_arena(view, arena)?;
-        if sample.len() != view.input_len() {
-            return Err(ExecError::SampleLength);
-        }
+        let sample = sample_bytes(view, sample)?;
         if label >= view.header().classes {
             return Err(ExecError::BadLabel);
         }
@@ -619,7 +718,10 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         match step.op {
             StepOp::LoadInput => {
                 let input = arena_span(&tensor(step.writes[0])?, self.sample.len()).ok()?;
-                codes_mut(region_mut(tensors, input)?).copy_from_slice(self.sample);
+                region_mut(tensors, input)?.copy_from_slice(self.sample);
+            }
+            _ if view.precision() == Precision::Float32 => {
+                return self.run_float(step, tensors, state).map(Ok);
             }
             StepOp::Forward => self.forward(step, tensors, state)?,
             StepOp::Loss => self.loss(step, tensors, state)?,
@@ -757,14 +859,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let len = view.numel(i + 1)?;
         let error = view.tensor(step.reads[1])?;
         let error_q = self.error_q(state, &error)?;
-        let output = arena_span(&view.tensor(step.reads[0])?, len).ok()?;
-        let masked = arena_span(&view.tensor(step.writes[0])?, len).ok()?;
-        if step.writes[0] != step.reads[1] {
-            let source = arena_span(&error, len).ok()?;
-            let [from, to] = split_disjoint(tensors, [source, masked])?;
-            to.copy_from_slice(from);
-        }
-        let [output, masked] = split_disjoint(tensors, [output, masked])?;
+        let [output, masked] = mask_operands(view, step, tensors, len)?;
         let output_q = self.activation_q(state, i + 1)?;
         activation::backward_mask_q(
             layer.activation,
@@ -1063,7 +1158,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let bias = arena_span(&view.tensor(step.reads[1])?, channels * 4).ok()?;
         let [grad, bias] = split_disjoint(tensors, [grad, bias])?;
         let lr = read_f32(state, LEARNING_RATE_AT)?;
-        let batch = (samples_in_batch(state)? + 1) as f32;
+        let batch = samples_this_batch(state)?;
         let selected = self.update_channels(i, &layer, state)?;
         update::fqt_update_bias(
             words_mut::<i32>(bias)?,
@@ -1081,7 +1176,9 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
 /// touched channels and each layer's largest error of the batch.
 fn start_batch(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
     let (tensors, state) = arena.split_at_mut(view.state_offset());
-    for t in 0..=view.layer_count() {
+    let int8 = view.precision() == Precision::Int8;
+    let tracked = if int8 { view.layer_count() + 1 } else { 0 };
+    for t in 0..tracked {
         for which in [Track::Activation, Track::Error] {
             set_seen(state, t, which, RealRange::EMPTY).ok_or(ExecError::BadPlan)?;
         }
@@ -1097,7 +1194,7 @@ fn start_batch(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
     }
     for i in 0..view.layer_count() {
         let layer = view.layer(i).ok_or(ExecError::BadPlan)?;
-        if !layer.trains() {
+        if !layer.trains() || !int8 {
             continue;
         }
         let at = layer.state_offset as usize;
@@ -1117,6 +1214,9 @@ fn start_batch(view: &PlanView, arena: &mut [u8]) -> Result<(), ExecError> {
 /// End of a batch: every tracker folds in the range seen (activations only where the tensor
 /// owns its tracker), and each trained layer's largest mean error folds in the batch's.
 fn end_batch(view: &PlanView, state: &mut [u8]) -> Option<()> {
+    if view.precision() == Precision::Float32 {
+        return Some(()); // nothing tracked
+    }
     let config = view.header().config;
     for t in 1..=view.layer_count() {
         if view.range_owner(t) == t {
@@ -1155,18 +1255,26 @@ pub struct LayerParams<'a> {
     pub bias_scale: f32,
 }
 
-/// The current parameters of layer `i` (trained ones from the arena, frozen ones from the
-/// plan); `None` for layers without parameters or an inconsistent arena.
+/// The first `len` bytes of parameter tensor `id`: from the arena when it trains, from the plan
+/// when it is frozen.
+fn param_bytes<'a>(view: &PlanView<'a>, arena: &'a [u8], id: u16, len: usize) -> Option<&'a [u8]> {
+    let tensor = view.tensor(id)?;
+    match tensor.arena_offset {
+        Some(_) => region(arena, arena_span(&tensor, len).ok()?),
+        None => view.flash(&tensor, len),
+    }
+}
+
+/// The current parameters of layer `i` of an int8 plan (trained ones from the arena, frozen
+/// ones from the plan); `None` for layers without parameters, a float32 plan (see
+/// [`float_layer_params`]) or an inconsistent arena.
 pub fn layer_params<'a>(view: &PlanView<'a>, arena: &'a [u8], i: usize) -> Option<LayerParams<'a>> {
+    if view.precision() != Precision::Int8 {
+        return None;
+    }
     let layer = view.layer(i)?;
     let (channels, structure) = view.geometry(i)?.params()?;
-    let bytes = |id: u16, len: usize| -> Option<&'a [u8]> {
-        let tensor = view.tensor(id)?;
-        match tensor.arena_offset {
-            Some(_) => region(arena, arena_span(&tensor, len).ok()?),
-            None => view.flash(&tensor, len),
-        }
-    };
+    let bytes = |id: u16, len: usize| param_bytes(view, arena, id, len);
     let state = arena.get(view.state_offset()..)?;
     let (weight_q, weight_range) = if layer.weight_channels > 0 {
         let trained = LayerState::read(state, layer.state_offset as usize)?;
@@ -1183,9 +1291,39 @@ pub fn layer_params<'a>(view: &PlanView<'a>, arena: &'a [u8], i: usize) -> Optio
     })
 }
 
-/// The current activation and error range trackers of model tensor `t`.
+/// The current parameters of one layer of a float32 plan.
+#[derive(Clone, Copy, Debug)]
+pub struct FloatLayerParams<'a> {
+    /// Weights, `[out][in / groups][kernel_h][kernel_w]` (linear: `[out][in]`).
+    pub weight: &'a [f32],
+    /// Bias, `[out]`.
+    pub bias: &'a [f32],
+}
+
+/// The current parameters of layer `i` of a float32 plan (trained ones from the arena, frozen
+/// ones from the plan); `None` for layers without parameters, an int8 plan (see
+/// [`layer_params`]) or an inconsistent arena.
+pub fn float_layer_params<'a>(
+    view: &PlanView<'a>,
+    arena: &'a [u8],
+    i: usize,
+) -> Option<FloatLayerParams<'a>> {
+    if view.precision() != Precision::Float32 {
+        return None;
+    }
+    let layer = view.layer(i)?;
+    let (channels, structure) = view.geometry(i)?.params()?;
+    let floats = |id: u16, len: usize| words::<f32>(param_bytes(view, arena, id, len * 4)?);
+    Some(FloatLayerParams {
+        weight: floats(layer.weight_tensor, channels * structure)?,
+        bias: floats(layer.bias_tensor, channels)?,
+    })
+}
+
+/// The current activation and error range trackers of model tensor `t` of an int8 plan
+/// (`None` for a float32 plan, which tracks no ranges).
 pub fn range_trackers(view: &PlanView, arena: &[u8], t: usize) -> Option<(RangeEma, RangeEma)> {
-    if t > view.layer_count() {
+    if t > view.layer_count() || view.precision() != Precision::Int8 {
         return None;
     }
     let state = arena.get(view.state_offset()..)?;

@@ -9,25 +9,35 @@
 //! [header 96 B][layer records][model tensor records][tensor records][step records][blob]
 //! ```
 //!
-//! - a [`Header`]: counts, the planned arena size and its lower bound, the size of the
-//!   training-state region, and the hyper-parameters ([`TrainConfig`]);
+//! - a [`Header`]: the [`Precision`] (int8 or float32), counts, the planned arena size and
+//!   its lower bound, the size of the training-state region, and the hyper-parameters
+//!   ([`TrainConfig`]);
 //! - a [`LayerRecord`] per layer: kind, geometry, what trains, bias scale and weight
-//!   quantization (the frozen value, or the initial value of a trained layer);
+//!   quantization (int8: the frozen value, or the initial value of a trained layer; unused in
+//!   float32);
 //! - a [`ModelTensorRecord`] per model tensor (0: input, `i + 1`: output of layer `i`): shape
-//!   and initial activation and error range trackers;
+//!   and initial activation and error range trackers (empty in float32);
 //! - a [`TensorRecord`] per plan tensor: role, size, arena offset and/or flash contents;
 //! - a [`StepRecord`] per kernel call of one sample, naming its tensors by position;
-//! - the parameter blob: weight codes and `i32` biases of every layer with parameters, each
-//!   4-byte aligned (frozen ones are read there, trained ones are copied to the arena by
-//!   [`exec::init`]).
+//! - the parameter blob: weight codes and `i32` biases (int8) or `f32` weights and biases
+//!   (float32) of every layer with parameters, each 4-byte aligned (frozen ones are read
+//!   there, trained ones are copied to the arena by [`exec::init`]).
+//!
+//! Tensor sizes follow the precision: activations and errors `numel` bytes (int8) or
+//! `4 * numel` (float32), weights 1 or 4 bytes each, biases, gradients and velocities 4 bytes
+//! per element; the weight update's state is the gradient statistics (int8) or the momentum
+//! velocity (float32 with momentum, also one per trained bias).
 //!
 //! Memory at run time is one caller-supplied arena: the planned tensors in
 //! `[0, arena_bytes)`, then, from [`PlanView::state_offset`], the training-state region
-//! (`state_bytes`): range trackers, the ranges seen in the current batch, per trained layer
-//! its weight quantization and partial-update bookkeeping (see [`exec`]).
+//! (`state_bytes`): the sample counter and learning rate; int8 also range trackers, the
+//! ranges seen in the current batch, per trained layer its weight quantization and
+//! partial-update bookkeeping (see [`exec`]).
 //!
-//! [`PlanView::parse`] validates everything once: bounds, record codes, shapes against the
-//! layer geometries, the kernels' accumulator limits, tensor sizes against their roles, each
+//! [`PlanView::parse`] validates everything once, for both precisions: bounds, record codes,
+//! shapes against the layer geometries, the int8 kernels' accumulator limits, tensor sizes
+//! against their roles and the precision, the hyper-parameters the precision allows (float32:
+//! no partial updates, momentum in `[0, 1)` with velocities exactly when it is not 0), each
 //! step's operands by position, and the arena plan itself: every operand is live at its step,
 //! tensors kept across samples are live at every step, and no two tensors live at a common
 //! step share a byte (an independent check of the planner, `O(tensors^2)` once). So no file can
@@ -39,10 +49,10 @@ mod record;
 mod typed;
 
 pub use record::{
-    Header, LayerKind, LayerRecord, ModelTensorRecord, PartialUpdate, StepOp, StepRecord,
-    TensorRecord, TensorRole, TrainConfig, CHECKSUM_START, HEADER_BYTES, LAYER_BYTES, LOSS_QUANT,
-    MAGIC, MAX_READS, MAX_WRITES, MODEL_TENSOR_BYTES, NONE, NO_OFFSET, STEP_BYTES, TENSOR_BYTES,
-    VERSION,
+    Header, LayerKind, LayerRecord, ModelTensorRecord, PartialUpdate, Precision, StepOp,
+    StepRecord, TensorRecord, TensorRole, TrainConfig, CHECKSUM_START, HEADER_BYTES, LAYER_BYTES,
+    LOSS_QUANT, MAGIC, MAX_READS, MAX_WRITES, MODEL_TENSOR_BYTES, NONE, NO_OFFSET, STEP_BYTES,
+    TENSOR_BYTES, VERSION,
 };
 
 use crate::checksum::crc32;
@@ -133,6 +143,16 @@ pub fn layer_state_bytes(out_channels: usize, partial: bool) -> usize {
 /// Bytes of the state region before the layers' state: header and model tensor states.
 pub fn tensor_state_end(model_tensors: usize) -> usize {
     STATE_HEADER_BYTES + model_tensors * TENSOR_STATE_BYTES
+}
+
+/// Smallest state region of a plan: [`tensor_state_end`] for int8 (range trackers per model
+/// tensor), the [`STATE_HEADER_BYTES`] alone for float32 (no trackers, no layer state; the
+/// velocities are planned tensors).
+pub fn state_bytes_at_least(precision: Precision, model_tensors: usize) -> usize {
+    match precision {
+        Precision::Int8 => tensor_state_end(model_tensors),
+        Precision::Float32 => STATE_HEADER_BYTES,
+    }
 }
 
 /// Complete a plan file whose bytes are all written: set the header's file size and the CRC-32
@@ -258,6 +278,21 @@ impl<'a> PlanView<'a> {
         &self.header
     }
 
+    /// Numeric form of the plan (the executor dispatches on it).
+    pub fn precision(&self) -> Precision {
+        self.header.precision
+    }
+
+    /// Bytes of one activation or error element: 1 (int8) or 4 (float32).
+    fn element_bytes(&self) -> usize {
+        self.header.precision.element_bytes()
+    }
+
+    /// True for a float32 plan with a momentum velocity per trained parameter.
+    fn has_velocity(&self) -> bool {
+        self.header.precision == Precision::Float32 && self.header.config.momentum != 0.0
+    }
+
     /// The file bytes.
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
@@ -339,13 +374,18 @@ impl<'a> PlanView<'a> {
         self.model_tensor(t)?.numel()
     }
 
-    /// Codes of one input sample.
+    /// Bytes of one sample of model tensor `t` as an activation or error.
+    fn tensor_bytes(&self, t: usize) -> Option<u64> {
+        Some(self.numel(t)? as u64 * self.element_bytes() as u64)
+    }
+
+    /// Elements of one input sample (codes of an int8 plan, `f32` values of a float32 one).
     pub fn input_len(&self) -> usize {
         self.numel(0).unwrap_or(0)
     }
 
-    /// Quantization of the input (the input's tracker never adapts): quantize float samples
-    /// with it before [`exec::train_sample`].
+    /// Quantization of the input of an int8 plan (the input's tracker never adapts):
+    /// quantize float samples with it before [`exec::train_sample`].
     pub fn input_qparams(&self) -> QParams {
         self.model_tensor(0)
             .map_or(QParams::from_range(0.0, 0.0), |t| t.activation.qparams())
@@ -464,7 +504,7 @@ impl<'a> PlanView<'a> {
         {
             return bad_header;
         }
-        if (h.state_bytes as usize) < tensor_state_end(layers + 1)
+        if (h.state_bytes as usize) < state_bytes_at_least(h.precision, layers + 1)
             || self
                 .state_offset()
                 .checked_add(h.state_bytes as usize)
@@ -486,6 +526,15 @@ impl<'a> PlanView<'a> {
             || logits.shape != [h.classes, 1, 1]
             || lowest != Some(h.lowest_layer as usize)
         {
+            return bad_header;
+        }
+        // Float32 plans run plain SGD: no partial updates, a momentum in [0, 1) (and int8
+        // plans none).
+        let momentum_ok = match h.precision {
+            Precision::Int8 => h.config.momentum == 0.0,
+            Precision::Float32 => (0.0..1.0).contains(&h.config.momentum),
+        };
+        if !momentum_ok || (h.precision == Precision::Float32 && h.config.partial.is_some()) {
             return bad_header;
         }
         if let Some(partial) = h.config.partial {
@@ -553,7 +602,11 @@ impl<'a> PlanView<'a> {
             layer.kind,
             LayerKind::Conv2d | LayerKind::Linear | LayerKind::Activation
         ) || layer.activation == crate::ops::activation::Activation::None;
-        if expected != output || !skip_ok || !activation_ok || !geometry.within_kernel_limits() {
+        let int8 = self.header.precision == Precision::Int8;
+        if expected != output || !skip_ok || !activation_ok {
+            return None;
+        }
+        if int8 && !geometry.within_kernel_limits() {
             return None;
         }
         let Some((out_channels, _)) = geometry.params() else {
@@ -566,13 +619,17 @@ impl<'a> PlanView<'a> {
         let weight = self.tensor(layer.weight_tensor)?;
         let bias = self.tensor(layer.bias_tensor)?;
         let positive = |s: f32| s.is_finite() && s > 0.0;
+        // The quantization fields mean nothing in a float32 plan (and are not read there).
+        let quantization_ok = !int8
+            || (positive(layer.bias_scale)
+                && positive(layer.weight_q.scale)
+                && (-128..=127).contains(&layer.weight_q.zero_point));
         let params_ok = (weight.role, weight.index as usize) == (TensorRole::Weight, i)
             && (bias.role, bias.index as usize) == (TensorRole::Bias, i)
             && layer.weight_channels as usize <= out_channels
-            && positive(layer.bias_scale)
-            && positive(layer.weight_q.scale)
-            && (-128..=127).contains(&layer.weight_q.zero_point);
-        let state_ok = if layer.trains() {
+            && quantization_ok;
+        // Float32 layers keep no state outside their planned tensors.
+        let state_ok = if layer.trains() && int8 {
             let start = layer.state_offset as usize;
             let partial = self.header.config.partial.is_some();
             start.is_multiple_of(4)
@@ -597,20 +654,25 @@ impl<'a> PlanView<'a> {
             role,
             TensorRole::Activation | TensorRole::Error | TensorRole::ErrorPart
         ) {
-            return Some(Some(self.numel(index)? as u64));
+            return Some(Some(self.tensor_bytes(index)?));
         }
         let layer = self.layer(index)?;
         let (channels, structure) = self.geometry(index)?.params()?;
         let (channels, structure) = (channels as u64, structure as u64);
         let trained = layer.weight_channels as u64;
+        let element = self.element_bytes() as u64;
+        let int8 = self.header.precision == Precision::Int8;
+        let velocity = self.has_velocity();
         let bytes = match role {
-            TensorRole::Weight => channels * structure,
+            TensorRole::Weight => channels * structure * element,
             TensorRole::Bias => channels * 4,
             TensorRole::WeightGrad if trained > 0 => trained * structure * 4,
             TensorRole::BiasGrad if layer.trains_bias => channels * 4,
-            TensorRole::OptimizerState if trained > 0 => {
+            TensorRole::OptimizerState if trained > 0 && int8 => {
                 trained * core::mem::size_of::<GradStats>() as u64
             }
+            TensorRole::OptimizerState if trained > 0 && velocity => trained * structure * 4,
+            TensorRole::BiasOptimizerState if layer.trains_bias && velocity => channels * 4,
             _ => return None,
         };
         Some(Some(bytes))
@@ -652,12 +714,20 @@ impl<'a> PlanView<'a> {
             }
             None => !in_arena,
         };
-        let quant_ok = !tensor.role.is_error()
-            || tensor.quant == LOSS_QUANT
-            || (tensor.quant as usize) <= self.layer_count();
+        let quant_ok = match self.header.precision {
+            Precision::Int8 => {
+                !tensor.role.is_error()
+                    || tensor.quant == LOSS_QUANT
+                    || (tensor.quant as usize) <= self.layer_count()
+            }
+            Precision::Float32 => tensor.quant == NONE,
+        };
         let last_step = self.step_count() as u16 - 1;
         let kept = match tensor.role {
-            TensorRole::Weight | TensorRole::Bias | TensorRole::OptimizerState => true,
+            TensorRole::Weight
+            | TensorRole::Bias
+            | TensorRole::OptimizerState
+            | TensorRole::BiasOptimizerState => true,
             TensorRole::WeightGrad | TensorRole::BiasGrad => self.header.batch > 1,
             _ => false,
         };
@@ -676,7 +746,8 @@ impl<'a> PlanView<'a> {
     fn validate_state_layout(&self) -> Result<(), u16> {
         let partial = self.header.config.partial.is_some();
         let state_of = |i: u16| {
-            let layer = self.layer(i as usize).filter(|l| l.trains())?;
+            let int8 = self.header.precision == Precision::Int8;
+            let layer = self.layer(i as usize).filter(|l| l.trains() && int8)?;
             let start = layer.state_offset as usize;
             Some((
                 start,
@@ -756,7 +827,19 @@ impl<'a> PlanView<'a> {
         let weight = Exactly(TensorRole::Weight, i);
         let weight_grad = Exactly(TensorRole::WeightGrad, i);
         let bias_grad = Exactly(TensorRole::BiasGrad, i);
-        let state = Exactly(TensorRole::OptimizerState, i);
+        // The weight update's state: gradient statistics (int8) or the velocity (float32 with
+        // momentum); the bias update keeps state only as a float32 velocity.
+        let (state, bias_state) = match self.header.precision {
+            Precision::Int8 => (Exactly(TensorRole::OptimizerState, i), Absent),
+            Precision::Float32 if self.has_velocity() => (
+                Exactly(TensorRole::OptimizerState, i),
+                Exactly(TensorRole::BiasOptimizerState, i),
+            ),
+            Precision::Float32 => (Absent, Absent),
+        };
+        // Float32 masks only where an activation clamps (int8 also masks 8-bit saturation).
+        let masks = self.header.precision == Precision::Int8
+            || layer.activation != crate::ops::activation::Activation::None;
         let bias = Exactly(TensorRole::Bias, i);
         let output = Exactly(TensorRole::Activation, i + 1);
         let params = layer.kind.has_params();
@@ -773,7 +856,7 @@ impl<'a> PlanView<'a> {
             (
                 StepOp::ActivationMask,
                 LayerKind::Conv2d | LayerKind::Linear | LayerKind::Activation,
-            ) => ([Act(i + 1), Error(i + 1), Absent], [Error(i + 1), Absent]),
+            ) if masks => ([Act(i + 1), Error(i + 1), Absent], [Error(i + 1), Absent]),
             (StepOp::InputError, _) if params => {
                 ([weight, Error(i + 1), Absent], [ErrorOf(i), Absent])
             }
@@ -801,7 +884,7 @@ impl<'a> PlanView<'a> {
                 ([weight_grad, weight, state], [weight, state])
             }
             (StepOp::BiasUpdate, _) if layer.trains_bias => {
-                ([bias_grad, bias, Absent], [bias, Absent])
+                ([bias_grad, bias, bias_state], [bias, bias_state])
             }
             _ => return None,
         };
@@ -820,7 +903,7 @@ impl<'a> PlanView<'a> {
                 tensor.role == TensorRole::Activation && index == self.buffer_of(t)
             }
             Operand::Error(t) => {
-                tensor.role.is_error() && Some(tensor.bytes as usize) == self.numel(t)
+                tensor.role.is_error() && Some(tensor.bytes as u64) == self.tensor_bytes(t)
             }
             Operand::ErrorOf(t) => tensor.role.is_error() && index == t,
             Operand::Exactly(role, t) => tensor.role == role && index == t,
@@ -941,6 +1024,7 @@ pub(crate) mod tests {
             version: VERSION,
             file_bytes: 0,
             crc: 0,
+            precision: Precision::Int8,
             batch: 1,
             reorder: true,
             layer_count: 1,
@@ -962,6 +1046,7 @@ pub(crate) mod tests {
                 stats_rate: 0.8,
                 eps: 1e-12,
                 partial: None,
+                momentum: 0.0,
             },
         };
         let layer = LayerRecord {

@@ -148,11 +148,34 @@ pub struct PartialUpdate {
     pub lambda_max: f32,
 }
 
-/// Hyper-parameters of fully quantized training, stored in the plan so that the device needs
-/// nothing else.
+/// Numeric form of a plan: what its activations, errors and parameters hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Fully quantized training: `i8` activations, errors and weights, `i32` biases, `f32`
+    /// gradients.
+    Int8,
+    /// float32 SGD: `f32` activations, errors, weights, biases, gradients and velocities.
+    Float32,
+}
+
+impl Precision {
+    const ALL: [Precision; 2] = [Precision::Int8, Precision::Float32];
+
+    /// Bytes of one activation, error or weight element (`i8` or `f32`).
+    pub fn element_bytes(self) -> usize {
+        match self {
+            Precision::Int8 => 1,
+            Precision::Float32 => 4,
+        }
+    }
+}
+
+/// Hyper-parameters of training, stored in the plan so that the device needs nothing else.
+/// A float32 plan uses `lr` and `momentum` only (the other rates are 0 and `partial` is
+/// `None`); an int8 plan everything but `momentum`, which is 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainConfig {
-    /// Learning rate of the standardized weight update and of the bias update.
+    /// Learning rate of the weight and bias updates (the standardized FQT update, or SGD).
     pub lr: f32,
     /// Moving-average rate of activation ranges.
     pub activation_rate: f32,
@@ -166,16 +189,20 @@ pub struct TrainConfig {
     pub eps: f32,
     /// Dynamic partial updates, or `None` to update every structure.
     pub partial: Option<PartialUpdate>,
+    /// SGD momentum of a float32 plan, in `[0, 1)`: `v = momentum * v + g / batch`,
+    /// `p -= lr * v` ([`crate::update::sgd`]); 0 keeps no velocity.
+    pub momentum: f32,
 }
 
 /// The first record: what the plan holds and where its sections are.
 ///
 /// Layout (96 bytes): magic `MCTP`, version `u16`, header size `u16`, file size `u32`, CRC-32
-/// of the bytes from offset 16 to the end of the file `u32`; precision `u8` (0: int8), flags
-/// `u8` (bit 0 reordered, bit 1 partial updates), batch `u16`; layer, tensor, step counts,
-/// classes and the lowest trained layer (`u16` each, one spare); arena, lower-bound, state
-/// bytes, score-scratch offset, blob offset and blob size (`u32` each); the eight `f32` of
-/// [`TrainConfig`] (lambdas 0 without partial updates); 8 spare bytes.
+/// of the bytes from offset 16 to the end of the file `u32`; precision `u8` (0: int8, 1:
+/// float32), flags `u8` (bit 0 reordered, bit 1 partial updates), batch `u16`; layer, tensor,
+/// step counts, classes and the lowest trained layer (`u16` each, one spare); arena,
+/// lower-bound, state bytes, score-scratch offset, blob offset and blob size (`u32` each); the
+/// eight `f32` of [`TrainConfig`] (lambdas 0 without partial updates); `f32` momentum; 4 spare
+/// bytes.
 ///
 /// Sections follow the header in this order, each record size a multiple of 4: `layer_count`
 /// [`LayerRecord`]s, `layer_count + 1` [`ModelTensorRecord`]s, `tensor_count`
@@ -189,6 +216,8 @@ pub struct Header {
     pub file_bytes: u32,
     /// CRC-32 of the checksummed part.
     pub crc: u32,
+    /// Numeric form of tensors and parameters.
+    pub precision: Precision,
     /// Samples per update.
     pub batch: u16,
     /// Each update runs right after its gradient (operator reordering).
@@ -230,7 +259,7 @@ impl Header {
         w.u16(HEADER_BYTES as u16);
         w.u32(self.file_bytes);
         w.u32(self.crc);
-        w.u8(0); // precision: int8
+        w.u8(code_of(&Precision::ALL, self.precision));
         w.u8(self.reorder as u8 | (self.config.partial.is_some() as u8) << 1);
         w.u16(self.batch);
         for count in [
@@ -266,6 +295,7 @@ impl Header {
             c.eps,
             lambda_min,
             lambda_max,
+            c.momentum,
         ] {
             w.f32(value);
         }
@@ -290,11 +320,10 @@ impl Header {
         }
         let file_bytes = r.u32();
         let crc = r.u32();
-        let precision = r.u8();
+        let precision = *Precision::ALL
+            .get(r.u8() as usize)
+            .ok_or(PlanError::Unsupported)?;
         let flags = r.u8();
-        if precision != 0 {
-            return Err(PlanError::Unsupported);
-        }
         if flags & !3 != 0 {
             return Err(PlanError::BadHeader);
         }
@@ -306,11 +335,12 @@ impl Header {
         let (scores_offset, blob_offset, blob_bytes) = (r.u32(), r.u32(), r.u32());
         let (lr, activation_rate, error_rate) = (r.f32(), r.f32(), r.f32());
         let (weight_rate, stats_rate, eps) = (r.f32(), r.f32(), r.f32());
-        let (lambda_min, lambda_max) = (r.f32(), r.f32());
+        let (lambda_min, lambda_max, momentum) = (r.f32(), r.f32(), r.f32());
         Ok(Header {
             version,
             file_bytes,
             crc,
+            precision,
             batch,
             reorder: flags & 1 != 0,
             layer_count,
@@ -335,6 +365,7 @@ impl Header {
                     lambda_min,
                     lambda_max,
                 }),
+                momentum,
             },
         })
     }
@@ -580,15 +611,19 @@ pub enum TensorRole {
     WeightGrad,
     /// `f32` bias gradient of layer `index`.
     BiasGrad,
-    /// Gradient statistics ([`crate::update::GradStats`]) of the trained channels of layer
-    /// `index`.
+    /// State of the weight update of the trained channels of layer `index`: gradient
+    /// statistics ([`crate::update::GradStats`]) in an int8 plan, the `f32` momentum velocity
+    /// in a float32 plan.
     OptimizerState,
     /// Kernel scratch of step `index`.
     Scratch,
+    /// `f32` momentum velocity of the bias of layer `index` (float32 plans with momentum; the
+    /// weights' velocity is the layer's [`TensorRole::OptimizerState`]).
+    BiasOptimizerState,
 }
 
 impl TensorRole {
-    const ALL: [TensorRole; 9] = [
+    const ALL: [TensorRole; 10] = [
         TensorRole::Activation,
         TensorRole::Error,
         TensorRole::ErrorPart,
@@ -598,6 +633,7 @@ impl TensorRole {
         TensorRole::BiasGrad,
         TensorRole::OptimizerState,
         TensorRole::Scratch,
+        TensorRole::BiasOptimizerState,
     ];
 
     /// True for error tensors (complete or partial).
@@ -847,6 +883,7 @@ mod tests {
                 version: VERSION,
                 file_bytes: c,
                 crc: c ^ 5,
+                precision: Precision::ALL[code % 2],
                 batch: a,
                 reorder: flag,
                 layer_count: a,
@@ -868,6 +905,7 @@ mod tests {
                     stats_rate: 0.4,
                     eps: 1e-12,
                     partial: flag.then_some(PartialUpdate { lambda_min: 0.1, lambda_max: x }),
+                    momentum: x / 2.0,
                 },
             };
             prop_assert_eq!(Header::decode(&header.encode()), Ok(header));
@@ -883,7 +921,7 @@ mod tests {
         layer[1] = 3;
         assert_eq!(LayerRecord::decode(&layer), None);
         let mut tensor = [0u8; TENSOR_BYTES];
-        tensor[0] = 9;
+        tensor[0] = 10;
         assert_eq!(TensorRecord::decode(&tensor), None);
         let mut step = [0u8; STEP_BYTES];
         step[0] = 10;
@@ -895,5 +933,9 @@ mod tests {
         bytes[4] = 2;
         header = Header::decode(&bytes);
         assert_eq!(header, Err(PlanError::UnsupportedVersion(2)));
+        bytes[4] = VERSION as u8;
+        bytes[6] = HEADER_BYTES as u8;
+        bytes[16] = 2; // precision
+        assert_eq!(Header::decode(&bytes), Err(PlanError::Unsupported));
     }
 }

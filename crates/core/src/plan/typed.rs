@@ -4,7 +4,7 @@
 //! are the only `unsafe` code of the plan executor; each states why it is sound.
 
 use crate::update::GradStats;
-use core::mem::{align_of, offset_of, size_of};
+use core::mem::{align_of, offset_of, size_of, size_of_val};
 
 /// A byte range `[start, start + len)` of the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,12 +34,14 @@ pub(crate) fn codes_mut(bytes: &mut [u8]) -> &mut [i8] {
 }
 
 /// Plain values (every bit pattern valid, no padding) that arenas and flash hold in place:
-/// `f32` gradients, `i32` biases, `u16` channel lists, `u32` channel bits.
+/// `f32` gradients, activations and float parameters, `i32` biases, `u16` channel lists,
+/// `u32` channel bits, `i8` input codes.
 pub(crate) trait Word: Copy + sealed::Sealed {}
 impl Word for f32 {}
 impl Word for i32 {}
 impl Word for u16 {}
 impl Word for u32 {}
+impl Word for i8 {}
 
 mod sealed {
     pub trait Sealed {}
@@ -47,6 +49,7 @@ mod sealed {
     impl Sealed for i32 {}
     impl Sealed for u16 {}
     impl Sealed for u32 {}
+    impl Sealed for i8 {}
 }
 
 fn fits<T>(bytes: &[u8]) -> bool {
@@ -69,6 +72,14 @@ pub(crate) fn words<T: Word>(bytes: &[u8]) -> Option<&[T]> {
     Some(unsafe {
         core::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size_of::<T>())
     })
+}
+
+/// The bytes of plain values, in the target's (little-endian) layout.
+pub(crate) fn bytes_of<T: Word>(values: &[T]) -> &[u8] {
+    // SAFETY: `T` is a sealed `Word`: no padding, so every byte of the slice is initialized;
+    // `u8` has alignment 1, and the new slice covers exactly `size_of_val(values)` bytes of the
+    // same borrow for the same lifetime.
+    unsafe { core::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
 }
 
 /// Mutable plain values (`None` when misaligned or of a partial length).
@@ -210,6 +221,8 @@ mod tests {
             1.5
         );
         assert_eq!(codes(&[255u8, 1]), &[-1i8, 1]);
+        assert_eq!(bytes_of(&[-1i8, 1]), &[255u8, 1]);
+        assert_eq!(bytes_of(&[1.5f32]), &1.5f32.to_le_bytes());
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--json]
-//! [--out PLAN.bin [--lr LR] [--partial MIN:MAX]]`: compile the training step and print its
-//! memory report; a plan over the SRAM budget is refused (an error, so exit code 2) after the
-//! report. With `--out`, a plan that fits is written as a plan file for the device
-//! ([`super::plan_file`]; MODEL must then be an int8 model file).
+//! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--momentum [M]]
+//! [--json] [--out PLAN.bin [--lr LR] [--partial MIN:MAX]]`: compile the training step and
+//! print its memory report; a plan over the SRAM budget is refused (an error, so exit code 2)
+//! after the report. With `--out`, a plan that fits is written as a plan file for the device
+//! ([`super::plan_file`]; MODEL must then be a model file: an int8 one gives an FQT plan, a
+//! float32 one an SGD plan, with momentum `M` when `--momentum` is given).
 
 use super::report::{check_budget, MemoryReport};
 use super::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
@@ -43,19 +44,21 @@ pub struct PlanArgs {
     /// Element sizes (default: the model file's; int8 for an architecture name).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// float32 SGD with momentum (a velocity buffer per trained parameter).
-    #[arg(long)]
-    pub momentum: bool,
+    /// float32 SGD with momentum M (default 0.9): a velocity buffer per trained parameter.
+    #[arg(long, value_name = "M", num_args = 0..=1, default_missing_value = "0.9")]
+    pub momentum: Option<f32>,
     /// Print one JSON object on stdout instead of the readable report.
     #[arg(long)]
     pub json: bool,
-    /// Write the plan file for the device here (MODEL must be an int8 model file).
+    /// Write the plan file for the device here (MODEL must be an int8 or float32 model file).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Learning rate stored in the plan file.
+    /// Learning rate stored in the plan file (the peak of a cosine schedule the device may
+    /// apply with `exec::set_learning_rate`).
     #[arg(long, default_value_t = FqtConfig::default().lr)]
     pub lr: f32,
-    /// Dynamic partial updates `LAMBDA_MIN:LAMBDA_MAX` stored in the plan file, e.g. 0.1:0.1.
+    /// Dynamic partial updates `LAMBDA_MIN:LAMBDA_MAX` stored in the plan file, e.g. 0.1:0.1
+    /// (int8 only).
     #[arg(long)]
     pub partial: Option<String>,
 }
@@ -64,7 +67,7 @@ pub struct PlanArgs {
 pub fn run(args: PlanArgs) -> Result<()> {
     if args.out.is_some() && !Path::new(&args.model).is_file() {
         bail!(
-            "--out writes the model's parameters into the plan: pass an int8 model file, not '{}'",
+            "--out writes the model's parameters into the plan: pass an int8 or float32 model file, not '{}'",
             args.model
         );
     }
@@ -80,7 +83,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         precision,
         batch: args.batch,
         reorder: !args.no_reorder,
-        momentum: args.momentum,
+        momentum: args.momentum.is_some(),
     };
     let plan = compile(&arch, &updates, &options)?;
     let report = MemoryReport::new(&arch, &plan);
@@ -133,20 +136,35 @@ struct WrittenPlan {
     arena_required: usize,
 }
 
-/// Write the plan file of `plan` with the int8 model file `args.model` and the plan's
-/// hyper-parameters (`--lr`, `--partial`, the other rates at their FQT defaults).
+/// Write the plan file of `plan` with the model file `args.model` and the plan's
+/// hyper-parameters: int8, `--lr` and `--partial` with the other rates at their FQT defaults;
+/// float32, `--lr` and `--momentum`.
 fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<WrittenPlan> {
     let model =
         format::load(Path::new(&args.model)).with_context(|| format!("reading {}", args.model))?;
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", args.lr);
     }
-    let cfg = FqtConfig {
-        lr: args.lr,
-        partial: args.partial.as_deref().map(parse_partial).transpose()?,
-        ..FqtConfig::default()
+    let config = match model.params {
+        Params::Int8(_) => plan_file::train_config(&FqtConfig {
+            lr: args.lr,
+            partial: args.partial.as_deref().map(parse_partial).transpose()?,
+            ..FqtConfig::default()
+        }),
+        Params::Float(_) => {
+            if args.partial.is_some() {
+                bail!(
+                    "--partial applies to int8 models (FQT); a float32 plan updates every channel"
+                );
+            }
+            let momentum = args.momentum.unwrap_or(0.0);
+            if !(0.0..1.0).contains(&momentum) {
+                bail!("--momentum must be in [0, 1), got {momentum}");
+            }
+            plan_file::float_train_config(args.lr, momentum)
+        }
     };
-    let bytes = plan_file::write(plan, &model, &plan_file::train_config(&cfg))
+    let bytes = plan_file::write(plan, &model, &config)
         .with_context(|| format!("writing the plan file of {}", args.model))?;
     let aligned = plan_file::AlignedBytes::copy_of(&bytes);
     let view = PlanView::parse(aligned.as_slice())

@@ -1,23 +1,29 @@
-//! Plan files for the device: a [`TrainingPlan`] and an int8 [`Model`] written in the format
-//! of [`mcutrain_core::plan`], and the trained parameters read back from an arena.
+//! Plan files for the device: a [`TrainingPlan`] and an int8 or float32 [`Model`] written in
+//! the format of [`mcutrain_core::plan`], and the trained parameters read back from an arena.
 //!
 //! The bytes are deterministic (equal inputs give equal files). The record layouts are the
 //! core crate's; this module only maps the compiler's plan onto them:
-//! - every model tensor gets its shape, range owner and the model's initial trackers;
+//! - the precision byte is the model's (0 int8, 1 float32); the blob holds int8 weight codes
+//!   and `i32` biases, or `f32` weights and biases (little-endian, each 4-byte aligned);
+//! - every model tensor gets its shape, range owner and the model's initial trackers (empty
+//!   trackers in a float32 plan, which tracks no ranges);
 //! - every arena tensor gets its lifetime (the compiler's liveness: first to last step that
 //!   touches it, every step for tensors kept across samples), which the reader checks;
-//! - every error tensor gets its quantization source, found by following the steps: the
-//!   loss writes the logits error in the sample's loss range, an input error or a sum of
-//!   contributions to model tensor `t` is written with `t`'s error tracker, and a masked
-//!   copy keeps the quantization of the error it copies;
-//! - the training state of each trained layer is placed after the model tensors' state, then
-//!   the partial-update score scratch (sized for the widest layer).
+//! - every error tensor of an int8 plan gets its quantization source, found by following the
+//!   steps: the loss writes the logits error in the sample's loss range, an input error or a
+//!   sum of contributions to model tensor `t` is written with `t`'s error tracker, and a
+//!   masked copy keeps the quantization of the error it copies ([`NONE`] in a float32 plan);
+//! - the optimizer state of a bias update (a float32 momentum velocity) becomes the file's
+//!   `BiasOptimizerState`, that of a weight update its `OptimizerState`;
+//! - int8: the training state of each trained layer is placed after the model tensors' state,
+//!   then the partial-update score scratch (sized for the widest layer); float32: the state
+//!   region is the 8-byte header alone (sample counter, learning rate).
 
 use super::{liveness, Placement, Precision, StepOp, TensorRole, TrainingPlan};
 use crate::engine::fqt::{FqtConfig, QuantNet};
 use crate::model::{LayerKind, Model, Params, QuantLayer};
 use mcutrain_core::plan::{
-    self as file, exec, layer_state_bytes, tensor_state_end, Header, LayerRecord,
+    self as file, exec, layer_state_bytes, state_bytes_at_least, Header, LayerRecord,
     ModelTensorRecord, PartialUpdate, PlanView, StepRecord, TensorRecord, TrainConfig,
     HEADER_BYTES, LOSS_QUANT, MAX_READS, MAX_WRITES, NONE, NO_OFFSET, VERSION,
 };
@@ -27,14 +33,17 @@ use mcutrain_core::quant::{QParams, RangeEma};
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
 pub enum PlanFileError {
-    /// The model is float32.
-    #[error(
-        "plan files hold int8 models for fully quantized training; run `mcutrain quantize` first"
-    )]
-    NotInt8,
-    /// The plan was compiled for float32.
-    #[error("the plan was compiled for float32; compile it with int8 precision")]
-    NotInt8Plan,
+    /// The model's and the plan's precisions differ.
+    #[error("the model is {model} but the plan was compiled for {plan}; compile with --precision {model} (or pass a {plan} model)")]
+    PrecisionMismatch {
+        /// The model's precision name.
+        model: &'static str,
+        /// The plan's.
+        plan: &'static str,
+    },
+    /// The model or the hyper-parameters ask for something a float32 plan does not do.
+    #[error("float32 plans: {0}")]
+    FloatConfig(String),
     /// A layer has per-channel weight quantization.
     #[error("layer {0} has per-channel weight scales; fully quantized training needs one weight range per tensor")]
     PerChannel(usize),
@@ -63,6 +72,30 @@ pub fn train_config(cfg: &FqtConfig) -> TrainConfig {
             lambda_min: p.lambda_min,
             lambda_max: p.lambda_max,
         }),
+        momentum: 0.0,
+    }
+}
+
+/// The plan-file hyper-parameters of float32 SGD (`engine::float::FloatTrainConfig`'s peak
+/// learning rate and momentum; momentum 0 for a plan compiled without velocities).
+pub fn float_train_config(lr: f32, momentum: f32) -> TrainConfig {
+    TrainConfig {
+        lr,
+        activation_rate: 0.0,
+        error_rate: 0.0,
+        weight_rate: 0.0,
+        stats_rate: 0.0,
+        eps: 0.0,
+        partial: None,
+        momentum,
+    }
+}
+
+/// The precision name of a model's parameters.
+fn params_precision(params: &Params) -> Precision {
+    match params {
+        Params::Float(_) => Precision::Float32,
+        Params::Int8(_) => Precision::Int8,
     }
 }
 
@@ -77,12 +110,17 @@ pub fn write(
     model: &Model,
     config: &TrainConfig,
 ) -> Result<Vec<u8>, PlanFileError> {
-    let Params::Int8(state) = &model.params else {
-        return Err(PlanFileError::NotInt8);
-    };
-    if plan.precision != Precision::Int8 {
-        return Err(PlanFileError::NotInt8Plan);
+    let model_precision = params_precision(&model.params);
+    if plan.precision != model_precision {
+        return Err(PlanFileError::PrecisionMismatch {
+            model: model_precision.name(),
+            plan: plan.precision.name(),
+        });
     }
+    let precision = match plan.precision {
+        Precision::Int8 => file::Precision::Int8,
+        Precision::Float32 => file::Precision::Float32,
+    };
     model
         .validate()
         .map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
@@ -99,17 +137,35 @@ pub fn write(
         .shapes()
         .map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
 
-    // Training state: model tensors, then each trained layer, then the score scratch.
+    let blobs = parameter_blobs(&model.params)?;
+    // Which optimizer states belong to a bias update (the rest to weight updates).
+    let bias_states: Vec<usize> = plan
+        .steps
+        .iter()
+        .filter(|s| s.op == StepOp::BiasUpdate)
+        .filter_map(|s| s.writes.get(1).copied())
+        .collect();
+    if precision == file::Precision::Float32 {
+        check_float_config(plan, config)?;
+    }
+
+    // Training state (int8): model tensors, then each trained layer, then the score scratch.
     let partial = config.partial.is_some();
-    let mut state_bytes = tensor_state_end(n + 1);
+    let int8 = precision == file::Precision::Int8;
+    let mut state_bytes = state_bytes_at_least(precision, n + 1);
     let mut state_offsets = vec![NO_OFFSET; n];
-    for (i, (update, layer)) in plan.updates.iter().zip(&state.layers).enumerate() {
-        if update.any() {
+    for (i, (update, blob)) in plan.updates.iter().zip(&blobs).enumerate() {
+        if let (true, true, Some(blob)) = (int8, update.any(), blob) {
             state_offsets[i] = narrow(state_bytes, "state offset")?;
-            state_bytes += layer_state_bytes(layer.bias.len(), partial);
+            state_bytes += layer_state_bytes(blob.channels, partial);
         }
     }
-    let widest = state.layers.iter().map(|l| l.bias.len()).max().unwrap_or(0);
+    let widest = blobs
+        .iter()
+        .flatten()
+        .map(|b| b.channels)
+        .max()
+        .unwrap_or(0);
     let scores_offset = if partial {
         let at = state_bytes;
         state_bytes += widest * 4;
@@ -126,27 +182,32 @@ pub fn write(
     let blob_offset = tensors_at + plan.steps.len() * file::STEP_BYTES;
     let mut blob: Vec<u8> = Vec::new();
     let mut contents: Vec<Option<(usize, usize)>> = vec![None; n]; // (weight, bias) offsets
-    for (i, layer) in state.layers.iter().enumerate() {
-        if layer.bias.is_empty() {
+    for (i, layer) in blobs.iter().enumerate() {
+        let Some(layer) = layer else {
             continue;
-        }
-        if layer.weight_q.len() != 1 {
-            return Err(PlanFileError::PerChannel(i));
-        }
+        };
         let weight_at = blob_offset + blob.len();
-        blob.extend(layer.weight.iter().map(|&w| w as u8));
+        blob.extend(&layer.weight);
         blob.resize(blob.len().div_ceil(4) * 4, 0);
         let bias_at = blob_offset + blob.len();
-        blob.extend(layer.bias.iter().flat_map(|b| b.to_le_bytes()));
+        blob.extend(&layer.bias);
         contents[i] = Some((weight_at, bias_at));
     }
 
-    let quant = error_quantization(plan)?;
+    let quant = match precision {
+        file::Precision::Int8 => error_quantization(plan)?,
+        file::Precision::Float32 => vec![NONE; plan.tensors.len()],
+    };
     let lifetimes = liveness::lifetimes(&plan.tensors, &plan.steps);
     let mut param_ids = vec![(NONE, NONE); n];
     let mut tensor_bytes = Vec::with_capacity(plan.tensors.len() * file::TENSOR_BYTES);
     for (id, tensor) in plan.tensors.iter().enumerate() {
-        let (role, index) = role_of(tensor.role);
+        let (role, index) = match role_of(tensor.role) {
+            (file::TensorRole::OptimizerState, i) if bias_states.contains(&id) => {
+                (file::TensorRole::BiasOptimizerState, i)
+            }
+            role => role,
+        };
         let flash_offset = match (tensor.role, tensor.layer.and_then(|l| contents[l])) {
             (TensorRole::Weight { layer }, Some((weight_at, _))) => {
                 param_ids[layer].0 = narrow(id, "tensor id")?;
@@ -183,9 +244,13 @@ pub fn write(
         tensor_bytes.extend(record.encode());
     }
 
+    let quant_layers = match &model.params {
+        Params::Int8(state) => Some(&state.layers),
+        Params::Float(_) => None,
+    };
     let mut layer_bytes = Vec::with_capacity(n * file::LAYER_BYTES);
     for (i, layer) in arch.layers.iter().enumerate() {
-        let q = &state.layers[i];
+        let q = quant_layers.map(|layers| &layers[i]);
         let record = layer_record(
             &layer.kind,
             q,
@@ -195,6 +260,10 @@ pub fn write(
         )?;
         layer_bytes.extend(record.encode());
     }
+    let trackers = |t: usize| match &model.params {
+        Params::Int8(state) => (state.activations[t], state.errors[t]),
+        Params::Float(_) => (RangeEma::new(), RangeEma::new()),
+    };
     let mut model_tensor_bytes = Vec::with_capacity((n + 1) * file::MODEL_TENSOR_BYTES);
     for (t, shape) in shapes.iter().enumerate() {
         let record = ModelTensorRecord {
@@ -204,8 +273,8 @@ pub fn write(
                 narrow(shape[2], "width")?,
             ],
             range_owner: narrow(net.range_owner(t), "tensor index")?,
-            activation: state.activations[t],
-            error: state.errors[t],
+            activation: trackers(t).0,
+            error: trackers(t).1,
         };
         model_tensor_bytes.extend(record.encode());
     }
@@ -248,6 +317,7 @@ pub fn write(
         version: VERSION,
         file_bytes: narrow(file_bytes, "file bytes")?,
         crc: 0,
+        precision,
         batch: narrow(plan.batch, "batch")?,
         reorder: plan.reorder,
         layer_count: narrow(n, "layers")?,
@@ -281,10 +351,87 @@ pub fn write(
     Ok(bytes)
 }
 
-/// The layer record of one layer.
+/// One layer's parameters as blob bytes.
+struct LayerBlob {
+    /// Output channels (bias elements).
+    channels: usize,
+    /// Weight codes, or little-endian `f32` weights.
+    weight: Vec<u8>,
+    /// Little-endian `i32` or `f32` bias.
+    bias: Vec<u8>,
+}
+
+/// The blob bytes of every layer with parameters (`None` for the others); int8 layers must
+/// have one weight range per tensor.
+fn parameter_blobs(params: &Params) -> Result<Vec<Option<LayerBlob>>, PlanFileError> {
+    let floats = |values: &[f32]| values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    match params {
+        Params::Int8(state) => state
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                if layer.bias.is_empty() {
+                    return Ok(None);
+                }
+                if layer.weight_q.len() != 1 {
+                    return Err(PlanFileError::PerChannel(i));
+                }
+                Ok(Some(LayerBlob {
+                    channels: layer.bias.len(),
+                    weight: layer.weight.iter().map(|&w| w as u8).collect(),
+                    bias: layer.bias.iter().flat_map(|b| b.to_le_bytes()).collect(),
+                }))
+            })
+            .collect(),
+        Params::Float(layers) => Ok(layers
+            .iter()
+            .map(|layer| {
+                (!layer.bias.is_empty()).then(|| LayerBlob {
+                    channels: layer.bias.len(),
+                    weight: floats(&layer.weight),
+                    bias: floats(&layer.bias),
+                })
+            })
+            .collect()),
+    }
+}
+
+/// A float32 plan runs SGD without partial updates, with a velocity per trained parameter
+/// exactly when the momentum is not 0, and a momentum in `[0, 1)`.
+fn check_float_config(plan: &TrainingPlan, config: &TrainConfig) -> Result<(), PlanFileError> {
+    if config.partial.is_some() {
+        return Err(PlanFileError::FloatConfig(
+            "dynamic partial updates are an int8 (FQT) feature; drop --partial".into(),
+        ));
+    }
+    if !(0.0..1.0).contains(&config.momentum) {
+        return Err(PlanFileError::FloatConfig(format!(
+            "the momentum must be in [0, 1), got {}",
+            config.momentum
+        )));
+    }
+    let has_velocity = plan
+        .tensors
+        .iter()
+        .any(|t| matches!(t.role, TensorRole::OptimizerState { .. }));
+    if has_velocity != (config.momentum != 0.0) {
+        return Err(PlanFileError::FloatConfig(format!(
+            "momentum {} needs a plan compiled {} velocity buffers (PlanOptions::momentum = {})",
+            config.momentum,
+            if has_velocity { "without" } else { "with" },
+            !has_velocity
+        )));
+    }
+    Ok(())
+}
+
+/// The layer record of one layer; `q` is its int8 quantization (`None` in a float32 plan,
+/// whose records hold neutral values there: bias scale 1, weight scale 1, zero point 0, an
+/// empty range tracker).
 fn layer_record(
     kind: &LayerKind,
-    q: &QuantLayer,
+    q: Option<&QuantLayer>,
     update: super::LayerUpdate,
     (weight_tensor, bias_tensor): (u16, u16),
     state_offset: u32,
@@ -307,15 +454,16 @@ fn layer_record(
         weight_tensor,
         bias_tensor,
         state_offset,
-        bias_scale: q.bias_scale,
-        weight_q: q.weight_q.first().copied().unwrap_or(QParams {
-            scale: 1.0,
-            zero_point: 0,
-        }),
-        weight_range: if q.bias.is_empty() {
-            RangeEma::new()
-        } else {
-            q.weight_range
+        bias_scale: q.map_or(1.0, |q| q.bias_scale),
+        weight_q: q
+            .and_then(|q| q.weight_q.first().copied())
+            .unwrap_or(QParams {
+                scale: 1.0,
+                zero_point: 0,
+            }),
+        weight_range: match q {
+            Some(q) if !q.bias.is_empty() => q.weight_range,
+            _ => RangeEma::new(),
         },
     };
     match kind {
@@ -441,18 +589,30 @@ fn error_quantization(plan: &TrainingPlan) -> Result<Vec<u16>, PlanFileError> {
 }
 
 /// `base` with the parameters and range trackers trained on a device: trained weights,
-/// biases, weight quantization and range trackers from `arena` (prepared by [`exec::init`] for
-/// `view` and trained since), frozen ones as they are in the plan.
+/// biases, weight quantization and range trackers (int8) or weights and biases (float32) from
+/// `arena` (prepared by [`exec::init`] for `view` and trained since), frozen ones as they are
+/// in the plan.
 pub fn trained_model(view: &PlanView, arena: &[u8], base: &Model) -> Result<Model, PlanFileError> {
     let mut model = base.clone();
-    let Params::Int8(state) = &mut model.params else {
-        return Err(PlanFileError::NotInt8);
+    let plan_precision = match view.precision() {
+        file::Precision::Int8 => Precision::Int8,
+        file::Precision::Float32 => Precision::Float32,
     };
+    let model_precision = params_precision(&model.params);
+    if plan_precision != model_precision {
+        return Err(PlanFileError::PrecisionMismatch {
+            model: model_precision.name(),
+            plan: plan_precision.name(),
+        });
+    }
     let n = view.layer_count();
-    if state.layers.len() != n {
+    let layers = match &model.params {
+        Params::Int8(state) => state.layers.len(),
+        Params::Float(layers) => layers.len(),
+    };
+    if layers != n {
         return Err(PlanFileError::Mismatch(format!(
-            "the plan has {n} layers, the model {}",
-            state.layers.len()
+            "the plan has {n} layers, the model {layers}"
         )));
     }
     if arena.len() < view.arena_required() {
@@ -462,16 +622,37 @@ pub fn trained_model(view: &PlanView, arena: &[u8], base: &Model) -> Result<Mode
             view.arena_required()
         )));
     }
+    let other_sizes = |i: usize| {
+        PlanFileError::Mismatch(format!("layer {i} has other parameter sizes in the plan"))
+    };
+    let unreadable = |i: usize| PlanFileError::Read(format!("layer {i}'s parameters"));
+    let state = match &mut model.params {
+        Params::Int8(state) => state,
+        Params::Float(layers) => {
+            for (i, layer) in layers.iter_mut().enumerate() {
+                if layer.bias.is_empty() {
+                    continue;
+                }
+                let params =
+                    exec::float_layer_params(view, arena, i).ok_or_else(|| unreadable(i))?;
+                if params.weight.len() != layer.weight.len()
+                    || params.bias.len() != layer.bias.len()
+                {
+                    return Err(other_sizes(i));
+                }
+                layer.weight = params.weight.to_vec();
+                layer.bias = params.bias.to_vec();
+            }
+            return Ok(model);
+        }
+    };
     for (i, layer) in state.layers.iter_mut().enumerate() {
         if layer.bias.is_empty() {
             continue;
         }
-        let params = exec::layer_params(view, arena, i)
-            .ok_or_else(|| PlanFileError::Read(format!("layer {i}'s parameters")))?;
+        let params = exec::layer_params(view, arena, i).ok_or_else(|| unreadable(i))?;
         if params.weight.len() != layer.weight.len() || params.bias.len() != layer.bias.len() {
-            return Err(PlanFileError::Mismatch(format!(
-                "layer {i} has other parameter sizes in the plan"
-            )));
+            return Err(other_sizes(i));
         }
         layer.weight = params.weight.to_vec();
         layer.weight_q = vec![params.weight_q];

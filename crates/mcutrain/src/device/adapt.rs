@@ -12,9 +12,11 @@ use super::session::{self, Progress, Session, SessionResults};
 use super::{Budget, DeviceError, Machine, Qemu};
 use crate::compile::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision};
 use crate::data::Dataset;
+use crate::engine::float::FloatTrainConfig;
 use crate::engine::fqt::FqtConfig;
 use crate::engine::UpdateScheme;
-use crate::model::Model;
+use crate::model::{Model, Params};
+use mcutrain_core::plan::TrainConfig;
 
 /// Where and within which budgets a session runs.
 #[derive(Clone, Debug)]
@@ -40,21 +42,27 @@ pub struct DeviceRun {
     pub plan: Vec<u8>,
 }
 
-/// The plan file of fully quantized training of `model` under `updates` and `cfg` (batch,
-/// learning rate, moving-average rates, partial updates), with operator reordering.
-fn int8_plan(
+/// The plan file of training `model` under `updates` at `batch` samples per update with
+/// `config`'s hyper-parameters, in the model's precision (float32 with a velocity buffer
+/// when `config.momentum` is not 0), with operator reordering.
+fn plan_file_for(
     model: &Model,
     updates: &[LayerUpdate],
-    cfg: &FqtConfig,
+    batch: usize,
+    config: &TrainConfig,
 ) -> Result<Vec<u8>, DeviceError> {
+    let precision = match model.params {
+        Params::Int8(_) => Precision::Int8,
+        Params::Float(_) => Precision::Float32,
+    };
     let options = PlanOptions {
-        batch: cfg.batch,
-        ..PlanOptions::new(Precision::Int8)
+        batch,
+        momentum: config.momentum != 0.0,
+        ..PlanOptions::new(precision)
     };
     let plan =
         compile(&model.arch, updates, &options).map_err(|e| DeviceError::Plan(e.to_string()))?;
-    plan_file::write(&plan, model, &plan_file::train_config(cfg))
-        .map_err(|e| DeviceError::Plan(e.to_string()))
+    plan_file::write(&plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
 }
 
 /// Runs `session` of `plan` for `model` on `target` and rebuilds the model.
@@ -97,8 +105,13 @@ pub fn fqt_finetune(
     target: &Target,
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
+    if !matches!(model.params, Params::Int8(_)) {
+        return Err(DeviceError::Plan(
+            "fully quantized training needs an int8 model; run `mcutrain quantize` first".into(),
+        ));
+    }
     let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let plan = int8_plan(model, &updates, cfg)?;
+    let plan = plan_file_for(model, &updates, cfg.batch, &plan_file::train_config(cfg))?;
     let session = Session {
         plan: &[],
         epochs: cfg.epochs,
@@ -109,22 +122,50 @@ pub fn fqt_finetune(
     run_session(model, plan, session, target, progress)
 }
 
-/// Accuracy of the int8 `model` on `eval`, measured on the device. The plan trains only the
-/// classifier's bias (the smallest training plan; a plan must train something), and nothing
-/// is trained: the session has no training samples.
+/// float32 SGD fine-tuning of the float32 `model` on `data` on the device as `cfg` says
+/// (epochs, batch, learning rate with cosine decay, momentum, scheme, order seed), then the
+/// evaluation of `eval` there.
+pub fn float_finetune(
+    model: &Model,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+    cfg: &FloatTrainConfig,
+    target: &Target,
+    progress: impl FnMut(Progress),
+) -> Result<DeviceRun, DeviceError> {
+    if !matches!(model.params, Params::Float(_)) {
+        return Err(DeviceError::Plan(
+            "float32 training needs a float32 model; train an int8 model with --method fqt".into(),
+        ));
+    }
+    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
+    let config = plan_file::float_train_config(cfg.lr, cfg.momentum);
+    let plan = plan_file_for(model, &updates, cfg.batch, &config)?;
+    let session = Session {
+        plan: &[],
+        epochs: cfg.epochs,
+        seed: cfg.seed,
+        train: Some(data),
+        eval,
+    };
+    run_session(model, plan, session, target, progress)
+}
+
+/// Accuracy of `model` (int8 or float32) on `eval`, measured on the device. The plan trains
+/// only the classifier's bias (the smallest training plan; a plan must train something), and
+/// nothing is trained: the session has no training samples.
 pub fn evaluate(
     model: &Model,
     eval: &Dataset,
     target: &Target,
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
-    let cfg = FqtConfig {
-        batch: 1,
-        scheme: UpdateScheme::BiasOnly(1),
-        ..FqtConfig::default()
+    let updates = scheme::from_update_scheme(&model.arch, UpdateScheme::BiasOnly(1));
+    let config = match model.params {
+        Params::Int8(_) => plan_file::train_config(&FqtConfig::default()),
+        Params::Float(_) => plan_file::float_train_config(FqtConfig::default().lr, 0.0),
     };
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let plan = int8_plan(model, &updates, &cfg)?;
+    let plan = plan_file_for(model, &updates, 1, &config)?;
     let session = Session {
         plan: &[],
         epochs: 0,

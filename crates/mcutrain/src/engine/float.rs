@@ -1,4 +1,13 @@
 //! float32 reference training: forward, backward with pruning, SGD with momentum.
+//!
+//! Training has per-sample semantics, the plan executor's (`mcutrain_core::plan::exec` on a
+//! float32 plan): every sample runs its forward and backward alone, at batch-1 geometry
+//! (samples in parallel), and the batch gradient is the per-sample gradients folded in sample
+//! order, `G = ((0 + g_0) + g_1) + ...`, exactly what a device computes with
+//! `grad += kernel's batch-1 sum` per sample. The batch loss is the f64 sum of the per-sample
+//! f32 losses in sample order. So training equals the device's bit for bit, whatever the
+//! number of threads. (Inference and calibration may run batched: the forward kernels give
+//! each sample the same bits at any batch size.)
 
 use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
@@ -10,7 +19,8 @@ use mcutrain_core::rng::Rng;
 use mcutrain_core::update;
 use rayon::prelude::*;
 
-/// Samples per parallel work item. Fixed, so results do not depend on the thread count.
+/// Samples per parallel work item of batched inference and calibration. Fixed, so results do
+/// not depend on the thread count.
 pub const CHUNK: usize = 16;
 
 /// A float model resolved for execution: shapes and per-layer geometries at batch 1.
@@ -63,7 +73,7 @@ impl<'a> FloatNet<'a> {
                     Geometry::Conv(g),
                 ) => {
                     conv2d::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
-                    apply_activation(*act, &mut y);
+                    activation::forward_in_place(*act, &mut y);
                 }
                 (
                     LayerKind::Linear {
@@ -72,7 +82,7 @@ impl<'a> FloatNet<'a> {
                     Geometry::Linear(g),
                 ) => {
                     linear::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
-                    apply_activation(*act, &mut y);
+                    activation::forward_in_place(*act, &mut y);
                 }
                 (LayerKind::Activation(act), _) => activation::forward(*act, x, &mut y),
                 (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward(&g, x, &mut y),
@@ -249,16 +259,6 @@ impl<'a> FloatNet<'a> {
     }
 }
 
-/// Clamp `values` in place to the activation's real bounds.
-fn apply_activation(act: activation::Activation, values: &mut [f32]) {
-    if act != activation::Activation::None {
-        let (lo, hi) = act.real_bounds();
-        for v in values {
-            *v = v.clamp(lo, hi);
-        }
-    }
-}
-
 /// `slot += value`, creating the slot on first use.
 fn accumulate(slot: &mut Option<Vec<f32>>, value: &[f32]) {
     match slot {
@@ -296,8 +296,79 @@ pub struct StepInfo {
     pub loss: f64,
 }
 
-/// Train the float parameters of `model` on `data` with mini-batch SGD; returns the mean
-/// loss of each epoch.
+/// Mini-batch SGD of a float model, one batch at a time (what [`train`] runs for every batch,
+/// and what a float32 plan's executor reproduces sample by sample).
+pub struct FloatTrainer<'a> {
+    net: FloatNet<'a>,
+    trainable: Vec<Trainable>,
+    momentum: f32,
+    /// Momentum velocity per trained parameter (empty vectors without momentum).
+    velocity: Vec<FloatLayer>,
+}
+
+impl<'a> FloatTrainer<'a> {
+    /// A trainer of the parameters `params` of `arch` that `scheme` updates, with SGD momentum
+    /// `momentum` (0: no velocity is kept, as in a plan compiled without velocity tensors).
+    /// Memory: one zeroed velocity per trained parameter with momentum.
+    pub fn new(
+        arch: &'a Architecture,
+        params: &[FloatLayer],
+        scheme: UpdateScheme,
+        momentum: f32,
+    ) -> Result<Self, ModelError> {
+        let net = FloatNet::new(arch)?;
+        let trainable = scheme.trainable(arch);
+        let velocity = if momentum != 0.0 {
+            trained_zeros(params, &trainable)
+        } else {
+            params.iter().map(|_| FloatLayer::default()).collect()
+        };
+        Ok(FloatTrainer {
+            net,
+            trainable,
+            momentum,
+            velocity,
+        })
+    }
+
+    /// One update from the samples `input` (`labels.len()` of them, concatenated) with
+    /// learning rate `lr`: the batch gradient `G` of [`batch_gradients`], then for every trained
+    /// parameter `v = m v + G / B`, `p -= lr v` ([`update::sgd`]; without momentum
+    /// `p -= lr (G / B)`). Returns the sum of the per-sample losses.
+    pub fn train_batch(
+        &mut self,
+        params: &mut [FloatLayer],
+        input: &[f32],
+        labels: &[u16],
+        lr: f32,
+    ) -> f64 {
+        let (loss, grads) = batch_gradients(&self.net, params, input, labels, &self.trainable);
+        let grad_scale = 1.0 / labels.len() as f32;
+        let momentum = self.momentum;
+        let layers = params.iter_mut().zip(&grads).zip(&mut self.velocity);
+        for (((p, g), v), t) in layers.zip(&self.trainable) {
+            if t.weight {
+                update::sgd(
+                    &mut p.weight,
+                    &g.weight,
+                    &mut v.weight,
+                    lr,
+                    momentum,
+                    grad_scale,
+                );
+            }
+            if t.bias {
+                update::sgd(&mut p.bias, &g.bias, &mut v.bias, lr, momentum, grad_scale);
+            }
+        }
+        loss
+    }
+}
+
+/// Train the float parameters of `model` on `data` with mini-batch SGD ([`FloatTrainer`]):
+/// each epoch visits the samples in a seeded shuffled order ([`shuffled`]), batch `b`
+/// (counted over all epochs, of `total` batches) uses `cosine_lr(cfg.lr, b, total)`; the last
+/// batch of an epoch may be smaller. Returns the mean loss of each epoch.
 pub fn train(
     model: &mut Model,
     data: &Dataset,
@@ -305,14 +376,12 @@ pub fn train(
     mut progress: impl FnMut(&StepInfo),
 ) -> Result<Vec<f64>, ModelError> {
     let arch = model.arch.clone();
-    let net = FloatNet::new(&arch)?;
     let Params::Float(params) = &mut model.params else {
         return Err(ModelError::BadParams(
             "float training needs a float32 model; use --method fqt for an int8 model".into(),
         ));
     };
-    let trainable = cfg.scheme.trainable(&arch);
-    let mut velocity: Vec<FloatLayer> = zeros_like(params);
+    let mut trainer = FloatTrainer::new(&arch, params, cfg.scheme, cfg.momentum)?;
     let len = data.sample_len();
     let steps = data.len().div_ceil(cfg.batch.max(1));
     let total_steps = (steps * cfg.epochs).max(1);
@@ -328,32 +397,8 @@ pub fn train(
                 .flat_map(|&i| data.samples[i * len..(i + 1) * len].iter().copied())
                 .collect();
             let batch_labels: Vec<u16> = batch_idx.iter().map(|&i| data.labels[i]).collect();
-            let (loss, grads) =
-                batch_gradients(&net, params, &batch_input, &batch_labels, &trainable);
             let lr = cosine_lr(cfg.lr, epoch * steps + step, total_steps);
-            let grad_scale = 1.0 / batch_idx.len() as f32;
-            for (i, tr) in trainable.iter().enumerate() {
-                if tr.weight {
-                    update::sgd(
-                        &mut params[i].weight,
-                        &grads[i].weight,
-                        &mut velocity[i].weight,
-                        lr,
-                        cfg.momentum,
-                        grad_scale,
-                    );
-                }
-                if tr.bias {
-                    update::sgd(
-                        &mut params[i].bias,
-                        &grads[i].bias,
-                        &mut velocity[i].bias,
-                        lr,
-                        cfg.momentum,
-                        grad_scale,
-                    );
-                }
-            }
+            let loss = trainer.train_batch(params, &batch_input, &batch_labels, lr);
             epoch_loss += loss;
             progress(&StepInfo {
                 epoch,
@@ -367,8 +412,11 @@ pub fn train(
     Ok(epoch_losses)
 }
 
-/// Loss sum and summed gradients of one batch, computed in fixed chunks of [`CHUNK`] samples
-/// in parallel and reduced in chunk order.
+/// Loss sum and summed gradients of one batch with per-sample semantics (see the module
+/// documentation): each sample's forward and backward at batch 1, in parallel, into its own
+/// zeroed gradient (`g_s = 0 + sum`, as the kernels add); then `G = 0`, `G += g_s` and
+/// `loss += l_s` (f64) for `s` in sample order. Gradients exist for the trained parameters
+/// only (empty vectors elsewhere). Memory: one gradient set per sample of the batch.
 pub fn batch_gradients(
     net: &FloatNet,
     params: &[FloatLayer],
@@ -377,34 +425,51 @@ pub fn batch_gradients(
     trainable: &[Trainable],
 ) -> (f64, Vec<FloatLayer>) {
     let len = input.len() / labels.len().max(1);
-    let parts: Vec<(f64, Vec<FloatLayer>)> = labels
-        .par_chunks(CHUNK)
-        .enumerate()
-        .map(|(c, chunk_labels)| {
-            let start = c * CHUNK * len;
-            let chunk_input = &input[start..start + chunk_labels.len() * len];
-            let tensors = net.forward(params, chunk_input, chunk_labels.len());
-            let mut grads = zeros_like(params);
-            let back = net.backward(params, &tensors, chunk_labels, trainable, &mut grads);
-            (back.loss, grads)
+    let per_sample: Vec<(f32, Vec<FloatLayer>)> = labels
+        .par_iter()
+        .zip(input.par_chunks(len.max(1)))
+        .map(|(&label, sample)| {
+            let tensors = net.forward(params, sample, 1);
+            let mut grads = trained_zeros(params, trainable);
+            let back = net.backward(params, &tensors, &[label], trainable, &mut grads);
+            (back.loss as f32, grads)
         })
         .collect();
-    let mut iter = parts.into_iter();
-    let (mut loss, mut grads) = iter.next().unwrap_or_else(|| (0.0, zeros_like(params)));
-    for (l, g) in iter {
-        loss += l;
-        for (acc, part) in grads.iter_mut().zip(&g) {
-            acc.weight
-                .iter_mut()
-                .zip(&part.weight)
-                .for_each(|(a, b)| *a += b);
-            acc.bias
-                .iter_mut()
-                .zip(&part.bias)
-                .for_each(|(a, b)| *a += b);
+    let mut loss = 0.0f64;
+    let mut grads = trained_zeros(params, trainable);
+    for (sample_loss, sample_grads) in &per_sample {
+        loss += *sample_loss as f64;
+        for (acc, part) in grads.iter_mut().zip(sample_grads) {
+            add_assign(&mut acc.weight, &part.weight);
+            add_assign(&mut acc.bias, &part.bias);
         }
     }
     (loss, grads)
+}
+
+/// `acc[j] += part[j]`.
+fn add_assign(acc: &mut [f32], part: &[f32]) {
+    acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+}
+
+/// Zero gradient buffers for the trained parameters of `params` (empty for frozen ones).
+fn trained_zeros(params: &[FloatLayer], trainable: &[Trainable]) -> Vec<FloatLayer> {
+    params
+        .iter()
+        .zip(trainable)
+        .map(|(p, t)| FloatLayer {
+            weight: if t.weight {
+                vec![0.0; p.weight.len()]
+            } else {
+                Vec::new()
+            },
+            bias: if t.bias {
+                vec![0.0; p.bias.len()]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect()
 }
 
 /// Zero buffers with the shapes of `params`.

@@ -115,7 +115,7 @@ pub fn consumers(arch: &Architecture, tensor: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Cosine learning-rate decay, shared with the device's training loop.
+/// Cosine learning-rate decay, shared with the device (`mcutrain_core::update::cosine_lr`).
 pub use mcutrain_core::update::cosine_lr;
 
 /// Fraction of `labels` equal to the argmax `predictions`.
