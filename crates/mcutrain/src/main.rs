@@ -137,22 +137,26 @@ enum Target {
     QemuM4,
     /// The firmware on QEMU's Cortex-M7 (MPS2-AN500).
     QemuM7,
+    /// The firmware on an STM32 Nucleo-F746ZG through probe-rs and its serial port
+    /// (`--port`); untested on hardware.
+    NucleoF746zg,
 }
 
 impl Target {
-    /// The emulated machine (`None` for the host).
-    fn machine(self) -> Option<Machine> {
+    /// The name on the command line.
+    fn name(self) -> &'static str {
         match self {
-            Target::Host => None,
-            Target::QemuM4 => Some(Machine::QemuM4),
-            Target::QemuM7 => Some(Machine::QemuM7),
+            Target::Host => "host",
+            Target::QemuM4 => Machine::QemuM4.name(),
+            Target::QemuM7 => Machine::QemuM7.name(),
+            Target::NucleoF746zg => "nucleo-f746zg",
         }
     }
 }
 
-/// Memory budgets of the firmware image (`--on qemu-m4|qemu-m7`).
+/// Memory budgets of the firmware image and how to reach a board (`--on` a device).
 #[derive(Args, Clone, Debug)]
-struct BudgetArgs {
+struct DeviceArgs {
     /// SRAM budget: static data (the arena included) plus the minimum stack, enforced when
     /// the image links; e.g. 256K, 320KB, 262144.
     #[arg(long, default_value = "256K")]
@@ -160,26 +164,41 @@ struct BudgetArgs {
     /// Flash budget: code plus constants (the plan included).
     #[arg(long, default_value = "1M")]
     flash: String,
+    /// The board's serial port (`--on nucleo-f746zg`), e.g. /dev/ttyACM0.
+    #[arg(long)]
+    port: Option<PathBuf>,
 }
 
-impl BudgetArgs {
-    /// The device target for `machine` with these budgets; QEMU may run for `samples`
-    /// streamed samples (two seconds each at most, plus a minute).
-    fn target(&self, machine: Machine, samples: usize) -> Result<device::adapt::Target> {
+impl DeviceArgs {
+    /// The device target of `on` with these budgets (`None` for the host); the device may run
+    /// for `samples` streamed samples (two seconds each at most, plus a minute).
+    fn target(&self, on: Target, samples: usize) -> Result<Option<device::adapt::Target>> {
+        let timeout = Duration::from_secs(60 + 2 * samples as u64);
+        let qemu = |machine| device::Device::Qemu {
+            machine,
+            qemu: Qemu {
+                timeout,
+                ..Qemu::default()
+            },
+        };
+        let device = match on {
+            Target::Host => return Ok(None),
+            Target::QemuM4 => qemu(Machine::QemuM4),
+            Target::QemuM7 => qemu(Machine::QemuM7),
+            Target::NucleoF746zg => {
+                let port = self
+                    .port
+                    .as_deref()
+                    .context("--on nucleo-f746zg needs --port (the ST-LINK's serial port, e.g. /dev/ttyACM0)")?;
+                device::Device::NucleoF746zg(device::board::Nucleo::on_port(port, timeout))
+            }
+        };
         let budget = Budget {
             sram_bytes: device::parse_size(&self.sram)?,
             flash_bytes: device::parse_size(&self.flash)?,
             ..Budget::default()
         };
-        let qemu = Qemu {
-            timeout: Duration::from_secs(60 + 2 * samples as u64),
-            ..Qemu::default()
-        };
-        Ok(device::adapt::Target {
-            machine,
-            budget,
-            qemu,
-        })
+        Ok(Some(device::adapt::Target { device, budget }))
     }
 }
 
@@ -223,7 +242,7 @@ struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     #[command(flatten)]
-    budget: BudgetArgs,
+    budget: DeviceArgs,
     /// On a device: evaluate only the first N evaluation samples there (the host twin
     /// evaluates all of them with the weights the device trained).
     #[arg(long)]
@@ -243,7 +262,7 @@ struct EvalArgs {
     #[arg(long, value_enum, default_value = "host")]
     on: Target,
     #[command(flatten)]
-    budget: BudgetArgs,
+    budget: DeviceArgs,
     #[command(flatten)]
     output: Output,
 }
@@ -263,6 +282,16 @@ struct DemoArgs {
     /// Only these corruptions (comma-separated names), instead of the workload's list.
     #[arg(long, value_delimiter = ',')]
     corruptions: Option<Vec<String>>,
+    /// Where the adaptation runs: the host (float32 and FQT fine-tuning, the workload's
+    /// settings), or a device (FQT with the workload's `fqt_device` settings, measured).
+    #[arg(long, value_enum, default_value = "host")]
+    on: Target,
+    #[command(flatten)]
+    budget: DeviceArgs,
+    /// On a device: evaluate only the first N corrupted test samples there (the host twin
+    /// evaluates all of them with the weights the device trained).
+    #[arg(long)]
+    eval_limit: Option<usize>,
     #[command(flatten)]
     output: Output,
 }
@@ -517,13 +546,13 @@ fn fqt_config(a: &TrainArgs) -> Result<FqtConfig> {
 fn session_bar(
     epochs: usize,
     eval_samples: usize,
-    machine: Machine,
+    device: &str,
     what: &str,
     quiet: bool,
 ) -> ProgressBar {
     let bar = progress(
         (epochs + eval_samples) as u64,
-        &format!("{machine} {what}: epochs + evaluations"),
+        &format!("{device} {what}: epochs + evaluations"),
         quiet,
     );
     bar.set_prefix("building the firmware / running");
@@ -544,12 +573,9 @@ fn train(a: TrainArgs) -> Result<()> {
         let n = a.eval_limit.unwrap_or(d.len()).min(d.len());
         d.subset(&(0..n).collect::<Vec<_>>())
     });
-    let on_device = |machine: Machine, label: &str| -> Result<_> {
-        let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
-        let target = a.budget.target(machine, ds.len() * a.epochs + eval_n)?;
-        let bar = session_bar(a.epochs, eval_n, machine, label, false);
-        Ok((target, bar))
-    };
+    let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
+    let device_target = a.budget.target(a.on, ds.len() * a.epochs + eval_n)?;
+    let bar_for = |label: &str| session_bar(a.epochs, eval_n, a.on.name(), label, false);
     let mut device_run = None;
     let (trained, losses, method) = match a.method {
         Method::Float => {
@@ -560,21 +586,21 @@ fn train(a: TrainArgs) -> Result<()> {
                 bail!("--partial applies to --method fqt only");
             }
             let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
-            match a.on.machine() {
+            match &device_target {
                 None => {
                     let bar = progress(steps as u64, "training (float32)", false);
                     let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
                     bar.finish_and_clear();
                     (r.0, r.1, "float")
                 }
-                Some(machine) => {
-                    let (target, bar) = on_device(machine, "float32")?;
+                Some(target) => {
+                    let bar = bar_for("float32");
                     let run = device::adapt::float_finetune(
                         &model,
                         &ds,
                         device_eval.as_ref(),
                         &cfg,
-                        &target,
+                        target,
                         |p| bar.set_position((p.epochs + p.eval_samples) as u64),
                     )?;
                     bar.finish_and_clear();
@@ -589,21 +615,21 @@ fn train(a: TrainArgs) -> Result<()> {
                 bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
             }
             let cfg = fqt_config(&a)?;
-            match a.on.machine() {
+            match &device_target {
                 None => {
                     let bar = progress(steps as u64, "training (int8 FQT)", false);
                     let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
                     bar.finish_and_clear();
                     (r.0, r.1, "fqt")
                 }
-                Some(machine) => {
-                    let (target, bar) = on_device(machine, "int8 FQT")?;
+                Some(target) => {
+                    let bar = bar_for("int8 FQT");
                     let run = device::adapt::fqt_finetune(
                         &model,
                         &ds,
                         device_eval.as_ref(),
                         &cfg,
-                        &target,
+                        target,
                         |p| bar.set_position((p.epochs + p.eval_samples) as u64),
                     )?;
                     bar.finish_and_clear();
@@ -621,7 +647,7 @@ fn train(a: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|d| evaluate(&trained, d))
         .transpose()?;
-    let on = a.on.machine().map_or("host", Machine::name);
+    let on = a.on.name();
     if a.output.json {
         let mut value = json!({"method": method, "on": on, "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out});
         if let Some(run) = &device_run {
@@ -697,7 +723,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Test)?;
     check_fit(&model, &ds)?;
-    let Some(machine) = a.on.machine() else {
+    let Some(target) = a.budget.target(a.on, ds.len())? else {
         let acc = evaluate(&model, &ds)?;
         if a.output.json {
             println!(
@@ -714,21 +740,20 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
         return Ok(());
     };
-    let target = a.budget.target(machine, ds.len())?;
-    let bar = session_bar(0, ds.len(), machine, model.precision(), a.output.json);
+    let on = a.on.name();
+    let bar = session_bar(0, ds.len(), on, model.precision(), a.output.json);
     let run = device::adapt::evaluate(&model, &ds, &target, |p| {
         bar.set_position(p.eval_samples as u64)
     })?;
     bar.finish_and_clear();
     let host = evaluate(&model, &ds)?;
     if a.output.json {
-        let mut value =
-            json!({"samples": ds.len(), "precision": model.precision(), "on": machine.name()});
+        let mut value = json!({"samples": ds.len(), "precision": model.precision(), "on": on});
         add_device_figures(&mut value, &run, Some(host));
         println!("{value}");
     } else {
         println!(
-            "{} model, {} samples on {machine} (host twin: {})",
+            "{} model, {} samples on {on} (host twin: {})",
             model.precision(),
             ds.len(),
             pct(host)
@@ -819,6 +844,12 @@ fn demo(a: DemoArgs) -> Result<()> {
     let train = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Train)
         .context("the demo needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`")?;
     let test = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?;
+    if a.on != Target::Host {
+        return device_demo(&a, &w, &root, &train, &test);
+    }
+    if a.eval_limit.is_some() {
+        bail!("--eval-limit applies to the demo on a device (--on qemu-m4 or qemu-m7)");
+    }
     let float_path = root.join(&w.models.float);
     let int8_path = root.join(&w.models.int8);
     let (float_model, int8_model) = if !a.retrain && float_path.exists() && int8_path.exists() {
@@ -887,15 +918,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             )
         })
         .transpose()?;
-    let fqt_cfg = FqtConfig {
-        epochs: ad.fqt.epochs,
-        batch: ad.fqt.batch,
-        lr: ad.fqt.lr,
-        scheme: ad.fqt.scheme.parse().map_err(anyhow::Error::msg)?,
-        seed: ad.seed,
-        stats_rate: ad.fqt.grad_stats_rate,
-        ..FqtConfig::default()
-    };
+    let fqt_cfg = ad.fqt.config(ad.seed)?;
     let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
     let mut shift = Vec::new();
     let mut rows = Vec::new();
@@ -994,6 +1017,138 @@ fn demo(a: DemoArgs) -> Result<()> {
                 &rows
             )
         );
+    }
+    Ok(())
+}
+
+/// `demo --on MACHINE`: for each corruption, fully quantized adaptation of the committed int8
+/// model on the device with the workload's `fqt_device` settings (training wholly on the
+/// device, evaluation there on the first `--eval-limit` corrupted test samples), the host
+/// twin's accuracy on the whole corrupted test set with the weights the device trained, and
+/// whether the host twin trained the same model file byte for byte.
+fn device_demo(
+    a: &DemoArgs,
+    w: &ShiftWorkload,
+    root: &Path,
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<()> {
+    let quiet = a.output.json;
+    let ad = &w.adapt;
+    let settings = ad.fqt_device.as_ref().with_context(|| {
+        format!(
+            "the workload {} has no fqt_device settings for the device",
+            w.name
+        )
+    })?;
+    let cfg = settings.config(ad.seed)?;
+    let model = load_model(&root.join(&w.models.int8))?;
+    let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
+    let corruptions = a
+        .corruptions
+        .clone()
+        .unwrap_or_else(|| ad.corruptions.clone());
+    let eval_n = a.eval_limit.unwrap_or(test.len()).min(test.len());
+    let machine = a.on.name();
+    let target = a
+        .budget
+        .target(a.on, adapt_pool.len() * cfg.epochs + eval_n)?
+        .context("the device demo needs a device")?;
+    let (mut rows, mut shift) = (Vec::new(), Vec::new());
+    let mut last_report = None;
+    for name in &corruptions {
+        let spec: CorruptionSpec = format!("{name}:{}", ad.severity)
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+        let adapt_set = data::corrupt_dataset(&adapt_pool, spec, ad.seed);
+        let test_set = data::corrupt_dataset(test, spec, ad.seed.wrapping_add(1));
+        let device_eval = test_set.subset(&(0..eval_n).collect::<Vec<_>>());
+        let before = evaluate(&model, &test_set)?;
+        let bar = session_bar(cfg.epochs, eval_n, machine, name, quiet);
+        let started = std::time::Instant::now();
+        let run = device::adapt::fqt_finetune(
+            &model,
+            &adapt_set,
+            Some(&device_eval),
+            &cfg,
+            &target,
+            |p| bar.set_position((p.epochs + p.eval_samples) as u64),
+        )?;
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let host_twin = evaluate(&run.model, &test_set)?;
+        let (twin_model, _) = fqt_finetune(&model, &adapt_set, &cfg, |_, _, _| {})?;
+        let encode = |m: &Model| format::encode(m).map_err(anyhow::Error::msg);
+        let same = encode(&twin_model)? == encode(&run.model)?;
+        let device_acc = run.results.device_accuracy().unwrap_or(0.0);
+        milestone(
+            &ProgressBar::hidden(),
+            quiet,
+            &format!(
+                "{name}: before {}, after on {machine} {} ({} samples), host twin {} ({} samples), same model as the host twin: {same} ({seconds:.0} s)",
+                pct(before),
+                pct(device_acc),
+                eval_n,
+                pct(host_twin),
+                test_set.len()
+            ),
+        );
+        let r = &run.report;
+        rows.push(vec![
+            name.clone(),
+            pct(before),
+            pct(device_acc),
+            pct(host_twin),
+            if same { "yes" } else { "NO" }.into(),
+            format!("{:.0}", r.per_sample),
+            r.sram.total().to_string(),
+            r.footprint.flash_bytes().to_string(),
+        ]);
+        let mut entry = json!({"corruption": name, "severity": ad.severity, "before": before, "device_accuracy": device_acc, "device_eval_samples": eval_n, "host_twin_accuracy": host_twin, "eval_samples": test_set.len(), "same_model_as_host_twin": same, "epoch_losses": run.results.epoch_losses, "wall_seconds": seconds});
+        if let (Some(object), serde_json::Value::Object(report)) = (entry.as_object_mut(), r.json())
+        {
+            object.extend(report);
+        }
+        shift.push(entry);
+        last_report = Some(run.report);
+    }
+    if a.output.json {
+        println!(
+            "{}",
+            json!({"workload": w.name, "on": machine, "adapt_samples": adapt_pool.len(), "settings": settings, "shift": shift})
+        );
+        return Ok(());
+    }
+    println!(
+        "{} on {machine}: int8 model adapted wholly on the device to each corruption (severity {}) with {} samples ({} per class), {} epochs, batch {}, lr {}, update {}; accuracy measured on the device over the first {eval_n} corrupted test samples, and by the host twin with the device's weights over all {}\n",
+        w.name,
+        ad.severity,
+        adapt_pool.len(),
+        ad.per_class,
+        cfg.epochs,
+        cfg.batch,
+        cfg.lr,
+        cfg.scheme,
+        test.len()
+    );
+    println!(
+        "{}",
+        table(
+            &[
+                "corruption",
+                "int8 before",
+                "device after",
+                "host twin after",
+                "same model",
+                "instr/sample",
+                "SRAM B",
+                "flash B"
+            ],
+            &rows
+        )
+    );
+    if let Some(report) = last_report {
+        println!("\nmeasurements of the last run:\n{}", report.text());
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use mcutrain::compile::{compile, plan_file, scheme, PlanOptions, Precision};
 use mcutrain::data::{self, fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
-use mcutrain::device::{Budget, DeviceError, Firmware, PlanSizes, Program};
+use mcutrain::device::{Board, Budget, DeviceError, Firmware, PlanSizes, Program};
 use mcutrain::engine::fqt::FqtConfig;
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::format;
@@ -312,4 +312,42 @@ fn an_image_over_budget_is_refused_at_link_time_with_the_breakdown() {
         }
         other => panic!("expected an over-budget error, got {other:?}"),
     }
+}
+
+#[test]
+fn the_training_image_builds_for_the_nucleo_f746zg() {
+    let model = format::load(&int8_model_path()).unwrap();
+    let cfg = FqtConfig {
+        batch: 16,
+        scheme: UpdateScheme::LastLayers(5),
+        ..FqtConfig::default()
+    };
+    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
+    let options = PlanOptions {
+        batch: 16,
+        ..PlanOptions::new(Precision::Int8)
+    };
+    let plan = compile(&model.arch, &updates, &options).unwrap();
+    let bytes = plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap();
+    let budget = Budget::default();
+    let image = Firmware::for_board(Board::NucleoF746zg)
+        .build(&budget, Program::Train { plan: &bytes })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sizes = PlanSizes::of(&bytes).unwrap();
+    assert!(image.footprint.static_ram_bytes() > sizes.arena_bytes());
+    assert!(image.footprint.static_ram_bytes() + budget.min_stack_bytes <= budget.sram_bytes);
+    assert!(image.footprint.const_bytes > sizes.file_bytes);
+    assert!(image.footprint.flash_bytes() <= budget.flash_bytes);
+    // Running it needs the board and its serial port.
+    let out = mcutrain(&[
+        "eval",
+        int8_model_path().to_str().unwrap(),
+        "--on",
+        "nucleo-f746zg",
+        "--per-class",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs --port"), "{stderr}");
 }

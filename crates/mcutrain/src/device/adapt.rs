@@ -9,7 +9,7 @@
 
 use super::report::DeviceReport;
 use super::session::{self, Progress, Session, SessionResults};
-use super::{Budget, DeviceError, Machine, Qemu};
+use super::{Budget, Device, DeviceError};
 use crate::compile::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision};
 use crate::data::Dataset;
 use crate::engine::float::FloatTrainConfig;
@@ -21,12 +21,10 @@ use mcutrain_core::plan::TrainConfig;
 /// Where and within which budgets a session runs.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The emulated board.
-    pub machine: Machine,
+    /// The device.
+    pub device: Device,
     /// Memory budgets, enforced when the image links.
     pub budget: Budget,
-    /// How QEMU runs (its timeout).
-    pub qemu: Qemu,
 }
 
 /// A finished session: the model after it, what came back and the measurements.
@@ -77,15 +75,9 @@ fn run_session(
         plan: &plan,
         ..session
     };
-    let results = session::run(
-        target.machine,
-        &target.budget,
-        &target.qemu,
-        &session,
-        progress,
-    )?;
+    let results = session::run(&target.device, &target.budget, &session, progress)?;
     let trained = results.trained_model(&plan, model)?;
-    let report = DeviceReport::new(target.machine, &results, &plan, &model.arch)?;
+    let report = DeviceReport::new(target.device.name(), &results, &plan, &model.arch)?;
     Ok(DeviceRun {
         model: trained,
         results,

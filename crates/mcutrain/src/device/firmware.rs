@@ -20,9 +20,41 @@ use crate::compile::plan_file::AlignedBytes;
 
 /// The Rust target of the Cortex-M4F/M7F.
 pub const TARGET: &str = "thumbv7em-none-eabihf";
-/// Memory of QEMU's MPS2 boards (flash and SRAM each): the budget used to measure an image
-/// that does not fit its own.
-const BOARD_MEMORY_BYTES: u64 = 4 << 20;
+/// A board the firmware is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Board {
+    /// QEMU's MPS2-AN386 (Cortex-M4) and MPS2-AN500 (Cortex-M7): one image for both.
+    Qemu,
+    /// The STM32 Nucleo-F746ZG (Cortex-M7), flashed with `probe-rs`; untested on hardware.
+    NucleoF746zg,
+}
+
+impl Board {
+    /// The cargo features that select it.
+    fn features(self) -> &'static [&'static str] {
+        match self {
+            Board::Qemu => &[],
+            Board::NucleoF746zg => &["--no-default-features", "--features", "board-nucleo-f746zg"],
+        }
+    }
+
+    /// `(SRAM, flash)` bytes of the board: the budget used to measure an image that does not
+    /// fit its own.
+    fn memory_bytes(self) -> (u64, u64) {
+        match self {
+            Board::Qemu => (4 << 20, 4 << 20),
+            Board::NucleoF746zg => (320 << 10, 1 << 20),
+        }
+    }
+
+    /// Name of its build directory under `target/`.
+    fn target_dir_name(self) -> &'static str {
+        match self {
+            Board::Qemu => "firmware",
+            Board::NucleoF746zg => "firmware-nucleo-f746zg",
+        }
+    }
+}
 /// Environment that a surrounding cargo or shell may set and that must not reach the
 /// firmware's tools: host flags, another target or target directory, or a toolchain other
 /// than the one `rust-toolchain.toml` pins.
@@ -50,6 +82,7 @@ fn tool(program: &str, project: &Path) -> Command {
 pub struct Firmware {
     repository: PathBuf,
     target_dir: PathBuf,
+    board: Board,
 }
 
 /// A built firmware image.
@@ -97,18 +130,25 @@ enum Toolchain {
 }
 
 impl Firmware {
-    /// The firmware of this repository (`firmware/` beside `crates/`), built into
+    /// The firmware of this repository (`firmware/` beside `crates/`) for QEMU, built into
     /// `target/firmware/`.
     pub fn in_repository() -> Firmware {
-        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        Firmware::new(&repository)
+        Firmware::for_board(Board::Qemu)
     }
 
-    /// The firmware of the repository at `repository`.
-    pub fn new(repository: &Path) -> Firmware {
+    /// The firmware of this repository for `board`, built into `target/firmware/` (QEMU) or
+    /// `target/firmware-<board>/`.
+    pub fn for_board(board: Board) -> Firmware {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        Firmware::new(&repository, board)
+    }
+
+    /// The firmware of the repository at `repository` for `board`.
+    pub fn new(repository: &Path, board: Board) -> Firmware {
         Firmware {
             repository: repository.to_path_buf(),
-            target_dir: repository.join("target/firmware"),
+            target_dir: repository.join("target").join(board.target_dir_name()),
+            board,
         }
     }
 
@@ -200,6 +240,7 @@ impl Firmware {
         };
         cargo
             .args(["build", "--release", "--locked", "--target", TARGET])
+            .args(self.board.features())
             .arg("--target-dir")
             .arg(&self.target_dir)
             .env("MCUTRAIN_SRAM", budget.sram_bytes.to_string())
@@ -229,11 +270,18 @@ impl Firmware {
         if !over_budget {
             return DeviceError::Build(stderr.trim().to_string());
         }
+        let (sram_bytes, flash_bytes) = self.board.memory_bytes();
         let unbounded = Budget {
-            sram_bytes: BOARD_MEMORY_BYTES,
-            flash_bytes: BOARD_MEMORY_BYTES,
+            sram_bytes,
+            flash_bytes,
             min_stack_bytes: budget.min_stack_bytes,
         };
+        if unbounded == *budget {
+            return DeviceError::OverBudget {
+                linker,
+                breakdown: "(the budget is the board's whole memory)".into(),
+            };
+        }
         let plan = program.plan().map(PlanSizes::of).transpose();
         let breakdown = match (self.build(&unbounded, program), plan) {
             (Ok(image), Ok(plan)) => breakdown(&image.footprint, budget, plan.as_ref()),
@@ -283,7 +331,7 @@ impl Firmware {
             }
             None => hash.write(b"self-test"),
         }
-        hash.write(format!("{toolchain:?}").as_bytes());
+        hash.write(format!("{toolchain:?} {:?}", self.board).as_bytes());
         let rustc = match toolchain {
             Toolchain::Rustup => "rustc",
             Toolchain::DebianBuildStd => "/usr/bin/rustc",

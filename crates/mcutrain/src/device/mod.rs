@@ -2,6 +2,7 @@
 //! QEMU, stream a job through semihosting files, collect the results and the measurements.
 //!
 //! - [`adapt`]: fine-tuning and evaluation on a device (`mcutrain train|eval --on`);
+//! - [`board`]: a session on a real board (Nucleo-F746ZG, `probe-rs`, serial line; untested);
 //! - [`firmware`]: the cached firmware build with its memory budgets enforced at link time;
 //! - [`elf`]: flash and static RAM of an image, from its section headers;
 //! - [`qemu`]: one emulator run with a timeout, and the instruction count of the timer ticks;
@@ -9,24 +10,27 @@
 //!   byte-for-byte comparison, the measurements);
 //! - [`session`]: training sessions (the samples streamed in, the trained state and the
 //!   measurements back);
-//! - [`report`]: the measurements of a session as a table and JSON.
+//! - [`report`]: the measurements of a session as a table and JSON;
+//! - [`serial`]: the host end of a session over a board's serial line.
 //!
 //! The tools come from `scripts/setup.sh`; a missing one is a [`DeviceError::MissingTool`]
 //! that says so.
 
 pub mod adapt;
+pub mod board;
 pub mod elf;
 pub mod firmware;
 pub mod qemu;
 pub mod report;
 pub mod selftest;
+pub mod serial;
 pub mod session;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use elf::Footprint;
-pub use firmware::{Firmware, Image, PlanSizes, Program};
+pub use firmware::{Board, Firmware, Image, PlanSizes, Program};
 pub use qemu::Qemu;
 
 /// An emulated board that runs the firmware.
@@ -83,6 +87,38 @@ impl FromStr for Machine {
             .ok_or_else(|| {
                 DeviceError::Usage(format!("unknown machine `{s}`: use qemu-m4 or qemu-m7"))
             })
+    }
+}
+
+/// Where a training session runs.
+#[derive(Clone, Debug)]
+pub enum Device {
+    /// The firmware in QEMU, the session through semihosting files.
+    Qemu {
+        /// The emulated board.
+        machine: Machine,
+        /// How QEMU runs (its timeout).
+        qemu: Qemu,
+    },
+    /// The firmware on a Nucleo-F746ZG, the session over its serial line (untested).
+    NucleoF746zg(board::Nucleo),
+}
+
+impl Device {
+    /// The name used on the command line and in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Qemu { machine, .. } => machine.name(),
+            Device::NucleoF746zg(_) => "nucleo-f746zg",
+        }
+    }
+
+    /// The board the firmware is built for.
+    pub fn board(&self) -> Board {
+        match self {
+            Device::Qemu { .. } => Board::Qemu,
+            Device::NucleoF746zg(_) => Board::NucleoF746zg,
+        }
     }
 }
 
@@ -165,6 +201,14 @@ pub enum DeviceError {
         /// QEMU's exit status.
         status: String,
         /// What the firmware and QEMU printed.
+        output: String,
+    },
+    /// The board run failed (`probe-rs` reported an error or did not finish).
+    #[error("the run on the Nucleo-F746ZG failed ({status}):\n{output}")]
+    Board {
+        /// `probe-rs`'s exit status.
+        status: String,
+        /// What `probe-rs` and the firmware printed.
         output: String,
     },
     /// QEMU did not finish in time.

@@ -86,14 +86,9 @@ impl Qemu {
             what: format!("QEMU (`{}`)", self.binary.display()),
             detail: e.to_string(),
         })?;
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
+        let output = drain_output(&mut child);
         let status = wait_with_timeout(&mut child, self.timeout, watch);
-        let output = format!(
-            "{}{}",
-            stdout.join().unwrap_or_default(),
-            stderr.join().unwrap_or_default()
-        );
+        let output = output.join();
         match status? {
             Some(status) if status.success() => Ok(output),
             Some(status) => Err(DeviceError::Run {
@@ -137,6 +132,31 @@ impl Drop for WorkDir {
     }
 }
 
+/// What a child prints on stdout and stderr, read on threads until it exits.
+pub(crate) struct ChildOutput {
+    stdout: thread::JoinHandle<String>,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl ChildOutput {
+    /// Everything printed: stdout, then stderr.
+    pub(crate) fn join(self) -> String {
+        format!(
+            "{}{}",
+            self.stdout.join().unwrap_or_default(),
+            self.stderr.join().unwrap_or_default()
+        )
+    }
+}
+
+/// Starts reading the piped stdout and stderr of `child`.
+pub(crate) fn drain_output(child: &mut Child) -> ChildOutput {
+    ChildOutput {
+        stdout: drain(child.stdout.take()),
+        stderr: drain(child.stderr.take()),
+    }
+}
+
 /// Reads a pipe to its end on a thread, so that a chatty child cannot block on it.
 fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
@@ -152,7 +172,7 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String>
 
 /// The child's exit status, or `None` after killing it at the timeout; `watch` runs every
 /// 25th poll.
-fn wait_with_timeout(
+pub(crate) fn wait_with_timeout(
     child: &mut Child,
     timeout: Duration,
     mut watch: impl FnMut(),

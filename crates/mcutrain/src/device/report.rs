@@ -22,7 +22,7 @@ use mcutrain_core::session::CounterUnit;
 
 use super::qemu::ticks_to_instructions;
 use super::session::SessionResults;
-use super::{Budget, DeviceError, Footprint, Machine, PlanSizes};
+use super::{Budget, DeviceError, Footprint, PlanSizes};
 use crate::compile::plan_file::AlignedBytes;
 use crate::model::Architecture;
 use crate::report::table;
@@ -123,8 +123,8 @@ impl Sram {
 /// Everything a session measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceReport {
-    /// Where it ran.
-    pub machine: Machine,
+    /// Where it ran (`qemu-m4`, `qemu-m7`, `nucleo-f746zg`).
+    pub device: &'static str,
     /// What the counts count: `instructions` (QEMU) or `cycles` (a board).
     pub unit: &'static str,
     /// Training samples run (over all epochs).
@@ -150,9 +150,9 @@ pub struct DeviceReport {
 }
 
 impl DeviceReport {
-    /// The report of `results`, a session of `plan` for a model of `arch` on `machine`.
+    /// The report of `results`, a session of `plan` for a model of `arch` on `device`.
     pub fn new(
-        machine: Machine,
+        device: &'static str,
         results: &SessionResults,
         plan: &[u8],
         arch: &Architecture,
@@ -214,7 +214,7 @@ impl DeviceReport {
         }
         let memory = &metrics.memory;
         Ok(DeviceReport {
-            machine,
+            device,
             unit,
             train_samples: samples,
             per_sample: mean(timing.train_count, samples),
@@ -245,7 +245,7 @@ impl DeviceReport {
     pub fn text(&self) -> String {
         let u = self.unit;
         let n = |x: f64| format!("{:.0}", x);
-        let mut out = format!("measured on {}", self.machine);
+        let mut out = format!("measured on {}", self.device);
         if self.unit == "instructions" {
             out += " (instruction counts: a lower bound on cycles)";
         }
@@ -323,7 +323,7 @@ impl DeviceReport {
             "cycles"
         };
         json!({
-            "machine": self.machine.name(),
+            "device": self.device,
             "unit": self.unit,
             "train_samples": self.train_samples,
             format!("{per}_per_sample"): r(self.per_sample),

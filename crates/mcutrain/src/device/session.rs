@@ -18,7 +18,7 @@ use mcutrain_core::session::{
 };
 
 use super::qemu::WorkDir;
-use super::{Budget, DeviceError, Firmware, Image, Machine, Program, Qemu};
+use super::{Budget, Device, DeviceError, Firmware, Image, Program};
 use crate::compile::plan_file::{self, AlignedBytes};
 use crate::data::Dataset;
 use crate::engine::float::epoch_orders;
@@ -99,30 +99,38 @@ fn parse_plan(plan: &AlignedBytes) -> Result<PlanView<'_>, DeviceError> {
         .map_err(|e| DeviceError::Usage(format!("the plan file is not valid: {e}")))
 }
 
-/// Builds the image of `session.plan` for `budget` (cached; a plan or image over budget is
-/// refused before anything runs), runs the session on `machine` and reads the results.
-/// `progress` is called while it runs.
+/// Builds the image of `session.plan` for `device`'s board and `budget` (cached; a plan or
+/// image over budget is refused before anything runs), runs the session on `device` and reads
+/// the results. `progress` is called while it runs (under QEMU).
 pub fn run(
-    machine: Machine,
+    device: &Device,
     budget: &Budget,
-    qemu: &Qemu,
     session: &Session,
     mut progress: impl FnMut(Progress),
 ) -> Result<SessionResults, DeviceError> {
-    let image = Firmware::in_repository().build(budget, Program::Train { plan: session.plan })?;
+    let image =
+        Firmware::for_board(device.board()).build(budget, Program::Train { plan: session.plan })?;
     let plan = AlignedBytes::copy_of(session.plan);
     let view = parse_plan(&plan)?;
     let workdir = WorkDir::new()?;
-    write_session(&workdir.path().join("session.bin"), &view, session)?;
-    let results_path = workdir.path().join("results.bin");
-    let epochs = session.epochs;
-    let console = qemu.run_watching(machine, &image.elf, workdir.path(), || {
-        if let Ok(meta) = fs::metadata(&results_path) {
-            progress(progress_of(meta.len(), epochs));
+    let session_path = workdir.path().join("session.bin");
+    write_session(&session_path, &view, session)?;
+    let (bytes, console) = match device {
+        Device::Qemu { machine, qemu } => {
+            let results_path = workdir.path().join("results.bin");
+            let epochs = session.epochs;
+            let console = qemu.run_watching(*machine, &image.elf, workdir.path(), || {
+                if let Ok(meta) = fs::metadata(&results_path) {
+                    progress(progress_of(meta.len(), epochs));
+                }
+            })?;
+            let bytes = fs::read(&results_path).map_err(|e| {
+                DeviceError::BadOutput(format!("the firmware left no results.bin: {e}"))
+            })?;
+            (bytes, console)
         }
-    })?;
-    let bytes = fs::read(&results_path)
-        .map_err(|e| DeviceError::BadOutput(format!("the firmware left no results.bin: {e}")))?;
+        Device::NucleoF746zg(board) => board.run(&image.elf, &session_path)?,
+    };
     parse_results(&bytes, &view, session, image, console)
 }
 
