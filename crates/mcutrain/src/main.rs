@@ -559,6 +559,12 @@ fn session_bar(
     bar
 }
 
+/// A training session on a device, reporting its progress to the callback it is given.
+type DeviceTraining<'a> = dyn FnMut(
+        &mut dyn FnMut(device::session::Progress),
+    ) -> Result<device::adapt::DeviceRun, device::DeviceError>
+    + 'a;
+
 fn train(a: TrainArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Train)?;
@@ -575,7 +581,13 @@ fn train(a: TrainArgs) -> Result<()> {
     });
     let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
     let device_target = a.budget.target(a.on, ds.len() * a.epochs + eval_n)?;
-    let bar_for = |label: &str| session_bar(a.epochs, eval_n, a.on.name(), label, false);
+    // A device session behind a progress bar over its epochs and evaluations.
+    let on_device = |label: &str, train: &mut DeviceTraining| -> Result<device::adapt::DeviceRun> {
+        let bar = session_bar(a.epochs, eval_n, a.on.name(), label, false);
+        let run = train(&mut |p| bar.set_position((p.epochs + p.eval_samples) as u64))?;
+        bar.finish_and_clear();
+        Ok(run)
+    };
     let mut device_run = None;
     let (trained, losses, method) = match a.method {
         Method::Float => {
@@ -594,16 +606,16 @@ fn train(a: TrainArgs) -> Result<()> {
                     (r.0, r.1, "float")
                 }
                 Some(target) => {
-                    let bar = bar_for("float32");
-                    let run = device::adapt::float_finetune(
-                        &model,
-                        &ds,
-                        device_eval.as_ref(),
-                        &cfg,
-                        target,
-                        |p| bar.set_position((p.epochs + p.eval_samples) as u64),
-                    )?;
-                    bar.finish_and_clear();
+                    let run = on_device("float32", &mut |p| {
+                        device::adapt::float_finetune(
+                            &model,
+                            &ds,
+                            device_eval.as_ref(),
+                            &cfg,
+                            target,
+                            p,
+                        )
+                    })?;
                     let trained = (run.model.clone(), run.results.epoch_losses.clone());
                     device_run = Some(run);
                     (trained.0, trained.1, "float")
@@ -623,16 +635,16 @@ fn train(a: TrainArgs) -> Result<()> {
                     (r.0, r.1, "fqt")
                 }
                 Some(target) => {
-                    let bar = bar_for("int8 FQT");
-                    let run = device::adapt::fqt_finetune(
-                        &model,
-                        &ds,
-                        device_eval.as_ref(),
-                        &cfg,
-                        target,
-                        |p| bar.set_position((p.epochs + p.eval_samples) as u64),
-                    )?;
-                    bar.finish_and_clear();
+                    let run = on_device("int8 FQT", &mut |p| {
+                        device::adapt::fqt_finetune(
+                            &model,
+                            &ds,
+                            device_eval.as_ref(),
+                            &cfg,
+                            target,
+                            p,
+                        )
+                    })?;
                     let trained = (run.model.clone(), run.results.epoch_losses.clone());
                     device_run = Some(run);
                     (trained.0, trained.1, "fqt")

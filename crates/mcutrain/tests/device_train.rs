@@ -6,8 +6,10 @@
 //! Like `device.rs`, these need `qemu-system-arm` and the thumbv7em-none-eabihf target
 //! (`scripts/setup.sh`); without them they fail with an error that says so.
 
+#[path = "common/cli.rs"]
+mod cli_helpers;
+use cli_helpers::{mcutrain, ok_json, write_npy};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use mcutrain::compile::{compile, plan_file, scheme, PlanOptions, Precision};
 use mcutrain::data::{self, fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
@@ -26,54 +28,14 @@ fn int8_model_path() -> PathBuf {
     repo_file("models/fashion-shift/int8.mcut")
 }
 
-fn mcutrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mcutrain"))
-        .args(args)
-        .output()
-        .expect("run mcutrain")
-}
-
-fn ok_json(args: &[&str]) -> serde_json::Value {
-    let out = mcutrain(args);
-    assert!(
-        out.status.success(),
-        "mcutrain {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
 /// Writes `data` as NPY files (`<f4` samples, `|u1` labels) for `--data`/`--labels`.
-fn write_npy(dir: &Path, name: &str, data: &Dataset) -> (String, String) {
-    let npy = |path: &Path, descr: &str, shape: &[usize], payload: &[u8]| {
-        let shape = shape
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let shape = if shape.contains(',') {
-            format!("({shape})")
-        } else {
-            format!("({shape},)")
-        };
-        let mut header =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend((header.len() as u16).to_le_bytes());
-        bytes.extend(header.as_bytes());
-        bytes.extend(payload);
-        std::fs::write(path, bytes).unwrap();
-    };
+fn write_dataset(dir: &Path, name: &str, data: &Dataset) -> (String, String) {
     let samples = dir.join(format!("{name}.npy"));
     let labels = dir.join(format!("{name}-labels.npy"));
     let values: Vec<u8> = data.samples.iter().flat_map(|v| v.to_le_bytes()).collect();
-    npy(&samples, "<f4", &[data.len(), 28, 28], &values);
+    write_npy(&samples, "<f4", &[data.len(), 28, 28], &values);
     let classes: Vec<u8> = data.labels.iter().map(|&l| l as u8).collect();
-    npy(&labels, "|u1", &[data.len()], &classes);
+    write_npy(&labels, "|u1", &[data.len()], &classes);
     let text = |p: PathBuf| p.to_str().unwrap().to_string();
     (text(samples), text(labels))
 }
@@ -92,8 +54,8 @@ fn corrupted(split: Split, n: usize) -> Dataset {
 /// run and the host run wrote the same file and agree on losses and accuracy.
 fn train_on_host_and_device(model: &Path, settings: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let (train, train_labels) = write_npy(dir.path(), "train", &corrupted(Split::Train, 24));
-    let (eval, eval_labels) = write_npy(dir.path(), "eval", &corrupted(Split::Test, 16));
+    let (train, train_labels) = write_dataset(dir.path(), "train", &corrupted(Split::Train, 24));
+    let (eval, eval_labels) = write_dataset(dir.path(), "eval", &corrupted(Split::Test, 16));
     let run = |on: &str| {
         let out = dir.path().join(format!("{on}.mcut"));
         let mut args = vec!["train", model.to_str().unwrap(), "--on", on];
@@ -224,7 +186,7 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
 #[test]
 fn a_device_evaluates_like_the_host_twin_on_qemu_m7() {
     let dir = tempfile::tempdir().unwrap();
-    let (eval, eval_labels) = write_npy(dir.path(), "eval", &corrupted(Split::Test, 12));
+    let (eval, eval_labels) = write_dataset(dir.path(), "eval", &corrupted(Split::Test, 12));
     let model = int8_model_path();
     let run = |on: &str| {
         ok_json(&[
@@ -278,17 +240,26 @@ fn a_plan_that_does_not_fit_is_refused_before_anything_runs() {
     }
 }
 
-#[test]
-fn an_image_over_budget_is_refused_at_link_time_with_the_breakdown() {
+/// The plan file of the committed int8 model under `scheme` at `batch`.
+fn int8_plan(scheme: UpdateScheme, batch: usize) -> Vec<u8> {
     let model = format::load(&int8_model_path()).unwrap();
     let cfg = FqtConfig {
-        batch: 1,
-        scheme: UpdateScheme::BiasOnly(2),
+        batch,
+        scheme,
         ..FqtConfig::default()
     };
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let plan = compile(&model.arch, &updates, &PlanOptions::new(Precision::Int8)).unwrap();
-    let bytes = plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap();
+    let updates = scheme::from_update_scheme(&model.arch, scheme);
+    let options = PlanOptions {
+        batch,
+        ..PlanOptions::new(Precision::Int8)
+    };
+    let plan = compile(&model.arch, &updates, &options).unwrap();
+    plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap()
+}
+
+#[test]
+fn an_image_over_budget_is_refused_at_link_time_with_the_breakdown() {
+    let bytes = int8_plan(UpdateScheme::BiasOnly(2), 1);
     let sizes = PlanSizes::of(&bytes).unwrap();
     // The arena and the minimum stack fit (so the plan passes the check before building),
     // the sample buffers and the rest of the static data do not.
@@ -316,19 +287,7 @@ fn an_image_over_budget_is_refused_at_link_time_with_the_breakdown() {
 
 #[test]
 fn the_training_image_builds_for_the_nucleo_f746zg() {
-    let model = format::load(&int8_model_path()).unwrap();
-    let cfg = FqtConfig {
-        batch: 16,
-        scheme: UpdateScheme::LastLayers(5),
-        ..FqtConfig::default()
-    };
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let options = PlanOptions {
-        batch: 16,
-        ..PlanOptions::new(Precision::Int8)
-    };
-    let plan = compile(&model.arch, &updates, &options).unwrap();
-    let bytes = plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap();
+    let bytes = int8_plan(UpdateScheme::LastLayers(5), 16);
     let budget = Budget::default();
     let image = Firmware::for_board(Board::NucleoF746zg)
         .build(&budget, Program::Train { plan: &bytes })

@@ -63,17 +63,40 @@ fn plan_file_for(
     plan_file::write(&plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
 }
 
-/// Runs `session` of `plan` for `model` on `target` and rebuilds the model.
-fn run_session(
+/// What a session trains with: the plan's settings and the sample stream.
+struct Training<'a> {
+    /// What trains.
+    scheme: UpdateScheme,
+    /// Samples per update.
+    batch: usize,
+    /// The plan's hyper-parameters.
+    config: TrainConfig,
+    /// Passes over `train`.
+    epochs: usize,
+    /// Seed of the sample order.
+    seed: u64,
+    /// Training samples.
+    train: Option<&'a Dataset>,
+    /// Evaluation samples.
+    eval: Option<&'a Dataset>,
+}
+
+/// Compiles the plan of `training` for `model`, runs its session on `target` and rebuilds
+/// the model.
+fn run_training(
     model: &Model,
-    plan: Vec<u8>,
-    session: Session,
+    training: Training,
     target: &Target,
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
+    let updates = scheme::from_update_scheme(&model.arch, training.scheme);
+    let plan = plan_file_for(model, &updates, training.batch, &training.config)?;
     let session = Session {
         plan: &plan,
-        ..session
+        epochs: training.epochs,
+        seed: training.seed,
+        train: training.train,
+        eval: training.eval,
     };
     let results = session::run(&target.device, &target.budget, &session, progress)?;
     let trained = results.trained_model(&plan, model)?;
@@ -102,16 +125,16 @@ pub fn fqt_finetune(
             "fully quantized training needs an int8 model; run `mcutrain quantize` first".into(),
         ));
     }
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let plan = plan_file_for(model, &updates, cfg.batch, &plan_file::train_config(cfg))?;
-    let session = Session {
-        plan: &[],
+    let training = Training {
+        scheme: cfg.scheme,
+        batch: cfg.batch,
+        config: plan_file::train_config(cfg),
         epochs: cfg.epochs,
         seed: cfg.seed,
         train: Some(data),
         eval,
     };
-    run_session(model, plan, session, target, progress)
+    run_training(model, training, target, progress)
 }
 
 /// float32 SGD fine-tuning of the float32 `model` on `data` on the device as `cfg` says
@@ -130,17 +153,16 @@ pub fn float_finetune(
             "float32 training needs a float32 model; train an int8 model with --method fqt".into(),
         ));
     }
-    let updates = scheme::from_update_scheme(&model.arch, cfg.scheme);
-    let config = plan_file::float_train_config(cfg.lr, cfg.momentum);
-    let plan = plan_file_for(model, &updates, cfg.batch, &config)?;
-    let session = Session {
-        plan: &[],
+    let training = Training {
+        scheme: cfg.scheme,
+        batch: cfg.batch,
+        config: plan_file::float_train_config(cfg.lr, cfg.momentum),
         epochs: cfg.epochs,
         seed: cfg.seed,
         train: Some(data),
         eval,
     };
-    run_session(model, plan, session, target, progress)
+    run_training(model, training, target, progress)
 }
 
 /// Accuracy of `model` (int8 or float32) on `eval`, measured on the device. The plan trains
@@ -152,18 +174,17 @@ pub fn evaluate(
     target: &Target,
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
-    let updates = scheme::from_update_scheme(&model.arch, UpdateScheme::BiasOnly(1));
-    let config = match model.params {
-        Params::Int8(_) => plan_file::train_config(&FqtConfig::default()),
-        Params::Float(_) => plan_file::float_train_config(FqtConfig::default().lr, 0.0),
-    };
-    let plan = plan_file_for(model, &updates, 1, &config)?;
-    let session = Session {
-        plan: &[],
+    let training = Training {
+        scheme: UpdateScheme::BiasOnly(1),
+        batch: 1,
+        config: match model.params {
+            Params::Int8(_) => plan_file::train_config(&FqtConfig::default()),
+            Params::Float(_) => plan_file::float_train_config(FqtConfig::default().lr, 0.0),
+        },
         epochs: 0,
         seed: 0,
         train: None,
         eval: Some(eval),
     };
-    run_session(model, plan, session, target, progress)
+    run_training(model, training, target, progress)
 }
