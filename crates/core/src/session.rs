@@ -313,14 +313,15 @@ pub struct Timing {
     pub overhead: u32,
     /// Training samples run.
     pub train_samples: u32,
-    /// Counts of whole training samples (input quantization, the steps, batch bookkeeping),
-    /// summed.
+    /// Counts of whole training samples (decoding and quantizing the input, the steps, batch
+    /// bookkeeping; not receiving it), summed.
     pub train_count: u64,
     /// Evaluation samples run.
     pub eval_samples: u32,
     /// Evaluation samples whose prediction equals their label.
     pub eval_correct: u32,
-    /// Counts of whole evaluation samples (quantization and inference), summed.
+    /// Counts of whole evaluation samples (decoding and quantizing the input, inference),
+    /// summed.
     pub eval_count: u64,
 }
 
@@ -513,7 +514,7 @@ impl Workspace<'_> {
             && self.step_counts.len() >= view.step_count()
     }
 
-    /// Bytes of the input buffers a plan of `precision` with `input_len` values needs:
+    /// Lengths of the input buffers a plan of `precision` with `input_len` values needs:
     /// `(codes, values)` lengths, the other one 0.
     pub const fn input_lens(precision: Precision, input_len: usize) -> (usize, usize) {
         match precision {
@@ -531,16 +532,14 @@ enum Sample<'a> {
     Values(&'a [f32]),
 }
 
-/// Read the next sample record into the input buffer of the plan's precision (int8: quantized
+/// Decode a sample record into the input buffer of the plan's precision (int8: quantized
 /// with the plan's input quantization); returns the label and the sample.
-fn next_sample<'a>(
+fn decode_sample<'a>(
     view: &PlanView,
-    link: &mut impl Link,
-    record: &mut [u8],
+    record: &[u8],
     codes: &'a mut [i8],
     values: &'a mut [f32],
-) -> Result<(u16, Sample<'a>), SessionError> {
-    link.read_exact(record)?;
+) -> (u16, Sample<'a>) {
     let label = u16::from_le_bytes([record[0], record[1]]);
     let reals = record[4..]
         .chunks_exact(4)
@@ -559,7 +558,7 @@ fn next_sample<'a>(
             Sample::Values(values)
         }
     };
-    Ok((label, sample))
+    (label, sample)
 }
 
 /// Run a session: read its header from `link`, prepare `arena` ([`exec::init`]), train and
@@ -613,9 +612,10 @@ pub fn run(
             let in_batch = batch.min(samples - k * batch);
             let mut batch_loss = 0.0f64;
             for j in 0..in_batch {
-                let (label, sample) = next_sample(view, link, record, codes, values)?;
+                link.read_exact(record)?;
                 let last = j + 1 == in_batch;
                 let start = clock.now();
+                let (label, sample) = decode_sample(view, record, codes, values);
                 let loss = match sample {
                     Sample::Codes(x) => {
                         train_timed(view, arena, x, label, last, clock, step_counts)
@@ -625,7 +625,6 @@ pub fn run(
                     }
                 }?;
                 batch_loss += loss as f64;
-
                 timing.train_count += clock.now().wrapping_sub(start) as u64;
                 timing.train_samples += 1;
             }
@@ -636,8 +635,9 @@ pub fn run(
 
     write_record_header(link, Tag::Predictions, 2 * session.eval_samples as usize)?;
     for _ in 0..session.eval_samples {
-        let (label, sample) = next_sample(view, link, record, codes, values)?;
+        link.read_exact(record)?;
         let start = clock.now();
+        let (label, sample) = decode_sample(view, record, codes, values);
         let class = match sample {
             Sample::Codes(x) => exec::infer_sample(view, arena, x),
             Sample::Values(x) => exec::infer_sample(view, arena, x),

@@ -259,17 +259,18 @@ impl Firmware {
     /// Classifies a failed build; over budget, measures the image against the board's whole
     /// memory for the breakdown.
     fn build_failure(&self, budget: &Budget, program: Program, stderr: &str) -> DeviceError {
-        let linker = linker_messages(stderr);
+        let messages = linker_messages(stderr);
         let over_budget = [
             "mcutrain budget",
             "will not fit in region",
             "stack end address",
         ]
         .iter()
-        .any(|marker| linker.contains(marker));
+        .any(|marker| messages.contains(marker));
         if !over_budget {
             return DeviceError::Build(stderr.trim().to_string());
         }
+        let linker = format!("refused at link time:\n{messages}");
         let (sram_bytes, flash_bytes) = self.board.memory_bytes();
         let unbounded = Budget {
             sram_bytes,

@@ -176,13 +176,11 @@ pub enum DeviceError {
         /// What was tried.
         detail: String,
     },
-    /// The image does not fit its memory budget: refused at link time, nothing ran.
-    #[error(
-        "the firmware does not fit the memory budget (refused at link time, nothing ran):\n\
-         {linker}\n{breakdown}"
-    )]
+    /// The image does not fit its memory budget: refused before building (the plan alone) or
+    /// at link time, nothing ran.
+    #[error("the firmware does not fit the memory budget, nothing ran:\n{linker}\n{breakdown}")]
     OverBudget {
-        /// The linker's messages.
+        /// Where it was refused, and the linker's messages.
         linker: String,
         /// Sizes of the image's parts against the budget.
         breakdown: String,
