@@ -559,6 +559,12 @@ fn session_bar(
     bar
 }
 
+/// What `train` produced: the model and epoch losses on the host, or a device run.
+enum Outcome {
+    Host(Model, Vec<f64>),
+    Device(Box<device::adapt::DeviceRun>),
+}
+
 /// A training session on a device, reporting its progress to the callback it is given.
 type DeviceTraining<'a> = dyn FnMut(
         &mut dyn FnMut(device::session::Progress),
@@ -588,8 +594,7 @@ fn train(a: TrainArgs) -> Result<()> {
         bar.finish_and_clear();
         Ok(run)
     };
-    let mut device_run = None;
-    let (trained, losses, method) = match a.method {
+    let (outcome, method) = match a.method {
         Method::Float => {
             if matches!(model.params, Params::Int8(_)) {
                 bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
@@ -603,22 +608,14 @@ fn train(a: TrainArgs) -> Result<()> {
                     let bar = progress(steps as u64, "training (float32)", false);
                     let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
                     bar.finish_and_clear();
-                    (r.0, r.1, "float")
+                    (Outcome::Host(r.0, r.1), "float")
                 }
                 Some(target) => {
                     let run = on_device("float32", &mut |p| {
-                        device::adapt::float_finetune(
-                            &model,
-                            &ds,
-                            device_eval.as_ref(),
-                            &cfg,
-                            target,
-                            p,
-                        )
+                        let eval = device_eval.as_ref();
+                        device::adapt::float_finetune(&model, &ds, eval, &cfg, target, p)
                     })?;
-                    let trained = (run.model.clone(), run.results.epoch_losses.clone());
-                    device_run = Some(run);
-                    (trained.0, trained.1, "float")
+                    (Outcome::Device(Box::new(run)), "float")
                 }
             }
         }
@@ -632,33 +629,26 @@ fn train(a: TrainArgs) -> Result<()> {
                     let bar = progress(steps as u64, "training (int8 FQT)", false);
                     let r = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
                     bar.finish_and_clear();
-                    (r.0, r.1, "fqt")
+                    (Outcome::Host(r.0, r.1), "fqt")
                 }
                 Some(target) => {
                     let run = on_device("int8 FQT", &mut |p| {
-                        device::adapt::fqt_finetune(
-                            &model,
-                            &ds,
-                            device_eval.as_ref(),
-                            &cfg,
-                            target,
-                            p,
-                        )
+                        let eval = device_eval.as_ref();
+                        device::adapt::fqt_finetune(&model, &ds, eval, &cfg, target, p)
                     })?;
-                    let trained = (run.model.clone(), run.results.epoch_losses.clone());
-                    device_run = Some(run);
-                    (trained.0, trained.1, "fqt")
+                    (Outcome::Device(Box::new(run)), "fqt")
                 }
             }
         }
     };
+    let (trained, losses, device_run) = match &outcome {
+        Outcome::Host(model, losses) => (model, losses, None),
+        Outcome::Device(run) => (&run.model, &run.results.epoch_losses, Some(run)),
+    };
     if let Some(out) = &a.out {
-        format::save(out, &trained)?;
+        format::save(out, trained)?;
     }
-    let after = eval_ds
-        .as_ref()
-        .map(|d| evaluate(&trained, d))
-        .transpose()?;
+    let after = eval_ds.as_ref().map(|d| evaluate(trained, d)).transpose()?;
     let on = a.on.name();
     if a.output.json {
         let mut value = json!({"method": method, "on": on, "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "epoch_losses": losses, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out});
