@@ -55,6 +55,7 @@ impl Board {
         }
     }
 }
+
 /// Environment that a surrounding cargo or shell may set and that must not reach the
 /// firmware's tools: host flags, another target or target directory, or a toolchain other
 /// than the one `rust-toolchain.toml` pins.
@@ -158,8 +159,7 @@ impl Firmware {
 
     /// Builds the image of `program` for `budget`, or takes it from the cache. An image over
     /// budget is a [`DeviceError::OverBudget`] with the linker's message and the sizes of its
-    /// parts.
-    /// A training plan is first checked against the budget with [`check_plan`], so a plan
+    /// parts. A training plan is first checked against the budget with [`check_plan`], so a plan
     /// that cannot fit is refused before cargo runs.
     pub fn build(&self, budget: &Budget, program: Program) -> Result<Image, DeviceError> {
         if let Some(plan) = program.plan() {
