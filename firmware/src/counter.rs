@@ -10,6 +10,8 @@
 
 use core::sync::atomic::{compiler_fence, Ordering};
 
+use mcutrain_core::session::CounterUnit;
+
 /// A free-running up counter.
 pub struct Counter {
     #[cfg(feature = "board-nucleo-f746zg")]
@@ -28,12 +30,12 @@ mod timer0 {
 }
 
 impl Counter {
-    /// Unit of the counts, as reported in `metrics.txt`.
+    /// Unit of the counts.
     #[cfg(feature = "qemu")]
-    pub const UNIT: &'static str = "qemu-timer0-ticks";
-    /// Unit of the counts, as reported in `metrics.txt`.
+    pub const UNIT: CounterUnit = CounterUnit::QemuTimer0Ticks;
+    /// Unit of the counts.
     #[cfg(feature = "board-nucleo-f746zg")]
-    pub const UNIT: &'static str = "dwt-cycles";
+    pub const UNIT: CounterUnit = CounterUnit::DwtCycles;
 
     /// Starts Timer0 from its largest value.
     #[cfg(feature = "qemu")]
@@ -80,5 +82,13 @@ impl Counter {
     fn read(&self) -> u32 {
         let _ = &self.dwt;
         cortex_m::peripheral::DWT::cycle_count()
+    }
+}
+
+#[cfg(mcutrain_plan)]
+impl mcutrain_core::session::Clock for Counter {
+    #[inline(always)]
+    fn now(&self) -> u32 {
+        Counter::now(self)
     }
 }

@@ -6,58 +6,15 @@ use core::ffi::CStr;
 use core::fmt;
 
 use cortex_m_semihosting::{nr, syscall};
-use mcutrain_core::selftest::SelfTestError;
+#[cfg(mcutrain_plan)]
+use mcutrain_core::session::{Link, LinkError};
 
-/// Why the firmware stopped.
-#[derive(Debug)]
-pub enum FirmwareError {
-    /// The host refused to open the file.
-    Open(&'static CStr),
-    /// Reading the file failed.
-    Read(&'static CStr),
-    /// The file is larger than its buffer.
-    TooLarge {
-        /// The file.
-        file: &'static CStr,
-        /// Its size.
-        bytes: usize,
-        /// The buffer's size.
-        capacity: usize,
-    },
-    /// Writing a file failed.
-    Write,
-    /// The job could not be decoded or the results encoded.
-    Job(SelfTestError),
-    /// A broken invariant of the firmware itself.
-    Internal(&'static str),
-}
-
-impl fmt::Display for FirmwareError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FirmwareError::Open(file) => write!(f, "cannot open {file:?} on the host"),
-            FirmwareError::Read(file) => write!(f, "cannot read {file:?} from the host"),
-            FirmwareError::TooLarge {
-                file,
-                bytes,
-                capacity,
-            } => write!(f, "{file:?} has {bytes} bytes, the buffer {capacity}"),
-            FirmwareError::Write => f.write_str("cannot write a file on the host"),
-            FirmwareError::Job(e) => write!(f, "{e}"),
-            FirmwareError::Internal(what) => write!(f, "internal error: {what}"),
-        }
-    }
-}
-
-impl From<fmt::Error> for FirmwareError {
-    fn from(_: fmt::Error) -> Self {
-        FirmwareError::Write
-    }
-}
+use crate::error::FirmwareError;
 
 /// An open host file, closed on drop.
 pub struct HostFile {
     handle: usize,
+    path: &'static CStr,
 }
 
 impl HostFile {
@@ -68,12 +25,38 @@ impl HostFile {
         if handle as isize == -1 {
             return Err(FirmwareError::Open(path));
         }
-        Ok(HostFile { handle })
+        Ok(HostFile { handle, path })
     }
 
     /// Creates (or truncates) a binary file for writing.
     pub fn create(path: &'static CStr) -> Result<Self, FirmwareError> {
         Self::open(path, nr::open::W_TRUNC_BINARY)
+    }
+
+    /// Opens a binary file for reading from its start.
+    #[cfg(mcutrain_plan)]
+    pub fn open_read(path: &'static CStr) -> Result<Self, FirmwareError> {
+        Self::open(path, nr::open::R_BINARY)
+    }
+
+    /// Fills `buffer` with the next bytes of the file (`false` when it ended first).
+    #[cfg(mcutrain_plan)]
+    pub fn read_exact(&mut self, buffer: &mut [u8]) -> Result<bool, FirmwareError> {
+        let mut done = 0;
+        while done < buffer.len() {
+            let rest = &mut buffer[done..];
+            // SAFETY: SYS_READ writes at most `rest.len()` bytes into `rest` during the call
+            // and returns how many it did not write.
+            let not_read = unsafe { syscall!(READ, self.handle, rest.as_mut_ptr(), rest.len()) };
+            if not_read > rest.len() {
+                return Err(FirmwareError::Read(self.path));
+            }
+            if not_read == rest.len() {
+                return Ok(false);
+            }
+            done += rest.len() - not_read;
+        }
+        Ok(true)
     }
 
     /// Writes all of `bytes`.
@@ -100,13 +83,48 @@ impl Drop for HostFile {
     }
 }
 
+/// The session through two host files: `session.bin` in, `results.bin` out (QEMU's
+/// working directory).
+#[cfg(mcutrain_plan)]
+pub struct FileLink {
+    session: HostFile,
+    results: HostFile,
+}
+
+#[cfg(mcutrain_plan)]
+impl FileLink {
+    /// Opens `session.bin` and creates `results.bin`.
+    pub fn open() -> Result<Self, FirmwareError> {
+        Ok(FileLink {
+            session: HostFile::open_read(c"session.bin")?,
+            results: HostFile::create(c"results.bin")?,
+        })
+    }
+}
+
+#[cfg(mcutrain_plan)]
+impl Link for FileLink {
+    fn read_exact(&mut self, buffer: &mut [u8]) -> Result<(), LinkError> {
+        match self.session.read_exact(buffer) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(LinkError::EndOfInput),
+            Err(_) => Err(LinkError::Read),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        self.results.write_all(bytes).map_err(|_| LinkError::Write)
+    }
+}
+
 /// Reads the whole binary file `path` into the front of `buffer` and returns that part.
+#[cfg(not(mcutrain_plan))]
 pub fn read_file<'a>(path: &'static CStr, buffer: &'a mut [u8]) -> Result<&'a [u8], FirmwareError> {
     let file = HostFile::open(path, nr::open::R_BINARY)?;
     // SAFETY: SYS_FLEN takes the open handle and touches no memory of ours.
     let len = unsafe { syscall!(FLEN, file.handle) };
     if len as isize == -1 {
-        return Err(FirmwareError::Read(path));
+        return Err(FirmwareError::Read(file.path));
     }
     let capacity = buffer.len();
     let contents = buffer.get_mut(..len).ok_or(FirmwareError::TooLarge {
@@ -117,7 +135,7 @@ pub fn read_file<'a>(path: &'static CStr, buffer: &'a mut [u8]) -> Result<&'a [u
     // SAFETY: SYS_READ writes at most `contents.len()` bytes into `contents` during the call.
     let not_read = unsafe { syscall!(READ, file.handle, contents.as_mut_ptr(), contents.len()) };
     if not_read != 0 {
-        return Err(FirmwareError::Read(path));
+        return Err(FirmwareError::Read(file.path));
     }
     Ok(contents)
 }

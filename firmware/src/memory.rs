@@ -8,7 +8,9 @@
 //! Deterministic in the emulator, and only a lower bound if an interrupt handler that never
 //! ran could go deeper.
 
+use core::cell::UnsafeCell;
 use core::ptr;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// The paint: a word that the program is unlikely to leave on the stack.
 const PAINT: u32 = 0xA5C3_5A3C;
@@ -67,4 +69,40 @@ pub fn static_ram_bytes() -> usize {
 /// The SRAM left for the stack.
 pub fn stack_limit_bytes() -> usize {
     stack_start() - stack_end()
+}
+
+/// A value at a 4-byte aligned address (plan files and arenas hold `i32`/`f32` read in place).
+#[cfg(mcutrain_plan)]
+#[repr(C, align(4))]
+pub struct Aligned<T>(pub T);
+
+/// A static that the program takes once, as an exclusive reference.
+pub struct TakeOnce<T> {
+    taken: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: `take` hands out at most one reference to the value, whatever the thread or
+// interrupt that calls it (the flag is swapped atomically), so sharing the cell is sound.
+unsafe impl<T> Sync for TakeOnce<T> {}
+
+impl<T> TakeOnce<T> {
+    /// A cell holding `value` (a constant: large zeroed values go to `.bss`).
+    pub const fn new(value: T) -> Self {
+        TakeOnce {
+            taken: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// The value, the first time; `None` afterwards.
+    #[allow(clippy::mut_from_ref)] // the flag makes this the only reference, as in static_cell
+    pub fn take(&'static self) -> Option<&'static mut T> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: the swap lets exactly one caller through, so this is the only reference to
+        // the value for the rest of the program.
+        Some(unsafe { &mut *self.value.get() })
+    }
 }

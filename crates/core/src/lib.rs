@@ -19,4 +19,5 @@ pub mod plan;
 pub mod quant;
 pub mod rng;
 pub mod selftest;
+pub mod session;
 pub mod update;

@@ -3,8 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::ProgressBar;
 use mcutrain::adapt::{evaluate, float_finetune, fqt_finetune};
 use mcutrain::data::{self, CorruptionSpec, Dataset, Split};
+use mcutrain::device::{self, Budget, Machine, Qemu};
 use mcutrain::engine::float::FloatTrainConfig;
 use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, PartialUpdate};
 use mcutrain::engine::UpdateScheme;
@@ -13,6 +15,7 @@ use mcutrain::report::{milestone, pct, progress, table};
 use mcutrain::workload::ShiftWorkload;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -126,10 +129,77 @@ enum Method {
     Float,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
     /// The host twin.
     Host,
+    /// The firmware on QEMU's Cortex-M4F (MPS2-AN386).
+    QemuM4,
+    /// The firmware on QEMU's Cortex-M7 (MPS2-AN500).
+    QemuM7,
+    /// The firmware on an STM32 Nucleo-F746ZG through probe-rs and its serial port
+    /// (`--port`); untested on hardware.
+    NucleoF746zg,
+}
+
+impl Target {
+    /// The name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Target::Host => "host",
+            Target::QemuM4 => Machine::QemuM4.name(),
+            Target::QemuM7 => Machine::QemuM7.name(),
+            Target::NucleoF746zg => "nucleo-f746zg",
+        }
+    }
+}
+
+/// Memory budgets of the firmware image and how to reach a board (`--on` a device).
+#[derive(Args, Clone, Debug)]
+struct DeviceArgs {
+    /// SRAM budget: static data (the arena included) plus the minimum stack, enforced when
+    /// the image links; e.g. 256K, 320KB, 262144.
+    #[arg(long, default_value = "256K")]
+    sram: String,
+    /// Flash budget: code plus constants (the plan included).
+    #[arg(long, default_value = "1M")]
+    flash: String,
+    /// The board's serial port (`--on nucleo-f746zg`), e.g. /dev/ttyACM0.
+    #[arg(long)]
+    port: Option<PathBuf>,
+}
+
+impl DeviceArgs {
+    /// The device target of `on` with these budgets (`None` for the host); the device may run
+    /// for `samples` streamed samples (two seconds each at most, plus a minute).
+    fn target(&self, on: Target, samples: usize) -> Result<Option<device::adapt::Target>> {
+        let timeout = Duration::from_secs(60 + 2 * samples as u64);
+        let qemu = |machine| device::Device::Qemu {
+            machine,
+            qemu: Qemu {
+                timeout,
+                ..Qemu::default()
+            },
+        };
+        let device = match on {
+            Target::Host => return Ok(None),
+            Target::QemuM4 => qemu(Machine::QemuM4),
+            Target::QemuM7 => qemu(Machine::QemuM7),
+            Target::NucleoF746zg => {
+                let port = self
+                    .port
+                    .as_deref()
+                    .context("--on nucleo-f746zg needs --port (the ST-LINK's serial port, e.g. /dev/ttyACM0)")?;
+                device::Device::NucleoF746zg(device::board::Nucleo::on_port(port, timeout))
+            }
+        };
+        let budget = Budget {
+            sram_bytes: device::parse_size(&self.sram)?,
+            flash_bytes: device::parse_size(&self.flash)?,
+            ..Budget::default()
+        };
+        Ok(Some(device::adapt::Target { device, budget }))
+    }
 }
 
 #[derive(Args)]
@@ -177,6 +247,12 @@ struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     #[command(flatten)]
+    budget: DeviceArgs,
+    /// On a device: evaluate only the first N evaluation samples there (the host twin
+    /// evaluates all of them with the weights the device trained).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    #[command(flatten)]
     output: Output,
 }
 
@@ -187,6 +263,11 @@ struct EvalArgs {
     /// Evaluation data (default: Fashion-MNIST test set).
     #[command(flatten)]
     data: DataArgs,
+    /// Where evaluation runs (a device evaluates int8 models).
+    #[arg(long, value_enum, default_value = "host")]
+    on: Target,
+    #[command(flatten)]
+    budget: DeviceArgs,
     #[command(flatten)]
     output: Output,
 }
@@ -209,6 +290,16 @@ struct DemoArgs {
     /// How FQT quantizes error tensors: `tracked` or `exact` (see `mcutrain train`).
     #[arg(long, default_value_t = FqtConfig::default().error_ranges)]
     error_ranges: ErrorRanges,
+    /// Where the adaptation runs: the host (float32 and FQT fine-tuning, the workload's
+    /// settings), or a device (FQT with the workload's `fqt_device` settings, measured).
+    #[arg(long, value_enum, default_value = "host")]
+    on: Target,
+    #[command(flatten)]
+    budget: DeviceArgs,
+    /// On a device: evaluate only the first N corrupted test samples there (the host twin
+    /// evaluates all of them with the weights the device trained).
+    #[arg(long)]
+    eval_limit: Option<usize>,
     #[command(flatten)]
     output: Output,
 }
@@ -442,16 +533,78 @@ fn parse_partial(s: &str) -> Result<PartialUpdate> {
     })
 }
 
+/// The FQT configuration of `train`'s arguments.
+fn fqt_config(a: &TrainArgs) -> Result<FqtConfig> {
+    if a.epochs == 0 || a.batch == 0 || a.lr.is_nan() || a.lr <= 0.0 {
+        bail!("need epochs >= 1, batch >= 1 and lr > 0");
+    }
+    Ok(FqtConfig {
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        scheme: a.update,
+        seed: a.data.seed,
+        partial: a.partial.as_deref().map(parse_partial).transpose()?,
+        stats_rate: a.grad_stats_rate,
+        error_ranges: a.error_ranges.unwrap_or_default(),
+        ..FqtConfig::default()
+    })
+}
+
+/// A progress bar over a device session: its epochs, then its evaluation samples.
+fn session_bar(
+    epochs: usize,
+    eval_samples: usize,
+    device: &str,
+    what: &str,
+    quiet: bool,
+) -> ProgressBar {
+    let bar = progress(
+        (epochs + eval_samples) as u64,
+        &format!("{device} {what}: epochs + evaluations"),
+        quiet,
+    );
+    bar.set_prefix("building the firmware / running");
+    bar
+}
+
+/// What `train` produced: on the host the model, its epoch losses and (FQT) the fraction of
+/// error tensors recomputed with their exact range per epoch; or a device run.
+enum Outcome {
+    Host(Model, Vec<f64>, Option<Vec<f64>>),
+    Device(Box<device::adapt::DeviceRun>),
+}
+
+/// A training session on a device, reporting its progress to the callback it is given.
+type DeviceTraining<'a> = dyn FnMut(
+        &mut dyn FnMut(device::session::Progress),
+    ) -> Result<device::adapt::DeviceRun, device::DeviceError>
+    + 'a;
+
 fn train(a: TrainArgs) -> Result<()> {
-    let Target::Host = a.on;
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Train)?;
     check_fit(&model, &ds)?;
     let eval_ds = load_eval(&a.eval_data, &a.eval_labels, &a.data)?;
     let before = eval_ds.as_ref().map(|d| evaluate(&model, d)).transpose()?;
     let steps = ds.len().div_ceil(a.batch.max(1)) * a.epochs;
-    // With FQT: the fraction of error tensors recomputed with their exact range, per epoch.
-    let (trained, losses, recomputed, method) = match a.method {
+    if a.on == Target::Host && a.eval_limit.is_some() {
+        bail!("--eval-limit applies to training on a device (--on qemu-m4 or qemu-m7)");
+    }
+    let device_eval = eval_ds.as_ref().map(|d| {
+        let n = a.eval_limit.unwrap_or(d.len()).min(d.len());
+        d.subset(&(0..n).collect::<Vec<_>>())
+    });
+    let eval_n = device_eval.as_ref().map_or(0, Dataset::len);
+    let device_target = a.budget.target(a.on, ds.len() * a.epochs + eval_n)?;
+    // A device session behind a progress bar over its epochs and evaluations.
+    let on_device = |label: &str, train: &mut DeviceTraining| -> Result<device::adapt::DeviceRun> {
+        let bar = session_bar(a.epochs, eval_n, a.on.name(), label, false);
+        let run = train(&mut |p| bar.set_position((p.epochs + p.eval_samples) as u64))?;
+        bar.finish_and_clear();
+        Ok(run)
+    };
+    let (outcome, method) = match a.method {
         Method::Float => {
             if matches!(model.params, Params::Int8(_)) {
                 bail!("{} is an int8 model; --method float trains float32 models (use --method fqt, or the float model)", a.model.display());
@@ -460,52 +613,65 @@ fn train(a: TrainArgs) -> Result<()> {
                 bail!("--partial and --error-ranges apply to --method fqt only");
             }
             let cfg = float_config(a.epochs, a.batch, a.lr, a.momentum, a.update, a.data.seed)?;
-            let bar = progress(steps as u64, "training (float32)", false);
-            let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
-            bar.finish_and_clear();
-            (r.0, r.1, None, "float")
+            match &device_target {
+                None => {
+                    let bar = progress(steps as u64, "training (float32)", false);
+                    let r = float_finetune(&model, &ds, &cfg, |_| bar.inc(1))?;
+                    bar.finish_and_clear();
+                    (Outcome::Host(r.0, r.1, None), "float")
+                }
+                Some(target) => {
+                    let run = on_device("float32", &mut |p| {
+                        let eval = device_eval.as_ref();
+                        device::adapt::float_finetune(&model, &ds, eval, &cfg, target, p)
+                    })?;
+                    (Outcome::Device(Box::new(run)), "float")
+                }
+            }
         }
         Method::Fqt => {
             if matches!(model.params, Params::Float(_)) {
                 bail!("{} is a float32 model; --method fqt trains int8 models: run `mcutrain quantize` first", a.model.display());
             }
-            if a.epochs == 0 || a.batch == 0 || a.lr.is_nan() || a.lr <= 0.0 {
-                bail!("need epochs >= 1, batch >= 1 and lr > 0");
+            let cfg = fqt_config(&a)?;
+            match &device_target {
+                None => {
+                    let bar = progress(steps as u64, "training (int8 FQT)", false);
+                    let (tuned, stats) = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
+                    bar.finish_and_clear();
+                    let losses = stats.iter().map(|s| s.loss).collect();
+                    let recomputed = stats.iter().map(|s| s.recomputed_fraction).collect();
+                    (Outcome::Host(tuned, losses, Some(recomputed)), "fqt")
+                }
+                Some(target) => {
+                    let run = on_device("int8 FQT", &mut |p| {
+                        let eval = device_eval.as_ref();
+                        device::adapt::fqt_finetune(&model, &ds, eval, &cfg, target, p)
+                    })?;
+                    (Outcome::Device(Box::new(run)), "fqt")
+                }
             }
-            let cfg = FqtConfig {
-                epochs: a.epochs,
-                batch: a.batch,
-                lr: a.lr,
-                scheme: a.update,
-                seed: a.data.seed,
-                partial: a.partial.as_deref().map(parse_partial).transpose()?,
-                stats_rate: a.grad_stats_rate,
-                error_ranges: a.error_ranges.unwrap_or_default(),
-                ..FqtConfig::default()
-            };
-            let bar = progress(steps as u64, "training (int8 FQT)", false);
-            let (tuned, stats) = fqt_finetune(&model, &ds, &cfg, |_, _, _| bar.inc(1))?;
-            bar.finish_and_clear();
-            let losses = stats.iter().map(|s| s.loss).collect();
-            let recomputed: Vec<f64> = stats.iter().map(|s| s.recomputed_fraction).collect();
-            (tuned, losses, Some(recomputed), "fqt")
         }
     };
+    let (trained, losses, recomputed, device_run) = match &outcome {
+        Outcome::Host(model, losses, recomputed) => (model, losses, recomputed.as_ref(), None),
+        Outcome::Device(run) => (&run.model, &run.results.epoch_losses, None, Some(run)),
+    };
+    let error_ranges = (method == "fqt").then(|| a.error_ranges.unwrap_or_default());
     if let Some(out) = &a.out {
-        format::save(out, &trained)?;
+        format::save(out, trained)?;
     }
-    let after = eval_ds
-        .as_ref()
-        .map(|d| evaluate(&trained, d))
-        .transpose()?;
+    let after = eval_ds.as_ref().map(|d| evaluate(trained, d)).transpose()?;
+    let on = a.on.name();
     if a.output.json {
-        println!(
-            "{}",
-            json!({"method": method, "on": "host", "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "error_ranges": (method == "fqt").then(|| a.error_ranges.unwrap_or_default().name()), "epoch_losses": losses, "epoch_errors_recomputed": recomputed, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out})
-        );
+        let mut value = json!({"method": method, "on": on, "train_samples": ds.len(), "epochs": a.epochs, "update": a.update.to_string(), "error_ranges": error_ranges.map(ErrorRanges::name), "epoch_losses": losses, "epoch_errors_recomputed": recomputed, "accuracy_before": before, "accuracy": after, "eval_samples": eval_ds.as_ref().map(|d| d.len()), "out": a.out});
+        if let Some(run) = &device_run {
+            add_device_figures(&mut value, run, after);
+        }
+        println!("{value}");
     } else {
         println!(
-            "{method} training on {} samples, {} epochs, update {}; losses per epoch: {}",
+            "{method} training on {on}, {} samples, {} epochs, update {}; losses per epoch: {}",
             ds.len(),
             a.epochs,
             a.update,
@@ -515,10 +681,9 @@ fn train(a: TrainArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        if let Some(fractions) = &recomputed {
+        if let (Some(fractions), Some(mode)) = (recomputed, error_ranges) {
             println!(
-                "{} error ranges; error tensors recomputed with their exact range per epoch: {}",
-                a.error_ranges.unwrap_or_default(),
+                "{mode} error ranges; error tensors recomputed with their exact range per epoch: {}",
                 fractions
                     .iter()
                     .map(|f| pct(*f))
@@ -527,12 +692,20 @@ fn train(a: TrainArgs) -> Result<()> {
             );
         }
         if let (Some(b), Some(f), Some(d)) = (before, after, &eval_ds) {
+            let whose = if device_run.is_some() {
+                " (host twin; after: with the weights trained on the device)"
+            } else {
+                ""
+            };
             println!(
-                "accuracy on {} evaluation samples: before {}, after {}",
+                "accuracy on {} evaluation samples{whose}: before {}, after {}",
                 d.len(),
                 pct(b),
                 pct(f)
             );
+        }
+        if let Some(run) = &device_run {
+            print_device_figures(run);
         }
         if let Some(out) = &a.out {
             println!("wrote {}", out.display());
@@ -541,23 +714,76 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The device's accuracy and measurements into the JSON of `train` or `eval`: `accuracy`
+/// becomes the device's, the host twin's (`host_accuracy`, the same weights on every
+/// evaluation sample) stays beside it.
+fn add_device_figures(
+    value: &mut serde_json::Value,
+    run: &device::adapt::DeviceRun,
+    host: Option<f64>,
+) {
+    value["accuracy"] = run.results.device_accuracy().into();
+    value["device_eval_samples"] = run.results.predictions.len().into();
+    value["host_accuracy"] = host.into();
+    if let (Some(object), serde_json::Value::Object(report)) =
+        (value.as_object_mut(), run.report.json())
+    {
+        object.extend(report);
+    }
+}
+
+fn print_device_figures(run: &device::adapt::DeviceRun) {
+    if let Some(acc) = run.results.device_accuracy() {
+        println!(
+            "accuracy measured on the device: {} of {} samples correct ({})",
+            run.results.metrics.timing.eval_correct,
+            run.results.predictions.len(),
+            pct(acc)
+        );
+    }
+    println!("{}", run.report.text());
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let ds = load_data(&a.data, Split::Test)?;
     check_fit(&model, &ds)?;
-    let acc = evaluate(&model, &ds)?;
+    let Some(target) = a.budget.target(a.on, ds.len())? else {
+        let acc = evaluate(&model, &ds)?;
+        if a.output.json {
+            println!(
+                "{}",
+                json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision(), "on": "host"})
+            );
+        } else {
+            println!(
+                "{} model, {} samples: accuracy {}",
+                model.precision(),
+                ds.len(),
+                pct(acc)
+            );
+        }
+        return Ok(());
+    };
+    let on = a.on.name();
+    let bar = session_bar(0, ds.len(), on, model.precision(), a.output.json);
+    let run = device::adapt::evaluate(&model, &ds, &target, |p| {
+        bar.set_position(p.eval_samples as u64)
+    })?;
+    bar.finish_and_clear();
+    let host = evaluate(&model, &ds)?;
     if a.output.json {
-        println!(
-            "{}",
-            json!({"accuracy": acc, "samples": ds.len(), "precision": model.precision()})
-        );
+        let mut value = json!({"samples": ds.len(), "precision": model.precision(), "on": on});
+        add_device_figures(&mut value, &run, Some(host));
+        println!("{value}");
     } else {
         println!(
-            "{} model, {} samples: accuracy {}",
+            "{} model, {} samples on {on} (host twin: {})",
             model.precision(),
             ds.len(),
-            pct(acc)
+            pct(host)
         );
+        print_device_figures(&run);
     }
     Ok(())
 }
@@ -643,6 +869,12 @@ fn demo(a: DemoArgs) -> Result<()> {
     let train = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Train)
         .context("the demo needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`")?;
     let test = data::fashion_mnist(Path::new(data::FASHION_MNIST_DIR), Split::Test)?;
+    if a.on != Target::Host {
+        return device_demo(&a, &w, &root, &train, &test);
+    }
+    if a.eval_limit.is_some() {
+        bail!("--eval-limit applies to the demo on a device (--on qemu-m4 or qemu-m7)");
+    }
     let float_path = root.join(&w.models.float);
     let int8_path = root.join(&w.models.int8);
     let (float_model, int8_model) = if !a.retrain && float_path.exists() && int8_path.exists() {
@@ -712,14 +944,8 @@ fn demo(a: DemoArgs) -> Result<()> {
         })
         .transpose()?;
     let fqt_cfg = FqtConfig {
-        epochs: ad.fqt.epochs,
-        batch: ad.fqt.batch,
-        lr: ad.fqt.lr,
-        scheme: ad.fqt.scheme.parse().map_err(anyhow::Error::msg)?,
-        seed: ad.seed,
-        stats_rate: ad.fqt.grad_stats_rate,
         error_ranges: a.error_ranges,
-        ..FqtConfig::default()
+        ..ad.fqt.config(ad.seed)?
     };
     let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
     let mut shift = Vec::new();
@@ -824,6 +1050,141 @@ fn demo(a: DemoArgs) -> Result<()> {
                 &rows
             )
         );
+    }
+    Ok(())
+}
+
+/// `demo --on MACHINE`: for each corruption, fully quantized adaptation of the committed int8
+/// model on the device with the workload's `fqt_device` settings (training wholly on the
+/// device, evaluation there on the first `--eval-limit` corrupted test samples), the host
+/// twin's accuracy on the whole corrupted test set with the weights the device trained, and
+/// whether the host twin trained the same model file byte for byte.
+fn device_demo(
+    a: &DemoArgs,
+    w: &ShiftWorkload,
+    root: &Path,
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<()> {
+    let quiet = a.output.json;
+    let ad = &w.adapt;
+    let settings = ad.fqt_device.as_ref().with_context(|| {
+        format!(
+            "the workload {} has no fqt_device settings for the device",
+            w.name
+        )
+    })?;
+    let cfg = FqtConfig {
+        error_ranges: a.error_ranges,
+        ..settings.config(ad.seed)?
+    };
+    let model = load_model(&root.join(&w.models.int8))?;
+    let adapt_pool = train.per_class(ad.per_class, ad.seed)?;
+    let corruptions = a
+        .corruptions
+        .clone()
+        .unwrap_or_else(|| ad.corruptions.clone());
+    let eval_n = a.eval_limit.unwrap_or(test.len()).min(test.len());
+    let machine = a.on.name();
+    let target = a
+        .budget
+        .target(a.on, adapt_pool.len() * cfg.epochs + eval_n)?
+        .context("the device demo needs a device")?;
+    let (mut rows, mut shift) = (Vec::new(), Vec::new());
+    let mut last_report = None;
+    for name in &corruptions {
+        let spec: CorruptionSpec = format!("{name}:{}", ad.severity)
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+        let adapt_set = data::corrupt_dataset(&adapt_pool, spec, ad.seed);
+        let test_set = data::corrupt_dataset(test, spec, ad.seed.wrapping_add(1));
+        let device_eval = test_set.subset(&(0..eval_n).collect::<Vec<_>>());
+        let before = evaluate(&model, &test_set)?;
+        let bar = session_bar(cfg.epochs, eval_n, machine, name, quiet);
+        let started = std::time::Instant::now();
+        let run = device::adapt::fqt_finetune(
+            &model,
+            &adapt_set,
+            Some(&device_eval),
+            &cfg,
+            &target,
+            |p| bar.set_position((p.epochs + p.eval_samples) as u64),
+        )?;
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let host_twin = evaluate(&run.model, &test_set)?;
+        let (twin_model, _) = fqt_finetune(&model, &adapt_set, &cfg, |_, _, _| {})?;
+        let encode = |m: &Model| format::encode(m).map_err(anyhow::Error::msg);
+        let same = encode(&twin_model)? == encode(&run.model)?;
+        let device_acc = run.results.device_accuracy().unwrap_or(0.0);
+        milestone(
+            &ProgressBar::hidden(),
+            quiet,
+            &format!(
+                "{name}: before {}, after on {machine} {} ({} samples), host twin {} ({} samples), same model as the host twin: {same} ({seconds:.0} s)",
+                pct(before),
+                pct(device_acc),
+                eval_n,
+                pct(host_twin),
+                test_set.len()
+            ),
+        );
+        let r = &run.report;
+        rows.push(vec![
+            name.clone(),
+            pct(before),
+            pct(device_acc),
+            pct(host_twin),
+            if same { "yes" } else { "NO" }.into(),
+            format!("{:.0}", r.per_sample),
+            r.sram.total().to_string(),
+            r.footprint.flash_bytes().to_string(),
+        ]);
+        let mut entry = json!({"corruption": name, "severity": ad.severity, "before": before, "device_accuracy": device_acc, "device_eval_samples": eval_n, "host_twin_accuracy": host_twin, "eval_samples": test_set.len(), "same_model_as_host_twin": same, "epoch_losses": run.results.epoch_losses, "wall_seconds": seconds});
+        if let (Some(object), serde_json::Value::Object(report)) = (entry.as_object_mut(), r.json())
+        {
+            object.extend(report);
+        }
+        shift.push(entry);
+        last_report = Some(run.report);
+    }
+    if a.output.json {
+        println!(
+            "{}",
+            json!({"workload": w.name, "on": machine, "adapt_samples": adapt_pool.len(), "settings": settings, "shift": shift})
+        );
+        return Ok(());
+    }
+    println!(
+        "{} on {machine}: int8 model adapted wholly on the device to each corruption (severity {}) with {} samples ({} per class), {} epochs, batch {}, lr {}, update {}; accuracy measured on the device over the first {eval_n} corrupted test samples, and by the host twin with the device's weights over all {}\n",
+        w.name,
+        ad.severity,
+        adapt_pool.len(),
+        ad.per_class,
+        cfg.epochs,
+        cfg.batch,
+        cfg.lr,
+        cfg.scheme,
+        test.len()
+    );
+    println!(
+        "{}",
+        table(
+            &[
+                "corruption",
+                "int8 before",
+                "device after",
+                "host twin after",
+                "same model",
+                "instr/sample",
+                "SRAM B",
+                "flash B"
+            ],
+            &rows
+        )
+    );
+    if let Some(report) = last_report {
+        println!("\nmeasurements of the last run:\n{}", report.text());
     }
     Ok(())
 }

@@ -74,6 +74,25 @@ pub struct AdaptSettings {
     pub float_momentum: Option<FloatSettings>,
     /// Fully quantized fine-tuning.
     pub fqt: FqtSettings,
+    /// Fully quantized fine-tuning on the device (`mcutrain demo --on qemu-m4`): the update
+    /// scheme and batch whose training plan fits the SRAM budget.
+    #[serde(default)]
+    pub fqt_device: Option<FqtSettings>,
+}
+
+impl FqtSettings {
+    /// The FQT configuration of these settings, with sample order seed `seed`.
+    pub fn config(&self, seed: u64) -> anyhow::Result<crate::engine::fqt::FqtConfig> {
+        Ok(crate::engine::fqt::FqtConfig {
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            scheme: self.scheme.parse().map_err(anyhow::Error::msg)?,
+            seed,
+            stats_rate: self.grad_stats_rate,
+            ..Default::default()
+        })
+    }
 }
 
 /// Where the pretrained models of a workload live, relative to the repository root.
@@ -129,5 +148,7 @@ mod tests {
         let w = super::ShiftWorkload::fashion_shift();
         assert_eq!(w.name, "fashion-shift");
         assert!(w.adapt.corruptions.len() >= 3);
+        let device = w.adapt.fqt_device.expect("on-device settings");
+        assert_eq!(device.config(1).unwrap().scheme.to_string(), device.scheme);
     }
 }

@@ -1,30 +1,10 @@
 //! The `mcutrain` command as a user runs it: a small end-to-end pipeline on user data in NPY
 //! files, byte-identical outputs, and clear errors (exit code 2, no panic) on bad input.
 
+#[path = "common/cli.rs"]
+mod cli_helpers;
+use cli_helpers::{mcutrain, ok_json, write_npy};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn mcutrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mcutrain"))
-        .args(args)
-        .output()
-        .expect("run mcutrain")
-}
-
-fn ok_json(args: &[&str]) -> serde_json::Value {
-    let out = mcutrain(args);
-    assert!(
-        out.status.success(),
-        "mcutrain {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout of {args:?} is not one JSON object ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 /// Run, expect failure with exit code 2 and a message containing every `needle`.
 fn fails_with(args: &[&str], needles: &[&str]) {
@@ -41,32 +21,6 @@ fn fails_with(args: &[&str], needles: &[&str]) {
             "mcutrain {args:?}: message lacks '{n}': {stderr}"
         );
     }
-}
-
-/// Minimal NPY v1.0 writer.
-fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let shape_txt = match shape.len() {
-        1 => format!("({},)", shape[0]),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header =
-        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.extend(data);
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// `n` 28x28 uint8 images whose brightness pattern depends on the label (label = i % classes).

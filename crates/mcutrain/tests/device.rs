@@ -9,12 +9,12 @@
 use mcutrain::device::selftest::{
     compare_results, run_on_device, run_on_host, Measurements, SelfTestInputs, CONV_GEOMETRIES,
 };
-use mcutrain::device::{Budget, DeviceError, Firmware, Image, Machine, Qemu};
+use mcutrain::device::{Budget, DeviceError, Firmware, Image, Machine, Program, Qemu};
 use mcutrain_core::selftest::Kernel;
 
 fn image(budget: &Budget) -> Image {
     Firmware::in_repository()
-        .build(budget)
+        .build(budget, Program::SelfTest)
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -118,7 +118,7 @@ fn an_image_over_the_sram_budget_is_refused_at_link_time() {
         sram_bytes: 8 << 10,
         ..Budget::default()
     };
-    match Firmware::in_repository().build(&tight) {
+    match Firmware::in_repository().build(&tight, Program::SelfTest) {
         Err(DeviceError::OverBudget { linker, breakdown }) => {
             assert!(linker.contains("RAM"), "{linker}");
             assert!(breakdown.contains("> budget 8192 bytes"), "{breakdown}");
@@ -132,7 +132,7 @@ fn an_image_over_the_sram_budget_is_refused_at_link_time() {
         min_stack_bytes: 32 << 10,
         ..Budget::default()
     };
-    match Firmware::in_repository().build(&no_stack) {
+    match Firmware::in_repository().build(&no_stack, Program::SelfTest) {
         Err(e @ DeviceError::OverBudget { .. }) => {
             let text = e.to_string();
             assert!(text.contains("mcutrain budget"), "{text}");

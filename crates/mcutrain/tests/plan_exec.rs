@@ -116,7 +116,8 @@ fn reference_run(
     (model, losses)
 }
 
-/// The executor over the same samples; the trained model and the loss of every batch.
+/// The executor over the same samples, batch by batch as `reference_run` cuts them (a shorter
+/// last batch ends early); the trained model and the loss of every batch.
 fn planned_run(
     model: &Model,
     updates: &[LayerUpdate],
@@ -133,10 +134,16 @@ fn planned_run(
         .chunks(cfg.batch)
         .map(|idx| {
             idx.iter()
-                .map(|&i| {
+                .enumerate()
+                .map(|(k, &i)| {
                     let codes = input_codes(&view, data, i);
-                    exec::train_sample(&view, arena.as_mut_slice(), &codes, data.labels[i])
-                        .expect("trains") as f64
+                    let train = if k + 1 == idx.len() {
+                        exec::train_sample_ending_batch
+                    } else {
+                        exec::train_sample
+                    };
+                    train(&view, arena.as_mut_slice(), &codes, data.labels[i]).expect("trains")
+                        as f64
                 })
                 .sum()
         })
@@ -366,6 +373,16 @@ fn fashion_shift_trains_bit_for_bit() {
         let what = format!("fashion-shift batch 4 {}", cfg.error_ranges);
         check_equal_runs(&model, &cfg, &data, &order, true, &what);
     }
+    // 22 samples in batches of 8: the last batch has 6.
+    let cfg = fqt_config(UpdateScheme::LastLayers(5), 8, false);
+    check_equal_runs(
+        &model,
+        &cfg,
+        &data,
+        &order[..22],
+        true,
+        "fashion-shift shorter last batch",
+    );
 }
 
 #[test]

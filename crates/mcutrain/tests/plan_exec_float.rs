@@ -69,7 +69,7 @@ fn reference_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (
         panic!("a float32 model expected")
     };
     let mut trainer = FloatTrainer::new(&arch, params, run.scheme, run.momentum).unwrap();
-    let total = order.len() / run.batch;
+    let total = order.len().div_ceil(run.batch);
     let losses = order
         .chunks(run.batch)
         .enumerate()
@@ -83,7 +83,7 @@ fn reference_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (
 }
 
 /// The executor over the same samples, setting each batch's learning rate before its first
-/// sample; the trained model and the loss of every batch (f64 sum of the sample losses in
+/// sample and ending each batch with its last sample (a shorter last one early); the trained model and the loss of every batch (f64 sum of the sample losses in
 /// order, as the host sums them).
 fn planned_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (Model, Vec<f64>) {
     let (_, bytes) = plan_bytes(model, run);
@@ -91,7 +91,7 @@ fn planned_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (Mo
     assert_eq!(view.precision(), file::Precision::Float32);
     let mut arena = AlignedBytes::zeroed(view.arena_required());
     exec::init(&view, arena.as_mut_slice()).expect("init");
-    let total = order.len() / run.batch;
+    let total = order.len().div_ceil(run.batch);
     let losses = order
         .chunks(run.batch)
         .enumerate()
@@ -99,10 +99,16 @@ fn planned_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (Mo
             let lr = cosine_lr(PEAK_LR, b, total);
             exec::set_learning_rate(&view, arena.as_mut_slice(), lr).unwrap();
             idx.iter()
-                .map(|&i| {
+                .enumerate()
+                .map(|(k, &i)| {
+                    let train = if k + 1 == idx.len() {
+                        exec::train_sample_ending_batch
+                    } else {
+                        exec::train_sample
+                    };
                     let sample = data.sample(i);
-                    exec::train_sample(&view, arena.as_mut_slice(), sample, data.labels[i])
-                        .expect("trains") as f64
+                    train(&view, arena.as_mut_slice(), sample, data.labels[i]).expect("trains")
+                        as f64
                 })
                 .fold(0.0, |sum, loss| sum + loss)
         })
@@ -201,6 +207,9 @@ fn fashion_shift_trains_bit_for_bit() {
         (UpdateScheme::LastLayers(3), 4, 0.0, true),
         (UpdateScheme::BiasOnly(2), 1, 0.9, true),
         (UpdateScheme::BiasOnly(2), 6, 0.9, false),
+        // 24 samples in batches of 5: the last one has 4.
+        (UpdateScheme::LastLayers(3), 5, 0.9, true),
+        (UpdateScheme::All, 7, 0.0, false),
     ];
     for (scheme, batch, momentum, reorder) in runs {
         let run = Run {

@@ -281,6 +281,12 @@ fn samples_in_batch(state: &[u8]) -> Option<u32> {
     read_u32(state, 0)
 }
 
+/// Samples in the current batch, counting the one in progress: the `1 / batch` of its
+/// updates (a shorter last batch has fewer than the plan's batch size).
+fn samples_this_batch(state: &[u8]) -> Option<f32> {
+    Some((samples_in_batch(state)? + 1) as f32)
+}
+
 /// Byte offset of the learning rate in the state region.
 const LEARNING_RATE_AT: usize = 4;
 
@@ -518,6 +524,22 @@ pub fn train_sample<T: InputElement>(
     run.finish(arena)
 }
 
+/// [`train_sample`], then end the batch after this sample even when it holds fewer samples
+/// than the plan's batch size (the shorter last batch of an epoch, as the host trainer's
+/// `order.chunks(batch)` makes it): the updates run, the bias gradient scaled by
+/// `1 / samples in the batch` (int8 bias update, float32 SGD), and the range trackers fold in
+/// the batch's ranges.
+pub fn train_sample_ending_batch<T: InputElement>(
+    view: &PlanView,
+    arena: &mut [u8],
+    sample: &[T],
+    label: u16,
+) -> Result<f32, ExecError> {
+    let mut run = SampleRun::begin_ending_batch(view, arena, sample, label)?;
+    while run.step(arena)? {}
+    run.finish(arena)
+}
+
 /// The predicted class of one sample: the forward steps of the plan over `arena` (prepared by
 /// [`init`]), then the argmax of the logits. Changes only activation tensors, so it may run
 /// between the samples of a batch. `sample` as for [`train_sample`].
@@ -668,6 +690,27 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         sample: &'s [T],
         label: u16,
     ) -> Result<Self, ExecError> {
+        Self::start(view, arena, sample, label, false)
+    }
+
+    /// Start training one sample that ends its batch whatever the batch's sample count (see
+    /// [`train_sample_ending_batch`]).
+    pub fn begin_ending_batch<T: InputElement>(
+        view: &'v PlanView<'p>,
+        arena: &mut [u8],
+        sample: &'s [T],
+        label: u16,
+    ) -> Result<Self, ExecError> {
+        Self::start(view, arena, sample, label, true)
+    }
+
+    fn start<T: InputElement>(
+        view: &'v PlanView<'p>,
+        arena: &mut [u8],
+        sample: &'s [T],
+        label: u16,
+        ends_batch: bool,
+    ) -> Result<Self, ExecError> {
         check_arena(view, arena)?;
         let sample = sample_bytes(view, sample)?;
         if label >= view.header().classes {
@@ -690,7 +733,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
             label,
             next: 0,
             mode: Mode::Train {
-                updates: done + 1 == batch,
+                updates: ends_batch || done + 1 == batch,
             },
             loss: 0.0,
             unit: 1.0,
@@ -734,7 +777,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
             .get_mut(view.state_offset()..)
             .ok_or(ExecError::ArenaTooSmall)?;
         let done = samples_in_batch(state).ok_or(ExecError::BadPlan)? + 1;
-        let end_of_batch = done == view.header().batch as u32;
+        let end_of_batch = self.mode == (Mode::Train { updates: true });
         write_u32(state, 0, if end_of_batch { 0 } else { done }).ok_or(ExecError::BadPlan)?;
         if end_of_batch {
             end_batch(view, state).ok_or(ExecError::BadPlan)?;
@@ -1414,7 +1457,7 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
     }
 
     /// The FQT bias update of layer `i` ([`update::fqt_update_bias`]) with the gradient scaled
-    /// by `1 / batch`.
+    /// by `1 / samples in the batch` (this one included).
     fn bias_update(&self, step: &StepRecord, tensors: &mut [u8], state: &mut [u8]) -> Option<()> {
         let view = self.view;
         let i = step.layer as usize;
@@ -1424,8 +1467,8 @@ impl<'v, 'p, 's> SampleRun<'v, 'p, 's> {
         let bias = arena_span(&view.tensor(step.reads[1])?, channels * 4).ok()?;
         let [grad, bias] = split_disjoint(tensors, [grad, bias])?;
         let lr = read_f32(state, LEARNING_RATE_AT)?;
+        let batch = samples_this_batch(state)?;
         let selected = self.update_channels(i, &layer, state)?;
-        let batch = view.header().batch as f32;
         update::fqt_update_bias(
             words_mut::<i32>(bias)?,
             layer.bias_scale,

@@ -14,14 +14,17 @@
 //! - gradients: `g += kernel's batch-1 sum` (`g` zeroed at the start of each batch; at batch 1
 //!   before every sample), so a batch's gradient is `((0 + g_0) + g_1) + ...` in sample order;
 //! - updates (last sample of a batch): [`update::sgd`] with the arena's learning rate, the
-//!   plan's momentum and `grad_scale = 1 / batch`: `v = m v + g / B`, `p -= lr v` (with a
-//!   velocity tensor), `p -= lr (g / B)` without one (momentum 0).
+//!   plan's momentum and `grad_scale = 1 / B`, `B` the samples of the batch (the plan's batch
+//!   size, fewer in a shorter last batch): `v = m v + g / B`, `p -= lr v` (with a velocity
+//!   tensor), `p -= lr (g / B)` without one (momentum 0).
 //!
 //! Memory: nothing beyond the planned tensors (`4 * numel` bytes per activation and error,
 //! `4 *` parameters per trained weight, gradient and velocity) and the 8-byte state header.
 
 use super::read_f32;
-use super::{arena_span, mask_operands, two_reads_one_write, SampleRun, LEARNING_RATE_AT};
+use super::{
+    arena_span, mask_operands, samples_this_batch, two_reads_one_write, SampleRun, LEARNING_RATE_AT,
+};
 use crate::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
 use crate::plan::typed::{split_disjoint, words, words_mut, Span};
 use crate::plan::{Geometry, LayerKind, PlanView, StepOp, StepRecord, NONE};
@@ -75,7 +78,7 @@ impl SampleRun<'_, '_, '_> {
             StepOp::WeightGrad | StepOp::BiasGrad => self.float_gradient(step, tensors),
             StepOp::WeightUpdate | StepOp::BiasUpdate => {
                 let lr = read_f32(state, LEARNING_RATE_AT)?;
-                self.float_update(step, tensors, lr)
+                self.float_update(step, tensors, lr, samples_this_batch(state)?)
             }
         }
     }
@@ -207,9 +210,16 @@ impl SampleRun<'_, '_, '_> {
         Some(())
     }
 
-    /// SGD of a layer's weights or bias from the batch's gradient ([`update::sgd`], `grad_scale
-    /// = 1 / batch`), with the velocity tensor the plan has for momentum.
-    fn float_update(&self, step: &StepRecord, tensors: &mut [u8], lr: f32) -> Option<()> {
+    /// SGD of a layer's weights or bias from the gradient of the `batch` samples of the batch
+    /// ([`update::sgd`], `grad_scale = 1 / batch`), with the velocity tensor the plan has for
+    /// momentum.
+    fn float_update(
+        &self,
+        step: &StepRecord,
+        tensors: &mut [u8],
+        lr: f32,
+        batch: f32,
+    ) -> Option<()> {
         let view = self.view;
         let (channels, structure) = view.geometry(step.layer as usize)?.params()?;
         let len = if step.op == StepOp::WeightUpdate {
@@ -226,7 +236,7 @@ impl SampleRun<'_, '_, '_> {
             words_mut::<f32>(velocity)?,
             lr,
             header.config.momentum,
-            1.0 / header.batch as f32,
+            1.0 / batch,
         );
         Some(())
     }

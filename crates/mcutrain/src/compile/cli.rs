@@ -250,18 +250,9 @@ pub fn parse_scheme(arch: &Architecture, text: &str) -> Result<Vec<LayerUpdate>>
 
 /// `256K`, `256KB`, `1M`, `1MB` or a byte count; K = 1024, M = 1024 * 1024.
 pub fn parse_bytes(text: &str) -> Result<usize> {
-    let upper = text.trim().to_ascii_uppercase();
-    let number = upper.strip_suffix('B').unwrap_or(&upper);
-    let (digits, unit) = match number.chars().last() {
-        Some('K') => (&number[..number.len() - 1], 1024),
-        Some('M') => (&number[..number.len() - 1], 1024 * 1024),
-        _ => (number, 1),
-    };
-    digits
-        .trim()
-        .parse::<usize>()
+    crate::device::parse_size(text)
         .ok()
-        .and_then(|n| n.checked_mul(unit))
+        .and_then(|n| usize::try_from(n).ok())
         .with_context(|| format!("--sram takes a size like 256K, 1M or 262144; got '{text}'"))
 }
 

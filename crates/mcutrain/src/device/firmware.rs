@@ -1,7 +1,8 @@
 //! The firmware build: `cargo build --release` of `firmware/` for thumbv7em-none-eabihf with
 //! the memory budgets in the environment (its `build.rs` writes them into `memory.x`, so an
-//! image over budget fails to link), cached by a hash of the sources, the budgets and the
-//! compiler, under `target/firmware/`.
+//! image over budget fails to link) and, for a training image, the plan file (`MCUTRAIN_PLAN`:
+//! embedded in flash, the arena sized from it in SRAM), cached by a hash of the sources, the
+//! budgets, the plan and the compiler, under `target/firmware/`.
 //!
 //! Two toolchains are recognised: the pinned rustup toolchain with the target installed
 //! (`rustup target add thumbv7em-none-eabihf`), or, where rustup cannot download it, Debian's
@@ -12,13 +13,49 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use mcutrain_core::plan::PlanView;
+
 use super::{Budget, DeviceError, Footprint};
+use crate::compile::plan_file::AlignedBytes;
 
 /// The Rust target of the Cortex-M4F/M7F.
 pub const TARGET: &str = "thumbv7em-none-eabihf";
-/// Memory of QEMU's MPS2 boards (flash and SRAM each): the budget used to measure an image
-/// that does not fit its own.
-const BOARD_MEMORY_BYTES: u64 = 4 << 20;
+/// A board the firmware is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Board {
+    /// QEMU's MPS2-AN386 (Cortex-M4) and MPS2-AN500 (Cortex-M7): one image for both.
+    Qemu,
+    /// The STM32 Nucleo-F746ZG (Cortex-M7), flashed with `probe-rs`; untested on hardware.
+    NucleoF746zg,
+}
+
+impl Board {
+    /// The cargo features that select it.
+    fn features(self) -> &'static [&'static str] {
+        match self {
+            Board::Qemu => &[],
+            Board::NucleoF746zg => &["--no-default-features", "--features", "board-nucleo-f746zg"],
+        }
+    }
+
+    /// `(SRAM, flash)` bytes of the board: the budget used to measure an image that does not
+    /// fit its own.
+    fn memory_bytes(self) -> (u64, u64) {
+        match self {
+            Board::Qemu => (4 << 20, 4 << 20),
+            Board::NucleoF746zg => (320 << 10, 1 << 20),
+        }
+    }
+
+    /// Name of its build directory under `target/`.
+    fn target_dir_name(self) -> &'static str {
+        match self {
+            Board::Qemu => "firmware",
+            Board::NucleoF746zg => "firmware-nucleo-f746zg",
+        }
+    }
+}
+
 /// Environment that a surrounding cargo or shell may set and that must not reach the
 /// firmware's tools: host flags, another target or target directory, or a toolchain other
 /// than the one `rust-toolchain.toml` pins.
@@ -46,6 +83,7 @@ fn tool(program: &str, project: &Path) -> Command {
 pub struct Firmware {
     repository: PathBuf,
     target_dir: PathBuf,
+    board: Board,
 }
 
 /// A built firmware image.
@@ -61,6 +99,28 @@ pub struct Image {
     pub cached: bool,
 }
 
+/// What an image runs: the kernel self-test, or training with an embedded plan.
+#[derive(Clone, Copy, Debug)]
+pub enum Program<'a> {
+    /// The kernel self-test (`job.bin` in, `results.bin` and `metrics.txt` out).
+    SelfTest,
+    /// A training session with this plan file embedded (`session.bin` in, `results.bin`
+    /// out; see `mcutrain_core::session`).
+    Train {
+        /// The plan file's bytes.
+        plan: &'a [u8],
+    },
+}
+
+impl Program<'_> {
+    fn plan(&self) -> Option<&[u8]> {
+        match self {
+            Program::SelfTest => None,
+            Program::Train { plan } => Some(plan),
+        }
+    }
+}
+
 /// How to compile for the target.
 #[derive(Clone, Debug)]
 enum Toolchain {
@@ -71,18 +131,25 @@ enum Toolchain {
 }
 
 impl Firmware {
-    /// The firmware of this repository (`firmware/` beside `crates/`), built into
+    /// The firmware of this repository (`firmware/` beside `crates/`) for QEMU, built into
     /// `target/firmware/`.
     pub fn in_repository() -> Firmware {
-        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        Firmware::new(&repository)
+        Firmware::for_board(Board::Qemu)
     }
 
-    /// The firmware of the repository at `repository`.
-    pub fn new(repository: &Path) -> Firmware {
+    /// The firmware of this repository for `board`, built into `target/firmware/` (QEMU) or
+    /// `target/firmware-<board>/`.
+    pub fn for_board(board: Board) -> Firmware {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        Firmware::new(&repository, board)
+    }
+
+    /// The firmware of the repository at `repository` for `board`.
+    pub fn new(repository: &Path, board: Board) -> Firmware {
         Firmware {
             repository: repository.to_path_buf(),
-            target_dir: repository.join("target/firmware"),
+            target_dir: repository.join("target").join(board.target_dir_name()),
+            board,
         }
     }
 
@@ -90,11 +157,16 @@ impl Firmware {
         self.repository.join("firmware")
     }
 
-    /// Builds the image for `budget`, or takes it from the cache. An image over budget is a
-    /// [`DeviceError::OverBudget`] with the linker's message and the sizes of its parts.
-    pub fn build(&self, budget: &Budget) -> Result<Image, DeviceError> {
+    /// Builds the image of `program` for `budget`, or takes it from the cache. An image over
+    /// budget is a [`DeviceError::OverBudget`] with the linker's message and the sizes of its
+    /// parts. A training plan is first checked against the budget with [`check_plan`], so a plan
+    /// that cannot fit is refused before cargo runs.
+    pub fn build(&self, budget: &Budget, program: Program) -> Result<Image, DeviceError> {
+        if let Some(plan) = program.plan() {
+            check_plan(&PlanSizes::of(plan)?, budget)?;
+        }
         let toolchain = detect_toolchain(&self.project())?;
-        let key = self.cache_key(budget, &toolchain)?;
+        let key = self.cache_key(budget, program, &toolchain)?;
         let images = self.target_dir.join("images");
         let cached = images.join(format!("mcutrain-firmware-{key:016x}.elf"));
         if let Some(image) = load_image(&cached, budget, true)? {
@@ -109,10 +181,15 @@ impl Firmware {
         if let Some(image) = load_image(&cached, budget, true)? {
             return Ok(image);
         }
-        let output = self.cargo_build(budget, &toolchain)?;
+        let plan_path = match program.plan() {
+            Some(plan) => Some(self.store_plan(key, plan)?),
+            None => None,
+        };
+        let output = self.cargo_build(budget, plan_path.as_deref(), &toolchain)?;
         if !output.status.success() {
             drop(lock);
-            return Err(self.build_failure(budget, &String::from_utf8_lossy(&output.stderr)));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(self.build_failure(budget, program, &stderr));
         }
         let built = self
             .target_dir
@@ -127,9 +204,23 @@ impl Firmware {
             .ok_or_else(|| DeviceError::Build(format!("{} vanished", cached.display())))
     }
 
+    /// Writes the plan file where `build.rs` reads it: `target/firmware/plans/`, named by the
+    /// image's key (so an unchanged plan keeps its path and does not trigger a rebuild).
+    fn store_plan(&self, key: u64, plan: &[u8]) -> Result<PathBuf, DeviceError> {
+        let plans = self.target_dir.join("plans");
+        fs::create_dir_all(&plans).map_err(DeviceError::io("create target/firmware/plans"))?;
+        let path = plans.join(format!("plan-{key:016x}.bin"));
+        let partial = path.with_extension("partial");
+        fs::write(&partial, plan).map_err(DeviceError::io("write the plan file"))?;
+        fs::rename(&partial, &path).map_err(DeviceError::io("store the plan file"))?;
+        path.canonicalize()
+            .map_err(DeviceError::io(format!("find {}", path.display())))
+    }
+
     fn cargo_build(
         &self,
         budget: &Budget,
+        plan: Option<&Path>,
         toolchain: &Toolchain,
     ) -> Result<std::process::Output, DeviceError> {
         let mut cargo = match toolchain {
@@ -149,11 +240,16 @@ impl Firmware {
         };
         cargo
             .args(["build", "--release", "--locked", "--target", TARGET])
+            .args(self.board.features())
             .arg("--target-dir")
             .arg(&self.target_dir)
             .env("MCUTRAIN_SRAM", budget.sram_bytes.to_string())
             .env("MCUTRAIN_FLASH", budget.flash_bytes.to_string())
             .env("MCUTRAIN_MIN_STACK", budget.min_stack_bytes.to_string());
+        match plan {
+            Some(path) => cargo.env("MCUTRAIN_PLAN", path),
+            None => cargo.env_remove("MCUTRAIN_PLAN"),
+        };
         cargo.output().map_err(|e| DeviceError::MissingTool {
             what: "cargo".into(),
             detail: e.to_string(),
@@ -162,32 +258,48 @@ impl Firmware {
 
     /// Classifies a failed build; over budget, measures the image against the board's whole
     /// memory for the breakdown.
-    fn build_failure(&self, budget: &Budget, stderr: &str) -> DeviceError {
-        let linker = linker_messages(stderr);
+    fn build_failure(&self, budget: &Budget, program: Program, stderr: &str) -> DeviceError {
+        let messages = linker_messages(stderr);
         let over_budget = [
             "mcutrain budget",
             "will not fit in region",
             "stack end address",
         ]
         .iter()
-        .any(|marker| linker.contains(marker));
+        .any(|marker| messages.contains(marker));
         if !over_budget {
             return DeviceError::Build(stderr.trim().to_string());
         }
+        let linker = format!("refused at link time:\n{messages}");
+        let (sram_bytes, flash_bytes) = self.board.memory_bytes();
         let unbounded = Budget {
-            sram_bytes: BOARD_MEMORY_BYTES,
-            flash_bytes: BOARD_MEMORY_BYTES,
+            sram_bytes,
+            flash_bytes,
             min_stack_bytes: budget.min_stack_bytes,
         };
-        let breakdown = match self.build(&unbounded) {
-            Ok(image) => breakdown(&image.footprint, budget),
-            Err(e) => format!("(the image does not fit the board's memory either: {e})"),
+        if unbounded == *budget {
+            return DeviceError::OverBudget {
+                linker,
+                breakdown: "(the budget is the board's whole memory)".into(),
+            };
+        }
+        let plan = program.plan().map(PlanSizes::of).transpose();
+        let breakdown = match (self.build(&unbounded, program), plan) {
+            (Ok(image), Ok(plan)) => breakdown(&image.footprint, budget, plan.as_ref()),
+            (_, Err(e)) => format!("(the plan's sizes are not known: {e})"),
+            (Err(e), _) => format!("(the image does not fit the board's memory either: {e})"),
         };
         DeviceError::OverBudget { linker, breakdown }
     }
 
-    /// FNV-1a over the firmware and core sources, the budgets and the compiler's version.
-    fn cache_key(&self, budget: &Budget, toolchain: &Toolchain) -> Result<u64, DeviceError> {
+    /// FNV-1a over the firmware and core sources, the budgets, the plan and the compiler's
+    /// version.
+    fn cache_key(
+        &self,
+        budget: &Budget,
+        program: Program,
+        toolchain: &Toolchain,
+    ) -> Result<u64, DeviceError> {
         let mut hash = Fnv64::default();
         let roots = [
             self.project(),
@@ -212,7 +324,15 @@ impl Firmware {
         ] {
             hash.write(&n.to_le_bytes());
         }
-        hash.write(format!("{toolchain:?}").as_bytes());
+        match program.plan() {
+            Some(plan) => {
+                hash.write(b"plan");
+                hash.write(&(plan.len() as u64).to_le_bytes());
+                hash.write(plan);
+            }
+            None => hash.write(b"self-test"),
+        }
+        hash.write(format!("{toolchain:?} {:?}", self.board).as_bytes());
         let rustc = match toolchain {
             Toolchain::Rustup => "rustc",
             Toolchain::DebianBuildStd => "/usr/bin/rustc",
@@ -347,15 +467,100 @@ fn linker_messages(stderr: &str) -> String {
     lines.join("\n")
 }
 
+/// The memory a plan file takes in an image: the file in flash, the arena in SRAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanSizes {
+    /// Bytes of the plan file (embedded as a constant).
+    pub file_bytes: u64,
+    /// Bytes of the planned tensors (the plan's peak, rounded up to 4).
+    pub tensor_bytes: u64,
+    /// Bytes of the training state after them (range trackers, weight quantization, partial
+    /// update lists).
+    pub state_bytes: u64,
+}
+
+impl PlanSizes {
+    /// The sizes of a plan file, which must be valid.
+    pub fn of(plan: &[u8]) -> Result<PlanSizes, DeviceError> {
+        let aligned = AlignedBytes::copy_of(plan);
+        let view = PlanView::parse(aligned.as_slice())
+            .map_err(|e| DeviceError::Usage(format!("the plan file is not valid: {e}")))?;
+        Ok(PlanSizes {
+            file_bytes: plan.len() as u64,
+            tensor_bytes: view.state_offset() as u64,
+            state_bytes: view.header().state_bytes as u64,
+        })
+    }
+
+    /// Bytes of the static arena: planned tensors and training state.
+    pub fn arena_bytes(&self) -> u64 {
+        self.tensor_bytes + self.state_bytes
+    }
+
+    /// `arena N (planned tensors T + training state S)`.
+    fn describe_arena(&self) -> String {
+        format!(
+            "arena {} (planned tensors {} + training state {})",
+            self.arena_bytes(),
+            self.tensor_bytes,
+            self.state_bytes
+        )
+    }
+}
+
+fn verdict(need: u64, have: u64) -> char {
+    if need > have {
+        '>'
+    } else {
+        '<'
+    }
+}
+
+/// A plan against the budget before anything is built: its arena and the minimum stack in
+/// SRAM, the plan file in flash; `Err` with the breakdown when either is over.
+pub fn check_plan(plan: &PlanSizes, budget: &Budget) -> Result<(), DeviceError> {
+    let sram = plan.arena_bytes() + budget.min_stack_bytes;
+    if sram <= budget.sram_bytes && plan.file_bytes <= budget.flash_bytes {
+        return Ok(());
+    }
+    Err(DeviceError::OverBudget {
+        linker: "refused before building: the plan alone exceeds the budget".into(),
+        breakdown: format!(
+            "SRAM: {} + {} minimum stack = {sram} {} budget {} bytes (more static data and \
+             the stack's real depth come on top)\n\
+             flash: plan file {} {} budget {} bytes (code comes on top)",
+            plan.describe_arena(),
+            budget.min_stack_bytes,
+            verdict(sram, budget.sram_bytes),
+            budget.sram_bytes,
+            plan.file_bytes,
+            verdict(plan.file_bytes, budget.flash_bytes),
+            budget.flash_bytes,
+        ),
+    })
+}
+
 /// The image's parts against the budget, e.g.
-/// `SRAM: .data 0 + .bss 60048 = 60048 static + 16384 minimum stack = 76432 > budget 8192`.
-fn breakdown(f: &Footprint, budget: &Budget) -> String {
+/// `SRAM: .data 0 + .bss 60048 = 60048 static + 16384 minimum stack = 76432 > budget 8192`;
+/// with a plan, the arena's and the plan file's share.
+fn breakdown(f: &Footprint, budget: &Budget, plan: Option<&PlanSizes>) -> String {
     let sram = f.static_ram_bytes() + budget.min_stack_bytes;
     let flash = f.flash_bytes();
-    let verdict = |need: u64, have: u64| if need > have { '>' } else { '<' };
+    let (bss_parts, const_parts) = match plan {
+        Some(p) => (
+            format!(
+                " ({}, other {})",
+                p.describe_arena(),
+                f.bss_bytes.saturating_sub(p.arena_bytes())
+            ),
+            format!(" (plan file {})", p.file_bytes),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "SRAM: .data {} + .bss {} = {} static + {} minimum stack = {sram} {} budget {} bytes\n\
-         flash: code {} + constants {} + .data {} = {flash} {} budget {} bytes",
+        "SRAM: .data {} + .bss {}{bss_parts} = {} static + {} minimum stack = {sram} {} budget \
+         {} bytes\n\
+         flash: code {} + constants {}{const_parts} + .data {} = {flash} {} budget {} bytes",
         f.data_bytes,
         f.bss_bytes,
         f.static_ram_bytes(),
@@ -433,24 +638,79 @@ mod tests {
             sram_bytes: 8192,
             ..Budget::default()
         };
-        let text = breakdown(&f, &budget);
+        let text = breakdown(&f, &budget, None);
         assert!(
             text.contains("9008 static + 16384 minimum stack = 25392 > budget 8192"),
             "{text}"
         );
         assert!(text.contains("= 1208 < budget 1048576"), "{text}");
+        let plan = PlanSizes {
+            file_bytes: 150,
+            tensor_bytes: 7000,
+            state_bytes: 500,
+        };
+        let text = breakdown(&f, &budget, Some(&plan));
+        assert!(
+            text.contains(
+                ".bss 9000 (arena 7500 (planned tensors 7000 + training state 500), other 1500)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("constants 200 (plan file 150)"), "{text}");
+    }
+
+    #[test]
+    fn a_plan_over_budget_is_refused_before_building() {
+        let plan = PlanSizes {
+            file_bytes: 70_000,
+            tensor_bytes: 250_000,
+            state_bytes: 1000,
+        };
+        let budget = Budget::default();
+        let text = check_plan(&plan, &budget).unwrap_err().to_string();
+        assert!(text.contains("nothing ran"), "{text}");
+        assert!(
+            text.contains(
+                "arena 251000 (planned tensors 250000 + training state 1000) + 16384 minimum \
+                 stack = 267384 > budget 262144"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("plan file 70000 < budget 1048576"), "{text}");
+        let fits = PlanSizes {
+            tensor_bytes: 200_000,
+            ..plan
+        };
+        assert!(check_plan(&fits, &budget).is_ok());
+        let tiny_flash = Budget {
+            flash_bytes: 65_536,
+            ..budget
+        };
+        assert!(check_plan(&fits, &tiny_flash).is_err());
     }
 
     #[test]
     fn the_cache_key_follows_the_budget() {
         let firmware = Firmware::in_repository();
-        let key = |b: &Budget| firmware.cache_key(b, &Toolchain::Rustup).unwrap();
+        let key = |b: &Budget, p: Program| firmware.cache_key(b, p, &Toolchain::Rustup).unwrap();
         let default = Budget::default();
-        assert_eq!(key(&default), key(&default));
+        assert_eq!(
+            key(&default, Program::SelfTest),
+            key(&default, Program::SelfTest)
+        );
         let smaller = Budget {
             sram_bytes: 128 << 10,
             ..default
         };
-        assert_ne!(key(&default), key(&smaller));
+        assert_ne!(
+            key(&default, Program::SelfTest),
+            key(&smaller, Program::SelfTest)
+        );
+        let (a, b) = (
+            Program::Train { plan: &[1, 2] },
+            Program::Train { plan: &[1, 3] },
+        );
+        assert_ne!(key(&default, a), key(&default, b));
+        assert_ne!(key(&default, a), key(&default, Program::SelfTest));
     }
 }

@@ -1,25 +1,36 @@
 //! Running on a Cortex-M: build the firmware (`firmware/` at the repository root), run it in
 //! QEMU, stream a job through semihosting files, collect the results and the measurements.
 //!
+//! - [`adapt`]: fine-tuning and evaluation on a device (`mcutrain train|eval --on`);
+//! - [`board`]: a session on a real board (Nucleo-F746ZG, `probe-rs`, serial line; untested);
 //! - [`firmware`]: the cached firmware build with its memory budgets enforced at link time;
 //! - [`elf`]: flash and static RAM of an image, from its section headers;
 //! - [`qemu`]: one emulator run with a timeout, and the instruction count of the timer ticks;
 //! - [`selftest`]: the kernel self-test (random jobs, the host twin, the device run, the
-//!   byte-for-byte comparison, the measurements).
+//!   byte-for-byte comparison, the measurements);
+//! - [`session`]: training sessions (the samples streamed in, the trained state and the
+//!   measurements back);
+//! - [`report`]: the measurements of a session as a table and JSON;
+//! - [`serial`]: the host end of a session over a board's serial line.
 //!
 //! The tools come from `scripts/setup.sh`; a missing one is a [`DeviceError::MissingTool`]
 //! that says so.
 
+pub mod adapt;
+pub mod board;
 pub mod elf;
 pub mod firmware;
 pub mod qemu;
+pub mod report;
 pub mod selftest;
+pub mod serial;
+pub mod session;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use elf::Footprint;
-pub use firmware::{Firmware, Image};
+pub use firmware::{Board, Firmware, Image, PlanSizes, Program};
 pub use qemu::Qemu;
 
 /// An emulated board that runs the firmware.
@@ -79,6 +90,38 @@ impl FromStr for Machine {
     }
 }
 
+/// Where a training session runs.
+#[derive(Clone, Debug)]
+pub enum Device {
+    /// The firmware in QEMU, the session through semihosting files.
+    Qemu {
+        /// The emulated board.
+        machine: Machine,
+        /// How QEMU runs (its timeout).
+        qemu: Qemu,
+    },
+    /// The firmware on a Nucleo-F746ZG, the session over its serial line (untested).
+    NucleoF746zg(board::Nucleo),
+}
+
+impl Device {
+    /// The name used on the command line and in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Qemu { machine, .. } => machine.name(),
+            Device::NucleoF746zg(_) => "nucleo-f746zg",
+        }
+    }
+
+    /// The board the firmware is built for.
+    pub fn board(&self) -> Board {
+        match self {
+            Device::Qemu { .. } => Board::Qemu,
+            Device::NucleoF746zg(_) => Board::NucleoF746zg,
+        }
+    }
+}
+
 /// Memory budgets of a firmware image, enforced when it links.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Budget {
@@ -100,13 +143,18 @@ impl Default for Budget {
     }
 }
 
-/// A size like `262144`, `256K` or `1M` (binary units, `k`/`m` accepted) in bytes.
+/// A size like `262144`, `256K`, `256KB` or `1M` (binary units, any case) in bytes.
 pub fn parse_size(text: &str) -> Result<u64, DeviceError> {
     let text = text.trim();
-    let (digits, unit) = match text.chars().last() {
-        Some('K' | 'k') => (&text[..text.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&text[..text.len() - 1], 1u64 << 20),
-        _ => (text, 1),
+    let upper = text.to_ascii_uppercase();
+    let number = match upper.strip_suffix('B') {
+        Some(rest) if rest.ends_with(['K', 'M']) => rest,
+        _ => &upper,
+    };
+    let (digits, unit) = match number.chars().last() {
+        Some('K') => (&number[..number.len() - 1], 1u64 << 10),
+        Some('M') => (&number[..number.len() - 1], 1u64 << 20),
+        _ => (number, 1),
     };
     digits
         .parse::<u64>()
@@ -128,17 +176,18 @@ pub enum DeviceError {
         /// What was tried.
         detail: String,
     },
-    /// The image does not fit its memory budget: refused at link time, nothing ran.
-    #[error(
-        "the firmware does not fit the memory budget (refused at link time, nothing ran):\n\
-         {linker}\n{breakdown}"
-    )]
+    /// The image does not fit its memory budget: refused before building (the plan alone) or
+    /// at link time, nothing ran.
+    #[error("the firmware does not fit the memory budget, nothing ran:\n{linker}\n{breakdown}")]
     OverBudget {
-        /// The linker's messages.
+        /// Where it was refused, and the linker's messages.
         linker: String,
         /// Sizes of the image's parts against the budget.
         breakdown: String,
     },
+    /// No training plan can be made for the model and settings.
+    #[error("cannot make the training plan: {0}")]
+    Plan(String),
     /// Building the firmware failed for another reason.
     #[error("building the firmware failed:\n{0}")]
     Build(String),
@@ -150,6 +199,14 @@ pub enum DeviceError {
         /// QEMU's exit status.
         status: String,
         /// What the firmware and QEMU printed.
+        output: String,
+    },
+    /// The board run failed (`probe-rs` reported an error or did not finish).
+    #[error("the run on the Nucleo-F746ZG failed ({status}):\n{output}")]
+    Board {
+        /// `probe-rs`'s exit status.
+        status: String,
+        /// What `probe-rs` and the firmware printed.
         output: String,
     },
     /// QEMU did not finish in time.
@@ -193,7 +250,9 @@ mod tests {
         assert_eq!(parse_size("1M").unwrap(), 1_048_576);
         assert_eq!(parse_size(" 8k ").unwrap(), 8192);
         assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("12KB").is_err());
+        assert_eq!(parse_size("320kb").unwrap(), 327_680);
+        assert!(parse_size("12B").is_err());
+        assert!(parse_size("K").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999999999M").is_err());
     }

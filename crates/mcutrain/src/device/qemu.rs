@@ -10,6 +10,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,18 @@ impl Qemu {
     /// A failing exit status is a [`DeviceError::Run`], a run longer than the timeout a
     /// [`DeviceError::Timeout`].
     pub fn run(&self, machine: Machine, elf: &Path, workdir: &Path) -> Result<String, DeviceError> {
+        self.run_watching(machine, elf, workdir, || {})
+    }
+
+    /// [`Qemu::run`], calling `watch` about four times a second while the firmware runs (to
+    /// follow its progress in the files it writes).
+    pub fn run_watching(
+        &self,
+        machine: Machine,
+        elf: &Path,
+        workdir: &Path,
+        watch: impl FnMut(),
+    ) -> Result<String, DeviceError> {
         let elf = elf
             .canonicalize()
             .map_err(DeviceError::io(format!("find {}", elf.display())))?;
@@ -73,14 +86,9 @@ impl Qemu {
             what: format!("QEMU (`{}`)", self.binary.display()),
             detail: e.to_string(),
         })?;
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        let status = wait_with_timeout(&mut child, self.timeout);
-        let output = format!(
-            "{}{}",
-            stdout.join().unwrap_or_default(),
-            stderr.join().unwrap_or_default()
-        );
+        let output = drain_output(&mut child);
+        let status = wait_with_timeout(&mut child, self.timeout, watch);
+        let output = output.join();
         match status? {
             Some(status) if status.success() => Ok(output),
             Some(status) => Err(DeviceError::Run {
@@ -93,6 +101,59 @@ impl Qemu {
                 seconds: self.timeout.as_secs(),
             }),
         }
+    }
+}
+
+/// A fresh directory under the system's temporary directory for one run, removed on drop.
+pub(crate) struct WorkDir(PathBuf);
+
+impl WorkDir {
+    pub(crate) fn new() -> Result<WorkDir, DeviceError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "mcutrain-device-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).map_err(DeviceError::io("create a working directory"))?;
+        Ok(WorkDir(path))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a child prints on stdout and stderr, read on threads until it exits.
+pub(crate) struct ChildOutput {
+    stdout: thread::JoinHandle<String>,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl ChildOutput {
+    /// Everything printed: stdout, then stderr.
+    pub(crate) fn join(self) -> String {
+        format!(
+            "{}{}",
+            self.stdout.join().unwrap_or_default(),
+            self.stderr.join().unwrap_or_default()
+        )
+    }
+}
+
+/// Starts reading the piped stdout and stderr of `child`.
+pub(crate) fn drain_output(child: &mut Child) -> ChildOutput {
+    ChildOutput {
+        stdout: drain(child.stdout.take()),
+        stderr: drain(child.stderr.take()),
     }
 }
 
@@ -109,13 +170,17 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String>
     })
 }
 
-/// The child's exit status, or `None` after killing it at the timeout.
-fn wait_with_timeout(
+/// The child's exit status, or `None` after killing it at the timeout; `watch` runs every
+/// 25th poll.
+pub(crate) fn wait_with_timeout(
     child: &mut Child,
     timeout: Duration,
+    mut watch: impl FnMut(),
 ) -> Result<Option<std::process::ExitStatus>, DeviceError> {
     let deadline = Instant::now() + timeout;
+    let mut poll = 0u64;
     loop {
+        poll += 1;
         if let Some(status) = child.try_wait().map_err(DeviceError::io("wait for QEMU"))? {
             return Ok(Some(status));
         }
@@ -123,6 +188,9 @@ fn wait_with_timeout(
             let _ = child.kill();
             let _ = child.wait();
             return Ok(None);
+        }
+        if poll.is_multiple_of(25) {
+            watch();
         }
         thread::sleep(Duration::from_millis(10));
     }

@@ -7,8 +7,6 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use mcutrain_core::ops::activation::Activation;
 use mcutrain_core::ops::conv2d::{Conv2dGeom, QLayerParams};
@@ -21,7 +19,7 @@ use mcutrain_core::selftest::{
 };
 use mcutrain_core::update::{FqtUpdateConfig, GradStats};
 
-use super::qemu::ticks_to_instructions;
+use super::qemu::{ticks_to_instructions, WorkDir};
 use super::{DeviceError, Footprint, Image, Machine, Qemu};
 
 /// Convolution geometries of the random jobs, one per kernel path: standard 3x3, strided,
@@ -363,10 +361,10 @@ pub fn run_on_device(
     job: &[u8],
 ) -> Result<DeviceRun, DeviceError> {
     let workdir = WorkDir::new()?;
-    fs::write(workdir.0.join("job.bin"), job).map_err(DeviceError::io("write job.bin"))?;
-    let console = qemu.run(machine, &image.elf, &workdir.0)?;
+    fs::write(workdir.path().join("job.bin"), job).map_err(DeviceError::io("write job.bin"))?;
+    let console = qemu.run(machine, &image.elf, workdir.path())?;
     let read = |name: &str| {
-        fs::read(workdir.0.join(name))
+        fs::read(workdir.path().join(name))
             .map_err(|e| DeviceError::BadOutput(format!("the firmware left no {name}: {e}")))
     };
     let results = read("results.bin")?;
@@ -470,29 +468,6 @@ pub fn compare_results(host: &[u8], device: &[u8]) -> Result<(), String> {
 }
 
 /// A fresh directory under the system's temporary directory, removed on drop.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new() -> Result<WorkDir, DeviceError> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "mcutrain-device-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = std::env::temp_dir().join(name);
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).map_err(DeviceError::io("create a working directory"))?;
-        Ok(WorkDir(path))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

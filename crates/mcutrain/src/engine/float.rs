@@ -385,10 +385,11 @@ pub fn train(
     let len = data.sample_len();
     let steps = data.len().div_ceil(cfg.batch.max(1));
     let total_steps = (steps * cfg.epochs).max(1);
-    let mut rng = Rng::new(cfg.seed);
     let mut epoch_losses = Vec::with_capacity(cfg.epochs);
-    for epoch in 0..cfg.epochs {
-        let order = shuffled(data.len(), &mut rng);
+    for (epoch, order) in epoch_orders(data.len(), cfg.epochs, cfg.seed)
+        .into_iter()
+        .enumerate()
+    {
         let mut epoch_loss = 0.0;
         for (step, batch_idx) in order.chunks(cfg.batch.max(1)).enumerate() {
             let batch_input: Vec<f32> = batch_idx
@@ -490,4 +491,12 @@ pub fn shuffled(n: usize, rng: &mut Rng) -> Vec<usize> {
         order.swap(i, j);
     }
     order
+}
+
+/// The sample order of every epoch of a training run over `n` samples: successive
+/// [`shuffled`] permutations from `Rng::new(seed)`. Float training, FQT training and the
+/// device sessions (which stream the samples in this order) share it.
+pub fn epoch_orders(n: usize, epochs: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(seed);
+    (0..epochs).map(|_| shuffled(n, &mut rng)).collect()
 }

@@ -18,7 +18,7 @@
 
 use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
 use crate::data::Dataset;
-use crate::engine::float::{shuffled, zeros_like};
+use crate::engine::float::{epoch_orders, zeros_like};
 use crate::model::{
     numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState,
     Shape,
@@ -30,7 +30,6 @@ pub use mcutrain_core::plan::exec::{error_unit, quantize_error, scale_range, Wri
 /// How error tensors get their quantization (a training option, stored in plan files).
 pub use mcutrain_core::plan::ErrorRanges;
 use mcutrain_core::quant::{QParams, RealRange};
-use mcutrain_core::rng::Rng;
 use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
 use rayon::prelude::*;
 
@@ -896,12 +895,11 @@ impl FqtTrainer {
         data: &Dataset,
         mut progress: impl FnMut(usize, usize, usize),
     ) -> Vec<EpochStats> {
-        let mut rng = Rng::new(self.cfg.seed);
         let batch = self.cfg.batch.max(1);
         let steps = data.len().div_ceil(batch);
         let mut out = Vec::new();
-        for epoch in 0..self.cfg.epochs {
-            let order = shuffled(data.len(), &mut rng);
+        let orders = epoch_orders(data.len(), self.cfg.epochs, self.cfg.seed);
+        for (epoch, order) in orders.into_iter().enumerate() {
             let mut epoch_stats = BatchStats::default();
             for (step, idx) in order.chunks(batch).enumerate() {
                 self.lr = cosine_lr(self.cfg.lr, epoch * steps + step, steps * self.cfg.epochs);

@@ -310,7 +310,8 @@ fn pad_len(len: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
-fn encode(model: &Model) -> Result<Vec<u8>, String> {
+/// The bytes [`save`] writes for `model` (an error names a size the format cannot hold).
+pub fn encode(model: &Model) -> Result<Vec<u8>, String> {
     check_sizes(&model.arch)?;
     let mut w = Writer::default();
     write_architecture(&mut w, &model.arch)?;
