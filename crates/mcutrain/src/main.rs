@@ -322,6 +322,7 @@ struct ModelArgs {
 }
 
 fn main() {
+    restore_default_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pretrain(a) => pretrain(a),
@@ -336,6 +337,17 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(2);
+    }
+}
+
+/// End quietly, as other command-line tools do, when the reader of stdout goes away
+/// (`mcutrain plan ... | head`): Rust ignores SIGPIPE, which turns the next write into a panic.
+fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first in `main`, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

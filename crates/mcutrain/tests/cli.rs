@@ -383,3 +383,31 @@ fn time_series_from_a_ts_file_train_a_1d_cnn() {
         &["cnn1d"],
     );
 }
+
+/// A reader that has gone away (`mcutrain plan ... | head -1`) ends the command quietly: no
+/// panic message on stderr, and on Unix the SIGPIPE exit of other command-line tools. The
+/// pipe's read end is closed before the command starts, so its first write fails.
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_mcutrain"))
+        .args(["plan", "mbv2-w035-r128", "--update", "all", "--sram", "4M"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run mcutrain");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{:?} {stderr}",
+            out.status
+        );
+    }
+}
