@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::ProgressBar;
 use mcutrain::adapt::{evaluate, float_finetune, fqt_finetune};
+use mcutrain::compile::RowStreaming;
 use mcutrain::data::{self, CorruptionSpec, Dataset, Split};
 use mcutrain::device::{self, Budget, Machine, Qemu};
 use mcutrain::engine::float::FloatTrainConfig;
@@ -167,6 +168,11 @@ struct DeviceArgs {
     /// The board's serial port (`--on nucleo-f746zg`), e.g. /dev/ttyACM0.
     #[arg(long)]
     port: Option<PathBuf>,
+    /// Row-stream the plan's chains of frozen convolutions on the device (int8): `auto` only
+    /// when the plan does not fit --sram otherwise, `on` for the least SRAM, `off` for the
+    /// fewest instructions (see `mcutrain plan`).
+    #[arg(long, value_enum, default_value = "auto")]
+    row_streaming: RowStreaming,
 }
 
 impl DeviceArgs {
@@ -198,7 +204,11 @@ impl DeviceArgs {
             flash_bytes: device::parse_size(&self.flash)?,
             ..Budget::default()
         };
-        Ok(Some(device::adapt::Target { device, budget }))
+        Ok(Some(device::adapt::Target {
+            device,
+            budget,
+            row_streaming: self.row_streaming,
+        }))
     }
 }
 

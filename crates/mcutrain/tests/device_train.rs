@@ -126,7 +126,7 @@ fn fashion_shift_float32_trains_byte_for_byte_on_qemu_m4_and_the_host() {
 
 #[test]
 fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
-    // Partial updates on the last five layers.
+    // Partial updates on the last five layers, the frozen blocks row-streamed.
     let device = train_on_host_and_device(
         &int8_model_path(),
         &[
@@ -138,6 +138,8 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
             "0.004",
             "--partial",
             "0.5:1",
+            "--row-streaming",
+            "on",
         ],
     );
 
@@ -170,6 +172,10 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
     assert!(
         !backward_layers.contains(&"block4.project"),
         "{backward_layers:?}"
+    );
+    assert!(
+        streamed_chains(&device) >= 4,
+        "block1..block4 are streamed: {layers:?}"
     );
     // Measured memory, within the default budgets.
     let sram = figure("sram_bytes");
@@ -207,6 +213,18 @@ fn a_device_evaluates_like_the_host_twin_on_qemu_m7() {
     assert_eq!(device["accuracy"], host["accuracy"]);
     assert!(device["instructions_per_inference"].as_u64().unwrap() > 3_329_216);
     assert_eq!(device["train_samples"], 0);
+    // The evaluation plan fits 256 KB without row streaming, so `auto` leaves it off.
+    assert_eq!(streamed_chains(&device), 0, "{device}");
+}
+
+/// Row-streamed chains in a device report's layer table.
+fn streamed_chains(device: &serde_json::Value) -> usize {
+    device["instructions_per_layer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["op"].as_str().unwrap().starts_with("streamed to"))
+        .count()
 }
 
 #[test]

@@ -6,8 +6,8 @@ mod common;
 use common::random_arch;
 use mcutrain::compile::report::{check_budget, MemoryReport};
 use mcutrain::compile::{
-    compile, scheme, Category, LayerUpdate, Placement, PlanOptions, Precision, StepOp, TensorRole,
-    TrainingPlan,
+    compile, compile_streaming, scheme, Category, LayerUpdate, Placement, PlanOptions, Precision,
+    RowStreaming, StepOp, TensorRole, TrainingPlan,
 };
 use mcutrain::engine::UpdateScheme;
 use mcutrain::model::{zoo, Architecture, LayerKind};
@@ -328,6 +328,7 @@ proptest! {
         batch in 1usize..4,
         uniform in 0u8..4,
         k in 1usize..6,
+        row_streaming in any::<bool>(),
     ) {
         let arch = random_arch([c, h, w], &choices, classes);
         let updates = match uniform {
@@ -339,7 +340,8 @@ proptest! {
         let precision = if int8 { Precision::Int8 } else { Precision::Float32 };
         let mut peaks = Vec::new();
         for reorder in [true, false] {
-            let options = PlanOptions { precision, batch, reorder, momentum: !int8 && batch > 1 };
+            let momentum = !int8 && batch > 1;
+            let options = PlanOptions { precision, batch, reorder, momentum, row_streaming };
             let plan = compile(&arch, &updates, &options).expect("compiles");
             check_liveness(&plan);
             check_pruning(&plan);
@@ -355,8 +357,8 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// MobileNetV2-style nets, where frozen blocks stream and trained blocks keep clamp masks,
-    /// under the independent checks.
+    /// MobileNetV2-style nets, where frozen blocks stream (with row streaming) and trained
+    /// blocks keep clamp masks, under the independent checks.
     #[test]
     fn random_mobilenets_stream_and_plan_without_overlap(
         c in 1usize..4, h in 4usize..20, w in 4usize..20,
@@ -365,6 +367,7 @@ proptest! {
         batch in 1usize..3,
         uniform in 0u8..3,
         k in 1usize..5,
+        row_streaming in any::<bool>(),
     ) {
         let arch = common::random_mobilenet([c, h, w], &blocks, 3);
         let updates = match uniform {
@@ -373,12 +376,14 @@ proptest! {
             _ => common::random_updates(&arch, &picks),
         };
         for reorder in [true, false] {
-            let options = PlanOptions { batch, reorder, ..PlanOptions::new(Precision::Int8) };
+            let options = PlanOptions { batch, reorder, row_streaming, ..PlanOptions::new(Precision::Int8) };
             let plan = compile(&arch, &updates, &options).expect("compiles");
             check_liveness(&plan);
             check_pruning(&plan);
             check_memory_ops(&arch, &plan);
             check_report(&arch, &plan);
+            let streams = plan.steps.iter().any(|s| s.op == StepOp::StreamedForward);
+            prop_assert!(row_streaming || !streams, "streamed without row streaming");
         }
     }
 }
@@ -582,6 +587,30 @@ fn mbv2_sparse_streams_its_frozen_blocks_and_masks_its_trained_ones() {
 }
 
 #[test]
+fn row_streaming_is_an_option_and_auto_streams_only_what_does_not_fit() {
+    let arch = zoo::mbv2_w035_r128();
+    let updates = mbv2_sparse(&arch);
+    let options = PlanOptions::new(Precision::Int8);
+    let plan = |streaming, fits: bool| {
+        compile_streaming(&arch, &updates, &options, streaming, |_| fits).expect("compiles")
+    };
+    let streams = |p: &TrainingPlan| p.steps.iter().any(|s| s.op == StepOp::StreamedForward);
+    let masks = |p: &TrainingPlan| p.steps.iter().filter(|s| s.op == StepOp::ClampMask).count();
+    let (on, off) = (plan(RowStreaming::On, true), plan(RowStreaming::Off, false));
+    assert!(streams(&on) && !streams(&off));
+    // Clamp masks do not depend on streaming.
+    assert_eq!(masks(&on), masks(&off));
+    assert!(masks(&off) > 0);
+    assert!(on.arena_bytes < off.arena_bytes);
+    for p in [&on, &off] {
+        check_liveness(p);
+        check_memory_ops(&arch, p);
+    }
+    assert_eq!(plan(RowStreaming::Auto, true).arena_bytes, off.arena_bytes);
+    assert_eq!(plan(RowStreaming::Auto, false).arena_bytes, on.arena_bytes);
+}
+
+#[test]
 fn mbv2_figures() {
     let arch = zoo::mbv2_w035_r128();
     assert_eq!(arch.param_count().unwrap(), 391_650);
@@ -658,19 +687,47 @@ fn plan_command_reports_and_refuses() {
 
     let sparse =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json");
+    // 256 KB needs row streaming (the plan without it takes about 292 KB), 4 MB does not.
     let out = mcutrain(&[
         "plan",
         "mbv2-w035-r128",
         "--update",
         sparse.to_str().unwrap(),
         "--sram",
-        "4M",
+        "256K",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("row-streamed forward, intermediate activations never stored: stem..")
+        stdout.contains("row streaming on (auto: the plan does not fit the budget without it)")
+            && stdout
+                .contains("row-streamed forward, intermediate activations never stored: stem..")
             && stdout.contains("clamp masks: "),
         "{stdout}"
+    );
+    let sparse_json = |streaming: &str| {
+        let out = mcutrain(&[
+            "plan",
+            "mbv2-w035-r128",
+            "--update",
+            sparse.to_str().unwrap(),
+            "--sram",
+            "4M",
+            "--row-streaming",
+            streaming,
+            "--json",
+        ]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (auto, on, off) = (sparse_json("auto"), sparse_json("on"), sparse_json("off"));
+    assert_eq!(auto, off);
+    assert_eq!(
+        (on["row_streaming"].clone(), off["row_streaming"].clone()),
+        (true.into(), false.into())
+    );
+    assert!(
+        on["peak_bytes"].as_u64() < off["peak_bytes"].as_u64(),
+        "{on} {off}"
     );
 
     let out = mcutrain(&["plan", "mbv2-w035-r128", "--update", "nonsense.json"]);

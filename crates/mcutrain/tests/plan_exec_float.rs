@@ -42,10 +42,10 @@ struct Run {
 fn plan_bytes(model: &Model, run: &Run) -> (TrainingPlan, AlignedBytes) {
     let updates = scheme::from_update_scheme(&model.arch, run.scheme);
     let options = PlanOptions {
-        precision: Precision::Float32,
         batch: run.batch,
         reorder: run.reorder,
         momentum: run.momentum != 0.0,
+        ..PlanOptions::new(Precision::Float32)
     };
     let plan = compile(&model.arch, &updates, &options).expect("compiles");
     let config = plan_file::float_train_config(PEAK_LR, run.momentum);

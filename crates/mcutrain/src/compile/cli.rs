@@ -1,4 +1,5 @@
 //! `mcutrain plan MODEL --update SCHEME --sram 256K [--batch N] [--no-reorder] [--momentum [M]]
+//! [--row-streaming auto|on|off]
 //! [--json] [--out PLAN.bin [--lr LR] [--partial MIN:MAX] [--error-ranges tracked|exact]]`: compile the training step and
 //! print its memory report; a plan over the SRAM budget is refused (an error, so exit code 2)
 //! after the report. With `--out`, a plan that fits is written as a plan file for the device
@@ -6,7 +7,10 @@
 //! float32 one an SGD plan, with momentum `M` when `--momentum` is given).
 
 use super::report::{check_budget, MemoryReport};
-use super::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision, TrainingPlan};
+use super::{
+    compile_streaming, plan_file, scheme, LayerUpdate, PlanOptions, Precision, RowStreaming,
+    StepOp, TrainingPlan,
+};
 use crate::engine::fqt::{ErrorRanges, FqtConfig, PartialUpdate};
 use crate::engine::UpdateScheme;
 use crate::model::{format, zoo, Architecture, Params};
@@ -41,6 +45,11 @@ pub struct PlanArgs {
     /// Keep every gradient until the end of the backward (the naive baseline).
     #[arg(long)]
     pub no_reorder: bool,
+    /// Row-stream chains of frozen convolutions (int8): `on` gives the smallest plan, `off`
+    /// the fewest instructions, `auto` streams only when the plan does not fit --sram
+    /// otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub row_streaming: RowStreaming,
     /// Element sizes (default: the model file's; int8 for an architecture name).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
@@ -89,8 +98,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
         batch: args.batch,
         reorder: !args.no_reorder,
         momentum: args.momentum.is_some(),
+        row_streaming: true,
     };
-    let plan = compile(&arch, &updates, &options)?;
+    let plan = compile_streaming(&arch, &updates, &options, args.row_streaming, |p| {
+        check_budget(&MemoryReport::new(&arch, p), budget).is_ok()
+    })?;
+    let streamed = plan.steps.iter().any(|s| s.op == StepOp::StreamedForward);
     let report = MemoryReport::new(&arch, &plan);
     let verdict = check_budget(&report, budget);
     let written = match (&args.out, verdict.is_ok()) {
@@ -103,6 +116,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         value["update"] = args.update.clone().into();
         value["budget_bytes"] = budget.into();
         value["fits"] = verdict.is_ok().into();
+        value["row_streaming"] = streamed.into();
         if let (Some(path), Some(file)) = (&args.out, &written) {
             value["plan_file"] = path.display().to_string().into();
             value["plan_file_bytes"] = file.file_bytes.into();
@@ -111,6 +125,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         println!("{value}");
     } else {
         println!("model {}, update {}", args.model, args.update);
+        println!("{}", streaming_line(args.row_streaming, streamed));
         print!("{}", report.text());
         if verdict.is_ok() {
             println!(
@@ -137,6 +152,20 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     verdict.context("refused")?;
     Ok(())
+}
+
+/// What `--row-streaming` chose, e.g. `row streaming off (auto: the plan fits without it)`.
+fn streaming_line(asked: RowStreaming, streamed: bool) -> String {
+    let state = if streamed { "on" } else { "off" };
+    let why = match (asked, streamed) {
+        (RowStreaming::Auto, false) => {
+            " (auto: the plan fits the budget without it; --row-streaming on gives the smallest plan)"
+        }
+        (RowStreaming::Auto, true) => " (auto: the plan does not fit the budget without it)",
+        (RowStreaming::On, false) => " (no frozen convolution chain qualifies)",
+        _ => "",
+    };
+    format!("row streaming {state}{why}")
 }
 
 /// Sizes of a written plan file.

@@ -25,7 +25,9 @@
 //!   the next convolution reads (no backward step, one consumer) becomes one
 //!   [`StepOp::StreamedForward`] step; the intermediates are never stored, only row windows
 //!   of them in the step's scratch ([`stream::scratch_bytes`]). A stage joins a chain only when
-//!   its window is smaller than the tensor it replaces;
+//!   its window is smaller than the tensor it replaces. It costs instructions, so it is an
+//!   option ([`PlanOptions::row_streaming`]; [`compile_streaming`] streams only a plan that
+//!   does not fit otherwise);
 //! - clamp masks: an activation that in the backward pass only its activation mask reads is
 //!   reduced right after its forward to a 1-bit mask ([`StepOp::ClampMask`]), which the mask
 //!   step reads instead (an eighth of the bytes kept for the backward pass).
@@ -59,16 +61,62 @@ pub struct PlanOptions {
     pub reorder: bool,
     /// float32 SGD with momentum: a velocity buffer per trained parameter (persistent).
     pub momentum: bool,
+    /// Row-stream the chains of frozen convolutions (int8 plans): less SRAM, more
+    /// instructions (the streamed kernel calls the convolution once per row and channel).
+    pub row_streaming: bool,
 }
 
 impl PlanOptions {
-    /// Batch 1, reordering on, no momentum.
+    /// Batch 1, reordering on, no momentum, row streaming on (the smallest plan).
     pub fn new(precision: Precision) -> Self {
         PlanOptions {
             precision,
             batch: 1,
             reorder: true,
             momentum: false,
+            row_streaming: true,
+        }
+    }
+}
+
+/// When to row-stream frozen convolution chains ([`PlanOptions::row_streaming`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowStreaming {
+    /// Only when the plan does not fit its budget without it.
+    #[default]
+    Auto,
+    /// Wherever a chain qualifies: the smallest plan.
+    On,
+    /// Never: the fewest instructions.
+    Off,
+}
+
+/// [`compile`] with row streaming as `streaming` says; with [`RowStreaming::Auto`] the plan
+/// without streaming when `fits` accepts it, else the streamed one.
+pub fn compile_streaming(
+    arch: &Architecture,
+    updates: &[LayerUpdate],
+    options: &PlanOptions,
+    streaming: RowStreaming,
+    fits: impl Fn(&TrainingPlan) -> bool,
+) -> Result<TrainingPlan, CompileError> {
+    let with = |row_streaming| {
+        let options = PlanOptions {
+            row_streaming,
+            ..*options
+        };
+        compile(arch, updates, &options)
+    };
+    match streaming {
+        RowStreaming::On => with(true),
+        RowStreaming::Off => with(false),
+        RowStreaming::Auto => {
+            let plain = with(false)?;
+            if fits(&plain) {
+                Ok(plain)
+            } else {
+                with(true)
+            }
         }
     }
 }
@@ -160,7 +208,8 @@ pub fn compile(
 }
 
 /// Which activations the memory-saving steps apply to (see the module documentation), per
-/// model tensor; found from the plan built without them. Empty for float plans.
+/// model tensor; found from the plan built without them. Empty for float plans; no streaming
+/// without [`PlanOptions::row_streaming`].
 #[derive(Clone, Debug, Default)]
 struct MemoryOps {
     /// No backward step reads the activation: it may be streamed.
@@ -191,8 +240,9 @@ impl MemoryOps {
                 .iter()
                 .filter(|s| s.op.is_backward() && s.reads.contains(&id))
                 .peekable();
-            memory.forward_only[t] = readers.peek().is_none();
-            memory.mask_only[t] = !memory.forward_only[t]
+            let forward_only = readers.peek().is_none();
+            memory.forward_only[t] = options.row_streaming && forward_only;
+            memory.mask_only[t] = !forward_only
                 && readers.all(|s| s.op == StepOp::ActivationMask && s.reads[0] == id);
         }
         Ok(memory)

@@ -24,7 +24,7 @@ pub mod plan_file;
 pub mod report;
 pub mod scheme;
 
-pub use graph::{compile, CompileError, PlanOptions};
+pub use graph::{compile, compile_streaming, CompileError, PlanOptions, RowStreaming};
 pub use scheme::LayerUpdate;
 
 /// Arena offsets and sizes are multiples of this many bytes.

@@ -7,10 +7,14 @@
 //! session streams the samples in the host trainer's order, so the trained model equals the
 //! host twin's bit for bit.
 
+use super::firmware::{check_plan, PlanSizes};
 use super::report::DeviceReport;
 use super::session::{self, Progress, Session, SessionResults};
 use super::{Budget, Device, DeviceError};
-use crate::compile::{compile, plan_file, scheme, LayerUpdate, PlanOptions, Precision};
+use crate::compile::{
+    compile_streaming, plan_file, scheme, LayerUpdate, PlanOptions, Precision, RowStreaming,
+    TrainingPlan,
+};
 use crate::data::Dataset;
 use crate::engine::float::FloatTrainConfig;
 use crate::engine::fqt::FqtConfig;
@@ -25,6 +29,9 @@ pub struct Target {
     pub device: Device,
     /// Memory budgets, enforced when the image links.
     pub budget: Budget,
+    /// When the plan row-streams frozen convolution chains (`Auto`: only when the plan does
+    /// not fit the budget without it, by [`check_plan`]).
+    pub row_streaming: RowStreaming,
 }
 
 /// A finished session: the model after it, what came back and the measurements.
@@ -42,12 +49,14 @@ pub struct DeviceRun {
 
 /// The plan file of training `model` under `updates` at `batch` samples per update with
 /// `config`'s hyper-parameters, in the model's precision (float32 with a velocity buffer
-/// when `config.momentum` is not 0), with operator reordering.
+/// when `config.momentum` is not 0), with operator reordering and row streaming as `target`
+/// says.
 fn plan_file_for(
     model: &Model,
     updates: &[LayerUpdate],
     batch: usize,
     config: &TrainConfig,
+    target: &Target,
 ) -> Result<Vec<u8>, DeviceError> {
     let precision = match model.params {
         Params::Int8(_) => Precision::Int8,
@@ -58,9 +67,17 @@ fn plan_file_for(
         momentum: config.momentum != 0.0,
         ..PlanOptions::new(precision)
     };
-    let plan =
-        compile(&model.arch, updates, &options).map_err(|e| DeviceError::Plan(e.to_string()))?;
-    plan_file::write(&plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
+    let write = |plan: &TrainingPlan| {
+        plan_file::write(plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
+    };
+    let fits = |plan: &TrainingPlan| {
+        write(plan)
+            .and_then(|file| PlanSizes::of(&file))
+            .is_ok_and(|sizes| check_plan(&sizes, &target.budget).is_ok())
+    };
+    let plan = compile_streaming(&model.arch, updates, &options, target.row_streaming, fits)
+        .map_err(|e| DeviceError::Plan(e.to_string()))?;
+    write(&plan)
 }
 
 /// What a session trains with: the plan's settings and the sample stream.
@@ -90,7 +107,7 @@ fn run_training(
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
     let updates = scheme::from_update_scheme(&model.arch, training.scheme);
-    let plan = plan_file_for(model, &updates, training.batch, &training.config)?;
+    let plan = plan_file_for(model, &updates, training.batch, &training.config, target)?;
     let session = Session {
         plan: &plan,
         epochs: training.epochs,
