@@ -687,15 +687,20 @@ fn plan_command_reports_and_refuses() {
 
     let sparse =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json");
+    let sparse_plan = |sram: &str, more: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "mbv2-w035-r128",
+            "--update",
+            sparse.to_str().unwrap(),
+            "--sram",
+            sram,
+        ];
+        args.extend(more);
+        mcutrain(&args)
+    };
     // 256 KB needs row streaming (the plan without it takes about 292 KB), 4 MB does not.
-    let out = mcutrain(&[
-        "plan",
-        "mbv2-w035-r128",
-        "--update",
-        sparse.to_str().unwrap(),
-        "--sram",
-        "256K",
-    ]);
+    let out = sparse_plan("256K", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
@@ -706,17 +711,7 @@ fn plan_command_reports_and_refuses() {
         "{stdout}"
     );
     let sparse_json = |streaming: &str| {
-        let out = mcutrain(&[
-            "plan",
-            "mbv2-w035-r128",
-            "--update",
-            sparse.to_str().unwrap(),
-            "--sram",
-            "4M",
-            "--row-streaming",
-            streaming,
-            "--json",
-        ]);
+        let out = sparse_plan("4M", &["--row-streaming", streaming, "--json"]);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let (auto, on, off) = (sparse_json("auto"), sparse_json("on"), sparse_json("off"));
