@@ -63,6 +63,35 @@ pub struct Conv2dGeom {
 }
 
 impl Conv2dGeom {
+    /// A geometry with a square kernel, stride and padding (`k x k`, `s x s`, `p x p`).
+    #[allow(clippy::too_many_arguments)] // the geometry's fields in order
+    pub const fn square(
+        batch: usize,
+        in_channels: usize,
+        in_h: usize,
+        in_w: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Self {
+        Conv2dGeom {
+            batch,
+            in_channels,
+            in_h,
+            in_w,
+            out_channels,
+            kernel_h: kernel,
+            kernel_w: kernel,
+            stride_h: stride,
+            stride_w: stride,
+            pad_h: pad,
+            pad_w: pad,
+            groups,
+        }
+    }
+
     /// Output height: `(in_h + 2 * pad_h - kernel_h) / stride_h + 1` (of a valid geometry).
     pub fn out_h(&self) -> usize {
         (self.in_h + 2 * self.pad_h - self.kernel_h) / self.stride_h + 1

@@ -265,36 +265,8 @@ mod tests {
             _ if c % 2 == 0 => (3, pad as usize % 2, 2, 2 * out),
             _ => (2, 0, 1, out),
         };
-        let g = square(c, h, w, kernel, stride, pad, out_channels, groups);
+        let g = Conv2dGeom::square(1, c, h, w, out_channels, kernel, stride, pad, groups);
         g.validate().ok().map(|_| g)
-    }
-
-    /// A batch-1 geometry with square kernel, stride and padding.
-    #[allow(clippy::too_many_arguments)] // the geometry's fields in order
-    fn square(
-        c: usize,
-        h: usize,
-        w: usize,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-        out_channels: usize,
-        groups: usize,
-    ) -> Conv2dGeom {
-        Conv2dGeom {
-            batch: 1,
-            in_channels: c,
-            in_h: h,
-            in_w: w,
-            out_channels,
-            kernel_h: kernel,
-            kernel_w: kernel,
-            stride_h: stride,
-            stride_w: stride,
-            pad_h: pad,
-            pad_w: pad,
-            groups,
-        }
     }
 
     fn random_q(rng: &mut Rng) -> QParams {
@@ -378,17 +350,19 @@ mod tests {
 
     #[test]
     fn windows_are_kernel_rows_of_the_input() {
-        let g = square;
+        let g = |c, hw, kernel, stride, pad, out, groups| {
+            Conv2dGeom::square(1, c, hw, hw, out, kernel, stride, pad, groups)
+        };
         // mbv2-w035-r128's block2: expand 8 -> 48 at 64x64, depthwise stride 2, project.
-        let expand = g(8, 64, 64, 1, 1, 0, 48, 1);
-        let depthwise = g(48, 64, 64, 3, 2, 1, 48, 48);
-        let project = g(48, 32, 32, 1, 1, 0, 8, 1);
+        let expand = g(8, 64, 1, 1, 0, 48, 1);
+        let depthwise = g(48, 64, 3, 2, 1, 48, 48);
+        let project = g(48, 32, 1, 1, 0, 8, 1);
         let chain = [expand, depthwise, project];
         assert_eq!(validate(&chain), Ok(()));
         assert_eq!(scratch_bytes(&chain), 8 * 64 + 48 * 3 * 64 + 48 * 32);
         assert_eq!(validate(&[expand, project]), Err(OpError::BadChain));
         assert_eq!(validate(&[]), Err(OpError::BadChain));
-        let same = g(8, 4, 4, 1, 1, 0, 8, 1);
+        let same = g(8, 4, 1, 1, 0, 8, 1);
         assert_eq!(validate(&[same; MAX_STAGES]), Ok(()));
         assert_eq!(validate(&[same; MAX_STAGES + 1]), Err(OpError::BadChain));
     }

@@ -25,11 +25,11 @@ use super::{DeviceError, Footprint, Image, Machine, Qemu};
 /// Convolution geometries of the random jobs, one per kernel path: standard 3x3, strided,
 /// depthwise 3x3 (fast path), pointwise 1x1 (fast path), grouped 5x5, and 1-D.
 pub const CONV_GEOMETRIES: [Conv2dGeom; 6] = [
-    conv(2, 3, 8, 8, 8, 3, 1, 1, 1),
-    conv(1, 4, 9, 7, 6, 3, 2, 1, 1),
-    conv(2, 8, 6, 6, 8, 3, 1, 1, 8),
-    conv(2, 8, 5, 5, 12, 1, 1, 0, 1),
-    conv(1, 6, 10, 10, 6, 5, 1, 2, 3),
+    Conv2dGeom::square(2, 3, 8, 8, 8, 3, 1, 1, 1),
+    Conv2dGeom::square(1, 4, 9, 7, 6, 3, 2, 1, 1),
+    Conv2dGeom::square(2, 8, 6, 6, 8, 3, 1, 1, 8),
+    Conv2dGeom::square(2, 8, 5, 5, 12, 1, 1, 0, 1),
+    Conv2dGeom::square(1, 6, 10, 10, 6, 5, 1, 2, 3),
     Conv2dGeom {
         batch: 2,
         in_channels: 6,
@@ -45,34 +45,6 @@ pub const CONV_GEOMETRIES: [Conv2dGeom; 6] = [
         groups: 1,
     },
 ];
-
-#[allow(clippy::too_many_arguments)] // one table row
-const fn conv(
-    batch: usize,
-    in_channels: usize,
-    in_h: usize,
-    in_w: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    pad: usize,
-    groups: usize,
-) -> Conv2dGeom {
-    Conv2dGeom {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        kernel_h: kernel,
-        kernel_w: kernel,
-        stride_h: stride,
-        stride_w: stride,
-        pad_h: pad,
-        pad_w: pad,
-        groups,
-    }
-}
 
 /// Owned inputs of one self-test job (see [`SelfTestInputs::job`]).
 #[derive(Clone, Debug)]

@@ -79,33 +79,56 @@ impl Builder {
     }
 }
 
-/// The fashion-shift backbone: MobileNetV2-style for 1x28x28 inputs and 10 classes
-/// (about 60k parameters, 3.3M MACs per forward pass).
-pub fn fashion_shift_backbone() -> Architecture {
+/// A MobileNetV2-style network: a 3x3 `stem` (output channels, stride; ReLU6), the
+/// inverted-residual `blocks` (expansion, output channels, stride) named `block1`, `block2`,
+/// ..., an optional 1x1 `head_pointwise` conv of that many channels (ReLU6), global average
+/// pooling (`head.pool`) and a linear `classifier` with `classes` outputs.
+pub fn mobilenet_v2(
+    input: Shape,
+    stem: (usize, usize),
+    blocks: &[(usize, usize, usize)],
+    head_pointwise: Option<usize>,
+    classes: usize,
+) -> Architecture {
     let mut b = Builder {
         layers: Vec::new(),
-        channels: 1,
+        channels: input[0],
     };
-    b.conv("stem".into(), 16, 3, 2, 1, Activation::Relu6);
-    // (expansion, output channels, stride): 14x14 -> 7x7.
-    let blocks = [(4, 16, 1), (4, 32, 2), (4, 32, 1), (4, 48, 1), (4, 48, 1)];
-    for (i, &(t, c, s)) in blocks.iter().enumerate() {
-        b.inverted_residual(i + 1, t, c, s);
+    b.conv("stem".into(), stem.0, 3, stem.1, 1, Activation::Relu6);
+    for (i, &(expand, out, stride)) in blocks.iter().enumerate() {
+        b.inverted_residual(i + 1, expand, out, stride);
     }
-    b.conv("head.pointwise".into(), 192, 1, 1, 1, Activation::Relu6);
+    if let Some(channels) = head_pointwise {
+        b.conv(
+            "head.pointwise".into(),
+            channels,
+            1,
+            1,
+            1,
+            Activation::Relu6,
+        );
+    }
     b.push("head.pool".into(), LayerKind::GlobalAvgPool);
     b.push(
         "classifier".into(),
         LayerKind::Linear {
-            out_features: 10,
+            out_features: classes,
             activation: Activation::None,
         },
     );
     Architecture {
-        input: [1, 28, 28],
-        classes: 10,
+        input,
+        classes,
         layers: b.layers,
     }
+}
+
+/// The fashion-shift backbone: MobileNetV2-style for 1x28x28 inputs and 10 classes
+/// (about 60k parameters, 3.3M MACs per forward pass).
+pub fn fashion_shift_backbone() -> Architecture {
+    // (expansion, output channels, stride): 14x14 -> 7x7.
+    let blocks = [(4, 16, 1), (4, 32, 2), (4, 32, 1), (4, 48, 1), (4, 48, 1)];
+    mobilenet_v2([1, 28, 28], (16, 2), &blocks, Some(192), 10)
 }
 
 /// A small 1-D CNN for multichannel time series `[channels, 1, length]`: two convolutions
@@ -211,18 +234,6 @@ pub fn by_name(name: &str, input: Shape, classes: usize) -> Result<Architecture,
 /// 1000-class classifier).
 pub fn mbv2_w035_r128() -> Architecture {
     const WIDTH: f64 = 0.35;
-    let mut b = Builder {
-        layers: Vec::new(),
-        channels: 3,
-    };
-    b.conv(
-        "stem".into(),
-        make_divisible(32.0 * WIDTH),
-        3,
-        2,
-        1,
-        Activation::Relu6,
-    );
     let table = [
         (1, 16, 1, 1),
         (6, 24, 2, 2),
@@ -232,28 +243,15 @@ pub fn mbv2_w035_r128() -> Architecture {
         (6, 160, 3, 2),
         (6, 320, 1, 1),
     ];
-    let mut index = 0;
-    for (t, c, n, s) in table {
-        for repeat in 0..n {
-            index += 1;
-            let stride = if repeat == 0 { s } else { 1 };
-            b.inverted_residual(index, t, make_divisible(c as f64 * WIDTH), stride);
-        }
-    }
-    b.conv("head.pointwise".into(), 1280, 1, 1, 1, Activation::Relu6);
-    b.push("head.pool".into(), LayerKind::GlobalAvgPool);
-    b.push(
-        "classifier".into(),
-        LayerKind::Linear {
-            out_features: 2,
-            activation: Activation::None,
-        },
-    );
-    Architecture {
-        input: [3, 128, 128],
-        classes: 2,
-        layers: b.layers,
-    }
+    let blocks: Vec<(usize, usize, usize)> = table
+        .iter()
+        .flat_map(|&(t, c, n, s)| {
+            let out = make_divisible(c as f64 * WIDTH);
+            (0..n).map(move |repeat| (t, out, if repeat == 0 { s } else { 1 }))
+        })
+        .collect();
+    let stem = (make_divisible(32.0 * WIDTH), 2);
+    mobilenet_v2([3, 128, 128], stem, &blocks, Some(1280), 2)
 }
 
 /// The reference `_make_divisible(v, 8)`: `v` rounded to the nearest multiple of 8 (at least

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use mcutrain::compile::{scheme, LayerUpdate};
-use mcutrain::model::{Architecture, Layer, LayerKind, ModelError};
+use mcutrain::model::{zoo, Architecture, Layer, LayerKind, ModelError};
 use mcutrain_core::ops::activation::Activation;
 
 /// One random layer: (kind selector, out channels, kernel 1 or 3, stride 1 or 2, activation).
@@ -103,75 +103,11 @@ pub type BlockChoice = (usize, usize, bool);
 /// is 1, 3x3 depthwise, 1x1 project, a residual add when the shape is kept), global average
 /// pooling and a linear classifier.
 pub fn random_mobilenet(input: [usize; 3], blocks: &[BlockChoice], classes: usize) -> Architecture {
-    let conv = |name: String, out: usize, k: usize, stride: usize, groups: usize, act| Layer {
-        name,
-        kind: LayerKind::Conv2d {
-            out_channels: out,
-            kernel: (k, k),
-            stride: (stride, stride),
-            padding: (k / 2, k / 2),
-            groups,
-            activation: act,
-        },
-    };
-    let mut layers = vec![conv("stem".into(), 4, 3, 1, 1, Activation::Relu6)];
-    let mut channels = 4;
-    for (b, &(expansion, out, stride2)) in blocks.iter().enumerate() {
-        let input_layer = layers.len() - 1;
-        let hidden = channels * expansion;
-        if expansion > 1 {
-            layers.push(conv(
-                format!("b{b}.expand"),
-                hidden,
-                1,
-                1,
-                1,
-                Activation::Relu6,
-            ));
-        }
-        let stride = if stride2 { 2 } else { 1 };
-        layers.push(conv(
-            format!("b{b}.dw"),
-            hidden,
-            3,
-            stride,
-            hidden,
-            Activation::Relu6,
-        ));
-        layers.push(conv(
-            format!("b{b}.project"),
-            out,
-            1,
-            1,
-            1,
-            Activation::None,
-        ));
-        if !stride2 && out == channels {
-            layers.push(Layer {
-                name: format!("b{b}.add"),
-                kind: LayerKind::Add {
-                    skip_from: input_layer,
-                },
-            });
-        }
-        channels = out;
-    }
-    layers.push(Layer {
-        name: "pool".into(),
-        kind: LayerKind::GlobalAvgPool,
-    });
-    layers.push(Layer {
-        name: "classifier".into(),
-        kind: LayerKind::Linear {
-            out_features: classes,
-            activation: Activation::None,
-        },
-    });
-    let arch = Architecture {
-        input,
-        classes,
-        layers,
-    };
+    let blocks: Vec<(usize, usize, usize)> = blocks
+        .iter()
+        .map(|&(expansion, out, stride2)| (expansion, out, if stride2 { 2 } else { 1 }))
+        .collect();
+    let arch = zoo::mobilenet_v2(input, (4, 1), &blocks, None, classes);
     arch.shapes().expect("a valid random mobilenet");
     arch
 }
