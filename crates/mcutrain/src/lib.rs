@@ -4,6 +4,7 @@ pub mod compile;
 pub mod data;
 pub mod device;
 pub mod engine;
+pub mod fsutil;
 pub mod model;
 pub mod quantize;
 pub mod report;

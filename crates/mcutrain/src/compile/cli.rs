@@ -176,7 +176,7 @@ struct WrittenPlan {
     error_ranges: ErrorRanges,
 }
 
-/// Write the plan file of `plan` with the model file `args.model` and the plan's
+/// Write the plan file of `plan` (atomically) with the model file `args.model` and the plan's
 /// hyper-parameters: int8, `--lr` and `--partial` with the other rates at their FQT defaults;
 /// float32, `--lr` and `--momentum`.
 fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<WrittenPlan> {
@@ -221,7 +221,7 @@ fn write_plan_file(args: &PlanArgs, plan: &TrainingPlan, path: &Path) -> Result<
         arena_required: view.arena_required(),
         error_ranges: view.header().config.error_ranges,
     };
-    std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    crate::fsutil::write_atomically(path, &bytes)?;
     Ok(written)
 }
 

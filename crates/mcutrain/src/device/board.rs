@@ -7,11 +7,13 @@
 //! device's session loop in memory; flashing, the UART's timing and the port's settings are
 //! not. Counts on the board are DWT cycles (the firmware reports the unit).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use serialport::{DataBits, FlowControl, Parity, StopBits};
 
 use super::{serial, DeviceError};
 
@@ -29,6 +31,15 @@ pub struct Nucleo {
 /// The chip name `probe-rs` knows the board's MCU by.
 pub const CHIP: &str = "STM32F746ZGTx";
 
+/// The speed of the firmware's USART3 (`firmware/src/usart.rs`).
+const BAUD_RATE: u32 = 115_200;
+
+/// How long one read or write of the serial port waits before it ends with `TimedOut`. A read
+/// that times out is not the end of the session ([`serial::serve`] reads on while the device
+/// computes); a write that cannot go on for this long is an error (the device reads what it
+/// asked for at line speed).
+const PORT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Nucleo {
     /// A board on `port`, `probe-rs` from `PATH`.
     pub fn on_port(port: &Path, timeout: Duration) -> Nucleo {
@@ -43,26 +54,23 @@ impl Nucleo {
     /// and what `probe-rs` printed.
     pub fn run(&self, elf: &Path, session_file: &Path) -> Result<(Vec<u8>, String), DeviceError> {
         let port_name = self.port.display().to_string();
-        // Raw 8N1 at the firmware's speed, no echo or flow control (Linux `stty`).
-        let stty = Command::new("stty")
-            .args([
-                "-F", &port_name, "115200", "raw", "-echo", "-ixon", "-ixoff", "-crtscts",
-            ])
-            .status()
-            .map_err(|e| DeviceError::MissingTool {
-                what: "stty".into(),
-                detail: e.to_string(),
+        // Raw (no echo or line editing: `serialport` sets it) 8N1 at the firmware's speed, no
+        // flow control.
+        let mut port = serialport::new(port_name.as_str(), BAUD_RATE)
+            .data_bits(DataBits::Eight)
+            .parity(Parity::None)
+            .stop_bits(StopBits::One)
+            .flow_control(FlowControl::None)
+            .timeout(PORT_TIMEOUT)
+            .open()
+            .map_err(|e| {
+                DeviceError::Usage(format!(
+                    "cannot open the serial port {port_name} at {BAUD_RATE} baud 8N1: {e}; \
+                     check that the board is connected and that `--port` names its ST-LINK's \
+                     virtual COM port (e.g. /dev/ttyACM0), which this user may open (group \
+                     dialout)"
+                ))
             })?;
-        if !stty.success() {
-            return Err(DeviceError::Usage(format!(
-                "cannot configure the serial port {port_name} ({stty})"
-            )));
-        }
-        let mut port = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.port)
-            .map_err(DeviceError::io(format!("open {port_name}")))?;
         let mut probe = Command::new(&self.probe_rs)
             .args(["run", "--chip", CHIP])
             .arg(elf)
@@ -91,5 +99,23 @@ impl Nucleo {
                 output: console,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_port_is_an_error_that_names_it() {
+        let board = Nucleo::on_port(Path::new("/nonexistent/ttyACM9"), Duration::from_secs(1));
+        let e = board
+            .run(Path::new("firmware.elf"), Path::new("session.bin"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/ttyACM9") && e.contains("--port"),
+            "{e}"
+        );
     }
 }

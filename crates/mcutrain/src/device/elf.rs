@@ -1,5 +1,10 @@
 //! Flash and static RAM of a firmware image, from the section headers of its ELF file
-//! (32-bit little-endian ARM; "ELF for the Arm Architecture", Arm IHI 0044).
+//! (32-bit little-endian ARM; "ELF for the Arm Architecture", Arm IHI 0044), read with the
+//! `object` crate.
+
+use object::elf::{FileHeader32, SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS};
+use object::read::elf::{FileHeader, SectionHeader};
+use object::LittleEndian;
 
 use super::DeviceError;
 
@@ -31,40 +36,29 @@ impl Footprint {
     /// flags (`SHF_EXECINSTR`: code; `SHF_WRITE`: data, or bss when `SHT_NOBITS`; else
     /// constant data).
     pub fn of_elf(bytes: &[u8]) -> Result<Footprint, DeviceError> {
-        const SHT_NOBITS: u32 = 8;
-        const SHF_WRITE: u32 = 0x1;
-        const SHF_ALLOC: u32 = 0x2;
-        const SHF_EXECINSTR: u32 = 0x4;
-        let bad = |what: &str| DeviceError::BadOutput(format!("firmware ELF: {what}"));
-        if bytes.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 1, 1]) {
-            return Err(bad("not a 32-bit little-endian ELF file"));
-        }
-        let u16_at = |at: usize| {
-            bytes
-                .get(at..at + 2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        let bad = |what: &'static str| {
+            move |e: object::read::Error| {
+                DeviceError::BadOutput(format!("firmware ELF: {what} ({e})"))
+            }
         };
-        let u32_at = |at: usize| {
-            bytes
-                .get(at..at + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        };
-        let header = (|| Some((u32_at(0x20)?, u16_at(0x2E)?, u16_at(0x30)?)))();
-        let (table, entry_size, count) = header.ok_or_else(|| bad("truncated header"))?;
+        let (header, endian) = FileHeader32::<LittleEndian>::parse(bytes)
+            .and_then(|header| Ok((header, header.endian()?)))
+            .map_err(bad("not a 32-bit little-endian ELF file"))?;
+        let sections = header
+            .section_headers(endian, bytes)
+            .map_err(bad("bad section table"))?;
         let mut footprint = Footprint::default();
-        for i in 0..count as usize {
-            let at = table as usize + i * entry_size as usize;
-            let section = (|| Some((u32_at(at + 4)?, u32_at(at + 8)?, u32_at(at + 20)?)))();
-            let (kind, flags, size) = section.ok_or_else(|| bad("truncated section table"))?;
-            let size = size as u64;
-            if flags & SHF_ALLOC == 0 {
+        for section in sections {
+            let flags = section.sh_flags(endian);
+            let size = u64::from(section.sh_size(endian));
+            if !flags.contains(SHF_ALLOC) {
                 continue;
             }
-            if flags & SHF_EXECINSTR != 0 {
+            if flags.contains(SHF_EXECINSTR) {
                 footprint.code_bytes += size;
-            } else if flags & SHF_WRITE == 0 {
+            } else if !flags.contains(SHF_WRITE) {
                 footprint.const_bytes += size;
-            } else if kind == SHT_NOBITS {
+            } else if section.sh_type(endian) == SHT_NOBITS {
                 footprint.bss_bytes += size;
             } else {
                 footprint.data_bytes += size;
@@ -81,7 +75,7 @@ mod tests {
     /// A minimal ELF32 image: header, then a section table of (type, flags, size) entries.
     fn elf(sections: &[(u32, u32, u32)]) -> Vec<u8> {
         let mut bytes = vec![0u8; 52];
-        bytes[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1]);
+        bytes[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1]);
         bytes[0x20..0x24].copy_from_slice(&52u32.to_le_bytes());
         bytes[0x2E..0x30].copy_from_slice(&40u16.to_le_bytes());
         bytes[0x30..0x32].copy_from_slice(&(sections.len() as u16).to_le_bytes());
@@ -126,5 +120,41 @@ mod tests {
         let image = elf(&[(1, 0x6, 10)]);
         assert!(Footprint::of_elf(&image[..image.len() - 20]).is_err()); // inside the size field
         assert!(Footprint::of_elf(b"\x7fELF\x02\x01rest").is_err());
+        for len in 0..image.len() {
+            assert!(Footprint::of_elf(&image[..len]).is_err(), "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn garbage_and_foreign_headers_are_errors() {
+        let image = elf(&[(1, 0x6, 10)]);
+        let with = |at: usize, bytes: &[u8]| {
+            let mut image = image.clone();
+            image[at..at + bytes.len()].copy_from_slice(bytes);
+            Footprint::of_elf(&image)
+        };
+        assert!(with(0, &[0; 4]).is_err()); // no magic
+        assert!(with(4, &[2]).is_err()); // 64-bit
+        assert!(with(5, &[2]).is_err()); // big-endian
+        assert!(with(0x20, &u32::MAX.to_le_bytes()).is_err()); // table past the end
+        assert!(with(0x2E, &64u16.to_le_bytes()).is_err()); // entry size of ELF64
+        assert!(with(0x30, &u16::MAX.to_le_bytes()).is_err()); // more entries than bytes
+        let e = with(4, &[2]).unwrap_err().to_string();
+        assert!(e.contains("not a 32-bit little-endian ELF file"), "{e}");
+    }
+
+    #[test]
+    fn noise_after_the_identification_never_panics() {
+        let mut image = elf(&[(1, 0x6, 10), (8, 0x3, 20)]);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            for byte in &mut image[16..] {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *byte = state as u8;
+            }
+            let _ = Footprint::of_elf(&image);
+        }
     }
 }

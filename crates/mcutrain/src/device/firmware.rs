@@ -17,6 +17,7 @@ use mcutrain_core::plan::PlanView;
 
 use super::{Budget, DeviceError, Footprint};
 use crate::compile::plan_file::AlignedBytes;
+use crate::fsutil::write_atomically;
 
 /// The Rust target of the Cortex-M4F/M7F.
 pub const TARGET: &str = "thumbv7em-none-eabihf";
@@ -195,9 +196,8 @@ impl Firmware {
             .target_dir
             .join(TARGET)
             .join("release/mcutrain-firmware");
-        let partial = cached.with_extension("partial");
-        fs::copy(&built, &partial).map_err(DeviceError::io("copy the firmware image"))?;
-        fs::rename(&partial, &cached).map_err(DeviceError::io("store the firmware image"))?;
+        let image = fs::read(&built).map_err(DeviceError::io("read the firmware image"))?;
+        store(&cached, &image)?;
         prune_cache(&images);
         drop(lock);
         load_image(&cached, budget, false)?
@@ -210,9 +210,7 @@ impl Firmware {
         let plans = self.target_dir.join("plans");
         fs::create_dir_all(&plans).map_err(DeviceError::io("create target/firmware/plans"))?;
         let path = plans.join(format!("plan-{key:016x}.bin"));
-        let partial = path.with_extension("partial");
-        fs::write(&partial, plan).map_err(DeviceError::io("write the plan file"))?;
-        fs::rename(&partial, &path).map_err(DeviceError::io("store the plan file"))?;
+        store(&path, plan)?;
         path.canonicalize()
             .map_err(DeviceError::io(format!("find {}", path.display())))
     }
@@ -344,6 +342,15 @@ impl Firmware {
         hash.write(&version.stdout);
         Ok(hash.0)
     }
+}
+
+/// Writes a file of the cache atomically, so that a concurrent or later build never reads a
+/// partial one.
+fn store(path: &Path, bytes: &[u8]) -> Result<(), DeviceError> {
+    write_atomically(path, bytes).map_err(|e| DeviceError::Io {
+        action: format!("{} {}", e.action, e.path.display()),
+        source: e.source,
+    })
 }
 
 /// Cached images kept: the most recently built ones.

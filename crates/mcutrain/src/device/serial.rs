@@ -6,7 +6,7 @@
 //! COM port, see [`super::board`]); it is tested here against the device's side of the
 //! framing running the real session loop, not on hardware.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 
 use mcutrain_core::session::{Tag, DATA, RECORD_HEADER_BYTES, REQUEST};
 
@@ -25,8 +25,7 @@ pub fn serve(
     let mut buffer = Vec::new();
     while !results_complete(&results) {
         let mut frame = [0u8; 5];
-        port.read_exact(&mut frame)
-            .map_err(link("reading a frame"))?;
+        read_exact(port, &mut frame).map_err(link("reading a frame"))?;
         let len = u32::from_le_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
         buffer.resize(len, 0);
         match frame[0] {
@@ -39,8 +38,7 @@ pub fn serve(
                 port.flush().map_err(link("sending session bytes"))?;
             }
             DATA => {
-                port.read_exact(&mut buffer)
-                    .map_err(link("reading results"))?;
+                read_exact(port, &mut buffer).map_err(link("reading results"))?;
                 results.extend_from_slice(&buffer);
             }
             other => {
@@ -51,6 +49,22 @@ pub fn serve(
         }
     }
     Ok(results)
+}
+
+/// Fills `buffer` from `port`, waiting through read timeouts: a serial port's read ends with
+/// `TimedOut` while the device computes, which is not the end of the session (the end of the
+/// input is).
+fn read_exact(port: &mut impl Read, mut buffer: &mut [u8]) -> io::Result<()> {
+    use io::ErrorKind::{Interrupted, TimedOut, UnexpectedEof};
+    while !buffer.is_empty() {
+        match port.read(buffer) {
+            Ok(0) => return Err(UnexpectedEof.into()),
+            Ok(n) => buffer = &mut buffer[n..],
+            Err(e) if matches!(e.kind(), TimedOut | Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// True when `results` is whole records ending with `END`.
@@ -147,6 +161,70 @@ mod tests {
         device.write_all(&[REQUEST, 4, 0, 0, 0]).unwrap();
         let e = serve(&mut host, &mut &[1u8, 2][..]).unwrap_err();
         assert!(e.to_string().contains("more than the session holds"), "{e}");
+    }
+
+    /// A port that reads from a script: `None` is a read that times out, `Some(bytes)` the
+    /// bytes that arrive next; after the script, the end of the input.
+    struct Scripted {
+        reads: std::collections::VecDeque<Option<Vec<u8>>>,
+        written: Vec<u8>,
+    }
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.reads.pop_front() {
+                None => Ok(0),
+                Some(None) => Err(io::ErrorKind::TimedOut.into()),
+                Some(Some(mut bytes)) => {
+                    let n = bytes.len().min(buf.len());
+                    buf[..n].copy_from_slice(&bytes[..n]);
+                    if n < bytes.len() {
+                        self.reads.push_front(Some(bytes.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn read_timeouts_are_waited_through_and_the_end_of_input_is_an_error() {
+        let mut end = b"END ".to_vec();
+        end.extend(0u32.to_le_bytes());
+        let script = |split_data: bool| {
+            let mut reads = vec![
+                None,
+                Some(vec![REQUEST, 2]),
+                None,
+                Some(vec![0, 0, 0]),
+                None,
+            ];
+            reads.push(Some(vec![DATA, 8, 0, 0, 0, b'E', b'N']));
+            if split_data {
+                reads.extend([None, None, Some(end[2..].to_vec())]);
+            }
+            Scripted {
+                reads: reads.into(),
+                written: Vec::new(),
+            }
+        };
+        let mut port = script(true);
+        let results = serve(&mut port, &mut &[7u8, 9, 11][..]).unwrap();
+        assert_eq!(results, end);
+        assert_eq!(port.written, [7, 9]);
+        let e = serve(&mut script(false), &mut &[7u8, 9][..]).unwrap_err();
+        assert!(e.to_string().contains("reading results"), "{e}");
     }
 
     /// The device's session loop over `RequestLink` on one end, `serve` on the other: the

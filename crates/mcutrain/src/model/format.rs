@@ -52,8 +52,8 @@
 //! most [`MAX_NAME_BYTES`] bytes, and at most [`MAX_ELEMENTS`] elements in any stored array,
 //! any weight tensor, and (as a bound propagated through the layers) any per-sample tensor.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use mcutrain_core::checksum::{crc32, crc32_update};
@@ -220,10 +220,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Model, FormatError> {
     decode(bytes, Path::new("<bytes>"))
 }
 
-/// Write `model` to `path` atomically: the bytes go to `<path>.tmp-<pid>` in the same
-/// directory, are flushed to disk, and the temporary file is renamed over `path`. On error the
-/// temporary file is removed and `path` is untouched, so `path` never holds a partial model.
-/// Refuses (before touching the disk) a model that fails [`Model::validate`] or the limits.
+/// Write `model` to `path` atomically ([`crate::fsutil::write_atomically`]: a temporary file in
+/// the same directory, flushed to disk, then renamed over `path`), so `path` never holds a
+/// partial model and a failed save leaves no temporary file. Refuses (before touching the disk)
+/// a model that fails [`Model::validate`] or the limits.
 pub fn save(path: &Path, model: &Model) -> Result<(), FormatError> {
     model.validate().map_err(|source| FormatError::Invalid {
         file: path.to_path_buf(),
@@ -233,17 +233,11 @@ pub fn save(path: &Path, model: &Model) -> Result<(), FormatError> {
         file: path.to_path_buf(),
         problem,
     })?;
-    let temp = temp_path(path)?;
-    let written = write_synced(&temp, &bytes, path)
-        .and_then(|()| fs::rename(&temp, path).map_err(io_error(path, "replace")));
-    if written.is_err() {
-        // Best effort: the temporary file may never have been created, and the error to report
-        // is the one that stopped the save.
-        let _ = fs::remove_file(&temp);
-    }
-    written?;
-    sync_parent_dir(path);
-    Ok(())
+    crate::fsutil::write_atomically(path, &bytes).map_err(|e| FormatError::Io {
+        path: e.path,
+        action: e.action,
+        source: e.source,
+    })
 }
 
 /// Read and validate a model file written by [`save`].
@@ -260,40 +254,6 @@ fn io_error<'p>(
         path: path.to_path_buf(),
         action,
         source,
-    }
-}
-
-/// `<path>.tmp-<pid>`, next to `path` so that the rename stays on one file system.
-fn temp_path(path: &Path) -> Result<PathBuf, FormatError> {
-    let mut name = path
-        .file_name()
-        .ok_or_else(|| {
-            io_error(path, "save to")(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the path does not name a file",
-            ))
-        })?
-        .to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    Ok(path.with_file_name(name))
-}
-
-/// Write and flush `temp`; errors name the `target` that the user asked for.
-fn write_synced(temp: &Path, bytes: &[u8], target: &Path) -> Result<(), FormatError> {
-    let mut file = File::create(temp).map_err(io_error(target, "create a temporary file for"))?;
-    file.write_all(bytes).map_err(io_error(target, "write"))?;
-    file.sync_all().map_err(io_error(target, "flush to disk"))
-}
-
-/// Make the rename itself durable. Best effort: some platforms and file systems cannot open or
-/// sync a directory, and the file at `path` is complete either way.
-fn sync_parent_dir(path: &Path) {
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    if let Ok(dir) = File::open(dir) {
-        let _ = dir.sync_all();
     }
 }
 
