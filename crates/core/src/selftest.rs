@@ -34,7 +34,8 @@
 //! no scratch and the codec only a few words of stack.
 
 use crate::ops::activation::Activation;
-use crate::ops::conv2d::{self, Conv2dGeom, QLayerParams};
+use crate::ops::arith::QLayerParams;
+use crate::ops::conv2d::{self, Conv2dGeom};
 use crate::ops::linear::{self, LinearGeom};
 use crate::ops::{ChannelSet, OpError};
 use crate::quant::{QParams, RangeEma, RealRange, Q_MAX, Q_MIN};

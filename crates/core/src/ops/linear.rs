@@ -12,7 +12,7 @@
 //! 8-bit accumulators are `i32`: `in_features` (forward), `out_features` (input error) and
 //! `batch` (weight gradient) up to 33 025 (`33 025 * 255^2 < 2^31`).
 
-use super::conv2d::{
+use super::arith::{
     axpy, blocks, channel_sums, dot, requantize_input_error, Acc, AccRange, InputErrorKernel,
     OutputChannel, QLayerParams, Term, BLOCK,
 };
@@ -397,7 +397,7 @@ mod tests {
 
     use super::*;
     use crate::ops::activation::Activation;
-    use crate::ops::conv2d::channel_qparams;
+    use crate::ops::arith::channel_qparams;
     use crate::ops::conv2d::tests::{abs, assert_close, codes, dequantize, floats, zero_point};
     use crate::rng::Rng;
     use proptest::prelude::*;

@@ -13,6 +13,7 @@
 
 pub mod activation;
 pub mod add;
+pub mod arith;
 pub mod conv2d;
 pub mod linear;
 pub mod loss;

@@ -26,7 +26,8 @@
 //! Memory: the chain input and output, and [`scratch_bytes`] of windows. Work: the layers'
 //! MACs plus, per stage, copying `kernel_h - 1` rows of the window per row pushed.
 
-use crate::ops::conv2d::{self, Conv2dGeom, QLayerParams};
+use crate::ops::arith::QLayerParams;
+use crate::ops::conv2d::{self, Conv2dGeom};
 use crate::ops::OpError;
 use crate::quant::RealRange;
 

@@ -64,7 +64,8 @@ use super::{
     Geometry, LayerKind, LayerRecord, PlanView, Precision, StepOp, StepRecord, TensorRecord,
     TensorRole, LAYER_STATE_BYTES, LOSS_QUANT, STATE_HEADER_BYTES, TENSOR_STATE_BYTES,
 };
-use crate::ops::conv2d::{self, QLayerParams};
+use crate::ops::arith::QLayerParams;
+use crate::ops::conv2d;
 use crate::ops::linear::LinearGeom;
 use crate::ops::{activation, add, linear, loss, pool, stream, ChannelSet, WeightParts};
 use crate::quant::{QParams, RangeEma, RealRange};

@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 use std::fs;
 
 use mcutrain_core::ops::activation::Activation;
-use mcutrain_core::ops::conv2d::{Conv2dGeom, QLayerParams};
+use mcutrain_core::ops::arith::QLayerParams;
+use mcutrain_core::ops::conv2d::Conv2dGeom;
 use mcutrain_core::ops::linear::LinearGeom;
 use mcutrain_core::ops::ChannelSet;
 use mcutrain_core::quant::{QParams, RangeEma};

@@ -606,8 +606,8 @@ fn layer_params<'p>(
     p: &'p crate::model::QuantLayer,
     output: QParams,
     act: activation::Activation,
-) -> conv2d::QLayerParams<'p> {
-    conv2d::QLayerParams {
+) -> mcutrain_core::ops::arith::QLayerParams<'p> {
+    mcutrain_core::ops::arith::QLayerParams {
         input,
         weight: &p.weight_q,
         bias_scale: p.bias_scale,
