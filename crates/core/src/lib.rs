@@ -14,6 +14,8 @@
 #![deny(missing_docs)]
 
 pub mod checksum;
+pub mod codec;
+pub mod layer;
 pub mod ops;
 pub mod plan;
 pub mod quant;

@@ -256,6 +256,170 @@ impl Default for RangeEma {
     }
 }
 
+/// A quantized tensor: codes and their quantization.
+#[derive(Clone, Copy, Debug)]
+pub struct QTensor<'a> {
+    /// The codes.
+    pub codes: &'a [i8],
+    /// Their quantization.
+    pub q: QParams,
+}
+
+impl QTensor<'_> {
+    /// No codes (an operand a kernel does not have).
+    pub const EMPTY: QTensor<'static> = QTensor {
+        codes: &[],
+        q: QParams {
+            scale: 1.0,
+            zero_point: 0,
+        },
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The error quantization rule of fully quantized training (host twin and executor alike).
+
+/// How the error tensors of fully quantized training get their quantization, per sample.
+///
+/// Each error tensor is first computed with `(s_tracked * unit, z_tracked)`: its moving-average
+/// range (in error units, see [`error_unit`]) scaled by the sample's error
+/// unit. [`ErrorRanges::Exact`] then checks the tensor's real range (known exactly from the
+/// kernel's accumulators) and recomputes the tensor once with that range when the tracked
+/// quantization clipped it or left more than half of the codes unused
+/// ([`exact_error_q`]). The trackers adapt the same way in both modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorRanges {
+    /// The tracked quantization only: the moving-average rule of the paper.
+    Tracked,
+    /// The tracked quantization as a first guess, recomputed with the exact range where it
+    /// fits badly (the default: every error follows its own sample's range).
+    #[default]
+    Exact,
+}
+
+impl ErrorRanges {
+    /// The option's name: `tracked` or `exact`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorRanges::Tracked => "tracked",
+            ErrorRanges::Exact => "exact",
+        }
+    }
+}
+
+impl core::fmt::Display for ErrorRanges {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for ErrorRanges {
+    type Err = &'static str;
+    /// `tracked` or `exact`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tracked" => Ok(ErrorRanges::Tracked),
+            "exact" => Ok(ErrorRanges::Exact),
+            _ => Err("error ranges are 'tracked' (the moving averages alone) or 'exact' (recomputed with each sample's range where the tracked one fits badly)"),
+        }
+    }
+}
+
+/// The error unit of one sample: the largest magnitude of its loss gradient `dL/d logits`
+/// (1 when that is 0 or not finite).
+///
+/// Back-propagation is linear in the loss gradient, so error range trackers hold ranges in
+/// this unit and the error tensor of model tensor `t` is quantized with
+/// `(s_tracked(t) * unit, z_tracked(t))`: the 8-bit codes follow each sample's magnitude
+/// instead of a fixed range that would round the errors of well-classified samples to zero.
+/// Where the paper leaves the error scale to the moving average alone, this keeps the moving
+/// average (over normalized ranges) and adds one multiplication per tensor.
+pub fn error_unit(loss_gradient: RealRange) -> f32 {
+    let magnitude = loss_gradient.min.abs().max(loss_gradient.max.abs());
+    if magnitude > 0.0 && magnitude.is_finite() {
+        magnitude
+    } else {
+        1.0
+    }
+}
+
+/// `range * factor` (empty stays empty).
+pub fn scale_range(range: RealRange, factor: f32) -> RealRange {
+    if range.is_empty() {
+        range
+    } else {
+        RealRange {
+            min: range.min * factor,
+            max: range.max * factor,
+        }
+    }
+}
+
+/// An error tensor as written: the quantization of its codes, its real range before
+/// saturation, and whether it was computed a second time ([`quantize_error`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WrittenError {
+    /// Quantization of the codes.
+    pub q: QParams,
+    /// Real range of the values before saturation (the same in both computations).
+    pub range: RealRange,
+    /// True when the tensor was recomputed with its exact range.
+    pub recomputed: bool,
+}
+
+/// Write an error tensor under `mode`. `write(q)` computes the tensor into its buffer in the
+/// quantization `q` and returns its real range before saturation (from the accumulators, so
+/// independent of `q`). It runs with `tracked` (the tracker's quantization times the error
+/// unit) and, under [`ErrorRanges::Exact`], a second time when [`exact_error_q`] asks for it.
+/// Shared by the host reference and this executor so that both decide alike. Scratch: none
+/// (the second call overwrites the first result).
+pub fn quantize_error(
+    mode: ErrorRanges,
+    tracked: QParams,
+    mut write: impl FnMut(QParams) -> RealRange,
+) -> WrittenError {
+    let range = write(tracked);
+    let exact = match mode {
+        ErrorRanges::Exact => exact_error_q(tracked, range),
+        ErrorRanges::Tracked => None,
+    };
+    match exact {
+        Some(q) => {
+            write(q);
+            WrittenError {
+                q,
+                range,
+                recomputed: true,
+            }
+        }
+        None => WrittenError {
+            q: tracked,
+            range,
+            recomputed: false,
+        },
+    }
+}
+
+/// Under [`ErrorRanges::Exact`], the fraction of the tracked scale below which an error tensor
+/// is recomputed: its exact range would use fewer than about `255 * MIN_CODE_USE` codes of
+/// the tracked quantization.
+pub const MIN_CODE_USE: f32 = 0.5;
+
+/// The quantization to recompute an error tensor with, or `None` to keep `tracked`:
+/// `q = QParams::from_range(exact)` when the tensor's real range `exact` leaves `tracked`'s
+/// representable range (codes were saturated) or when `s_q < MIN_CODE_USE * s_tracked` (most
+/// codes unused, so rounding noise is large against the values). An empty range or one of
+/// only zeros keeps `tracked`, which represents 0 exactly.
+pub fn exact_error_q(tracked: QParams, exact: RealRange) -> Option<QParams> {
+    if exact.is_empty() || (exact.min == 0.0 && exact.max == 0.0) {
+        return None;
+    }
+    let (lo, hi) = tracked.representable_range();
+    let q = QParams::from_range(exact.min, exact.max);
+    let clipped = exact.min < lo || exact.max > hi;
+    (clipped || q.scale < MIN_CODE_USE * tracked.scale).then_some(q)
+}
+
 /// Quantize a float slice into `out` (same length).
 pub fn quantize_slice(values: &[f32], q: QParams, out: &mut [i8]) {
     for (o, &v) in out.iter_mut().zip(values) {
@@ -316,5 +480,58 @@ mod tests {
             0.5,
         );
         assert_eq!((e.min, e.max), (-2.0, 1.5));
+    }
+
+    #[test]
+    fn exact_ranges_recompute_clipped_and_underused_errors() {
+        let tracked = QParams::from_range(-1.0, 1.0); // s = 2/255, codes cover [-1, 1]
+        let range = |min, max| RealRange { min, max };
+        // 85% of the codes used, nothing clipped: kept.
+        assert_eq!(exact_error_q(tracked, range(-0.9, 0.8)), None);
+        // Exactly half of the codes: kept; less: recomputed with the exact range.
+        assert_eq!(exact_error_q(tracked, range(-0.5, 0.5)), None);
+        let narrow = range(-0.3, 0.4);
+        assert_eq!(
+            exact_error_q(tracked, narrow),
+            Some(QParams::from_range(-0.3, 0.4))
+        );
+        // Saturated on one side even though the span fits: recomputed.
+        assert_eq!(
+            exact_error_q(tracked, range(-0.2, 1.2)),
+            Some(QParams::from_range(-0.2, 1.2))
+        );
+        // Nothing, or only zeros, which every quantization represents exactly: kept.
+        assert_eq!(exact_error_q(tracked, RealRange::EMPTY), None);
+        assert_eq!(exact_error_q(tracked, range(0.0, 0.0)), None);
+        // The kernel runs once with the tracked quantization, a second time with the exact
+        // one when that is needed, and never again under tracked ranges.
+        for (mode, exact, calls) in [
+            (ErrorRanges::Exact, narrow, 2),
+            (ErrorRanges::Exact, range(-0.9, 0.8), 1),
+            (ErrorRanges::Tracked, narrow, 1),
+        ] {
+            let mut seen = [None; 2];
+            let mut count = 0;
+            let written = quantize_error(mode, tracked, |q| {
+                seen[count] = Some(q);
+                count += 1;
+                exact
+            });
+            assert_eq!(count, calls);
+            assert_eq!(seen[0], Some(tracked));
+            assert_eq!(written.recomputed, calls == 2);
+            assert_eq!(written.q, seen[calls - 1].unwrap());
+            assert_eq!(written.range, exact);
+        }
+    }
+
+    #[test]
+    fn error_unit_is_the_largest_loss_gradient() {
+        let unit = |min, max| error_unit(RealRange { min, max });
+        assert_eq!(unit(-0.25, 0.5), 0.5);
+        assert_eq!(unit(-0.75, 0.5), 0.75);
+        assert_eq!(unit(0.0, 0.0), 1.0);
+        assert_eq!(unit(f32::NAN, f32::NAN), 1.0);
+        assert_eq!(error_unit(RealRange::EMPTY), 1.0);
     }
 }

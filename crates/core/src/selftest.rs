@@ -33,6 +33,7 @@
 //! Memory: a [`Store`] (about 27 KB) holds the decoded inputs and the results; [`run`] needs
 //! no scratch and the codec only a few words of stack.
 
+use crate::codec;
 use crate::ops::activation::Activation;
 use crate::ops::arith::QLayerParams;
 use crate::ops::conv2d::{self, Conv2dGeom};
@@ -53,7 +54,7 @@ pub const MAX_CHANNELS: usize = 64;
 /// length check exact on a 32-bit target).
 pub const MAX_DIM: usize = 65_535;
 /// Most products in one 8-bit accumulator sum (`33 025 * 255^2 < 2^31`), the kernels' limit.
-pub const MAX_TERMS: usize = 33_025;
+pub const MAX_TERMS: usize = crate::ops::arith::MAX_ACCUMULATED_TERMS;
 /// Largest encoded job a device accepts (the firmware's input buffer).
 pub const MAX_JOB_BYTES: usize = 16 * 1024;
 /// Largest encoded results a device writes (the firmware's output buffer).
@@ -105,6 +106,8 @@ impl core::fmt::Display for SelfTestError {
         }
     }
 }
+
+impl core::error::Error for SelfTestError {}
 
 /// Inputs of the 8-bit convolution case.
 #[derive(Clone, Copy, Debug)]
@@ -539,7 +542,7 @@ pub struct ResultBlocks<'a> {
 /// Splits encoded [`Results`] into their blocks, checking magic, version, tags and lengths;
 /// after the last block, bytes left over are reported as [`SelfTestError::TrailingBytes`].
 pub fn result_blocks(bytes: &[u8]) -> Result<ResultBlocks<'_>, SelfTestError> {
-    let mut reader = Reader { bytes };
+    let mut reader = Reader::new(bytes);
     read_header(&mut reader, RESULTS_MAGIC)?;
     Ok(ResultBlocks { reader, next: 0 })
 }
@@ -549,8 +552,8 @@ impl<'a> Iterator for ResultBlocks<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let Some(&output) = Output::ALL.get(self.next) else {
-            let trailing = !self.reader.bytes.is_empty();
-            self.reader.bytes = &[];
+            let trailing = !self.reader.is_done();
+            self.reader.skip_rest();
             return trailing.then_some(Err(SelfTestError::TrailingBytes));
         };
         self.next += 1;
@@ -563,7 +566,7 @@ impl<'a> Iterator for ResultBlocks<'a> {
         })();
         if block.is_err() {
             self.next = Output::ALL.len();
-            self.reader.bytes = &[];
+            self.reader.skip_rest();
         }
         Some(block)
     }
@@ -616,12 +619,12 @@ impl Store {
             channels: Pool(&mut self.channels),
             stats: Pool(&mut self.stats),
         };
-        let mut r = Reader { bytes };
+        let mut r = Reader::new(bytes);
         read_header(&mut r, JOB_MAGIC)?;
         let conv = read_conv(&mut r, &mut pools)?;
         let linear = read_linear(&mut r, &mut pools)?;
         let update = read_update(&mut r, &mut pools)?;
-        if !r.bytes.is_empty() {
+        if !r.is_done() {
             return Err(SelfTestError::TrailingBytes);
         }
 
@@ -913,19 +916,29 @@ impl Sink for SliceWriter<'_> {
     }
 }
 
+/// The core's little-endian reader ([`codec::Reader`]) with this format's error for bytes
+/// that end inside a field.
 #[derive(Clone, Debug)]
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
+struct Reader<'a>(codec::Reader<'a>);
 
 impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader(codec::Reader::new(bytes))
+    }
+
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], SelfTestError> {
-        if n > self.bytes.len() {
-            return Err(SelfTestError::Truncated);
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
+        self.0.take(n).ok_or(SelfTestError::Truncated)
+    }
+
+    /// True when every byte was read.
+    fn is_done(&self) -> bool {
+        self.0.remaining() == 0
+    }
+
+    /// Skip the bytes left.
+    fn skip_rest(&mut self) {
+        let left = self.0.remaining();
+        self.0.skip(left);
     }
 
     /// `N` geometry fields (`u32`), each at most [`MAX_DIM`].

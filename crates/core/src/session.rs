@@ -107,6 +107,18 @@ pub enum LinkError {
     Write,
 }
 
+impl core::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            LinkError::EndOfInput => "the session data ended early",
+            LinkError::Read => "reading the session failed",
+            LinkError::Write => "writing the results failed",
+        })
+    }
+}
+
+impl core::error::Error for LinkError {}
+
 /// Bytes to and from the host: semihosting files under QEMU, a UART on a board, memory in
 /// tests.
 pub trait Link {
@@ -202,11 +214,7 @@ impl From<ExecError> for SessionError {
 impl core::fmt::Display for SessionError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            SessionError::Link(LinkError::EndOfInput) => {
-                f.write_str("the session data ended early")
-            }
-            SessionError::Link(LinkError::Read) => f.write_str("reading the session failed"),
-            SessionError::Link(LinkError::Write) => f.write_str("writing the results failed"),
+            SessionError::Link(e) => write!(f, "{e}"),
             SessionError::BadHeader => f.write_str("not a session of this format version"),
             SessionError::InputLength { plan, session } => write!(
                 f,
@@ -214,6 +222,16 @@ impl core::fmt::Display for SessionError {
             ),
             SessionError::Workspace => f.write_str("the workspace is smaller than the plan needs"),
             SessionError::Exec(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl core::error::Error for SessionError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            SessionError::Link(e) => Some(e),
+            SessionError::Exec(e) => Some(e),
+            _ => None,
         }
     }
 }

@@ -8,8 +8,8 @@
 
 use mcutrain::data::{fashion_mnist, Split, FASHION_MNIST_DIR};
 use mcutrain::engine::float::{train, FloatTrainConfig};
-use mcutrain::engine::UpdateScheme;
 use mcutrain::model::zoo;
+use mcutrain::model::UpdateScheme;
 use std::path::Path;
 use std::time::Instant;
 

@@ -12,8 +12,8 @@
 use mcutrain::adapt::fqt_finetune;
 use mcutrain::data::{corrupt_dataset, fashion_mnist, CorruptionSpec, Split, FASHION_MNIST_DIR};
 use mcutrain::engine::fqt::{ErrorRanges, FqtConfig};
-use mcutrain::engine::UpdateScheme;
 use mcutrain::model::format;
+use mcutrain::model::UpdateScheme;
 use std::path::Path;
 use std::time::Instant;
 

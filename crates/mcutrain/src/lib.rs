@@ -1,5 +1,6 @@
 //! `mcutrain`: host library behind the `mcutrain` command.
 pub mod adapt;
+pub mod cli;
 pub mod compile;
 pub mod data;
 pub mod device;

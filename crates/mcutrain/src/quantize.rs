@@ -11,7 +11,7 @@
 use crate::data::Dataset;
 use crate::engine::float::{zeros_like, FloatNet, CHUNK};
 use crate::engine::fqt::error_unit;
-use crate::engine::UpdateScheme;
+use crate::model::UpdateScheme;
 use crate::model::{FloatLayer, Model, ModelError, Params, QuantLayer, QuantState};
 use mcutrain_core::quant::{round_half_up, QParams, RangeEma, RealRange};
 
@@ -27,7 +27,7 @@ pub fn quantize(model: &Model, calibration: &Dataset, samples: usize) -> Result<
     let n = model.arch.layers.len();
     let samples = samples.min(calibration.len()).max(1);
     let len = calibration.sample_len();
-    let trainable = UpdateScheme::All.trainable(&model.arch);
+    let updates = UpdateScheme::All.updates(&model.arch);
     let mut activation_ranges = vec![RealRange::EMPTY; n + 1];
     let mut error_ranges = vec![RealRange::EMPTY; n + 1];
     for start in (0..samples).step_by(CHUNK) {
@@ -36,7 +36,7 @@ pub fn quantize(model: &Model, calibration: &Dataset, samples: usize) -> Result<
         let labels = &calibration.labels[start..start + batch];
         let tensors = net.forward(params, input, batch);
         let mut grads = zeros_like(params);
-        let back = net.backward(params, &tensors, labels, &trainable, &mut grads);
+        let back = net.backward(params, &tensors, labels, &updates, &mut grads);
         let classes = model.arch.classes;
         let logit_errors = back.errors[n].as_deref().unwrap_or(&[]);
         for t in 0..=n {

@@ -11,12 +11,12 @@ mod cli_helpers;
 use cli_helpers::{mcutrain, ok_json, write_npy};
 use std::path::{Path, PathBuf};
 
-use mcutrain::compile::{compile, plan_file, scheme, PlanOptions, Precision};
+use mcutrain::compile::{compile, plan_file, PlanOptions, Precision};
 use mcutrain::data::{self, fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
 use mcutrain::device::{Board, Budget, DeviceError, Firmware, PlanSizes, Program};
 use mcutrain::engine::fqt::FqtConfig;
-use mcutrain::engine::UpdateScheme;
 use mcutrain::model::format;
+use mcutrain::model::UpdateScheme;
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -266,13 +266,13 @@ fn int8_plan(scheme: UpdateScheme, batch: usize) -> Vec<u8> {
         scheme,
         ..FqtConfig::default()
     };
-    let updates = scheme::from_update_scheme(&model.arch, scheme);
+    let updates = scheme.updates(&model.arch);
     let options = PlanOptions {
         batch,
         ..PlanOptions::new(Precision::Int8)
     };
     let plan = compile(&model.arch, &updates, &options).unwrap();
-    plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap()
+    plan_file::write(&plan, &model, &cfg.plan_config()).unwrap()
 }
 
 #[test]

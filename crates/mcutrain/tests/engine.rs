@@ -6,7 +6,7 @@ use mcutrain::adapt::evaluate;
 use mcutrain::data::Dataset;
 use mcutrain::engine::float::{train, zeros_like, FloatNet, FloatTrainConfig};
 use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, FqtTrainer, QuantNet};
-use mcutrain::engine::UpdateScheme;
+use mcutrain::model::UpdateScheme;
 use mcutrain::model::{zoo, Architecture, Layer, LayerKind, Model, Params};
 use mcutrain::quantize::quantize;
 use mcutrain_core::ops::activation::Activation;
@@ -127,7 +127,7 @@ fn whole_graph_float_gradients_match_finite_differences() {
     let data = synthetic(2, 5);
     let net = FloatNet::new(&arch).unwrap();
     let params = float_params(&model).clone();
-    let trainable = UpdateScheme::All.trainable(&arch);
+    let trainable = UpdateScheme::All.updates(&arch);
     let loss_of = |p: &[mcutrain::model::FloatLayer]| -> f64 {
         let t = net.forward(p, &data.samples, 2);
         let mut g = zeros_like(p);
@@ -135,7 +135,7 @@ fn whole_graph_float_gradients_match_finite_differences() {
             p,
             &t,
             &data.labels,
-            &UpdateScheme::BiasOnly(1).trainable(&arch),
+            &UpdateScheme::BiasOnly(1).updates(&arch),
             &mut g,
         )
         .loss
@@ -271,7 +271,7 @@ fn frozen_layers_get_no_gradient_and_no_error_below_them() {
         unreachable!()
     };
     let net = QuantNet::new(arch).unwrap();
-    let trainable = UpdateScheme::LastLayers(1).trainable(arch);
+    let trainable = UpdateScheme::LastLayers(1).updates(arch);
     let input = net.quantize_input(state, data.sample(0));
     let (tensors, _) = net.forward(state, input, 1);
     let back = net.backward(
@@ -300,7 +300,7 @@ fn frozen_layers_get_no_gradient_and_no_error_below_them() {
         p,
         &t,
         &data.labels[..1],
-        &UpdateScheme::BiasOnly(1).trainable(arch),
+        &UpdateScheme::BiasOnly(1).updates(arch),
         &mut g,
     );
     assert!(g[fc].weight.iter().all(|&w| w == 0.0) && g[fc].bias.iter().any(|&b| b != 0.0));

@@ -4,7 +4,7 @@
 use mcutrain::data::{fashion_mnist, Split, FASHION_MNIST_DIR};
 use mcutrain::engine::float::{zeros_like, FloatNet};
 use mcutrain::engine::fqt::{ErrorRanges, QuantNet};
-use mcutrain::engine::UpdateScheme;
+use mcutrain::model::UpdateScheme;
 use mcutrain::model::{format, Params};
 use mcutrain::quantize::dequantize;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ fn compare_with_float(mode: ErrorRanges, images: usize) -> Comparison {
     };
     let qnet = QuantNet::new(arch).unwrap();
     let fnet = FloatNet::new(arch).unwrap();
-    let trainable = UpdateScheme::All.trainable(arch);
+    let trainable = UpdateScheme::All.updates(arch);
     let n = arch.layers.len();
     let mut q_err: Vec<Vec<f64>> = vec![Vec::new(); n + 1];
     let mut f_err: Vec<Vec<f64>> = vec![Vec::new(); n + 1];

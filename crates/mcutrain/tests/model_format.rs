@@ -197,15 +197,8 @@ fn params_offset(arch: &Architecture) -> usize {
         .layers
         .iter()
         .map(|l| {
-            let (fields, activation) = match l.kind {
-                LayerKind::Conv2d { .. } => (8, 1),
-                LayerKind::Linear { .. } => (1, 1),
-                LayerKind::Activation(_) => (0, 1),
-                LayerKind::AvgPool { .. } | LayerKind::MaxPool { .. } => (6, 0),
-                LayerKind::Add { .. } => (1, 0),
-                LayerKind::GlobalAvgPool | LayerKind::Flatten => (0, 0),
-            };
-            2 + l.name.len() + 1 + 4 * fields + activation
+            let spec = l.kind.spec();
+            2 + l.name.len() + 1 + 4 * spec.fields + usize::from(spec.activation)
         })
         .sum();
     HEADER_LEN + (5 * 4 + layers).next_multiple_of(4)

@@ -4,12 +4,15 @@
 
 mod common;
 use common::random_arch;
-use mcutrain::compile::report::{check_budget, MemoryReport};
+use mcutrain::compile::plan_file::PlanSizes;
+use mcutrain::compile::report::MemoryReport;
 use mcutrain::compile::{
-    compile, compile_streaming, scheme, Category, LayerUpdate, Placement, PlanOptions, Precision,
+    compile, compile_streaming, Category, LayerUpdate, Placement, PlanOptions, Precision,
     RowStreaming, StepOp, TensorRole, TrainingPlan,
 };
-use mcutrain::engine::UpdateScheme;
+use mcutrain::device::firmware::check_plan;
+use mcutrain::device::Budget;
+use mcutrain::model::UpdateScheme;
 use mcutrain::model::{zoo, Architecture, LayerKind};
 use proptest::prelude::*;
 use std::process::Command;
@@ -28,7 +31,7 @@ fn check_liveness(plan: &TrainingPlan) {
     for (s, step) in plan.steps.iter().enumerate() {
         for &r in &step.reads {
             let t = &plan.tensors[r];
-            let is_param = matches!(t.role, TensorRole::Weight { .. } | TensorRole::Bias { .. });
+            let is_param = matches!(t.role, TensorRole::Weight | TensorRole::Bias);
             assert!(
                 written[r] || is_param || t.persistent,
                 "step {s} ({:?}) reads tensor {r} ({:?}) before any step wrote it",
@@ -143,33 +146,36 @@ fn check_pruning(plan: &TrainingPlan) {
         }
     }
     for (id, t) in plan.tensors.iter().enumerate() {
+        let index = t.index;
         match t.role {
-            TensorRole::Error { tensor } | TensorRole::ErrorPart { tensor } => {
-                assert!(tensor > lowest, "error of tensor {tensor}, lowest {lowest}")
+            TensorRole::Error | TensorRole::ErrorPart => {
+                assert!(index > lowest, "error of tensor {index}, lowest {lowest}")
             }
-            TensorRole::WeightGrad { layer } | TensorRole::OptimizerState { layer } => {
-                assert!(plan.updates[layer].any())
+            TensorRole::WeightGrad | TensorRole::OptimizerState => {
+                assert!(plan.updates[index].any())
             }
-            TensorRole::BiasGrad { layer } => assert!(plan.updates[layer].bias),
-            TensorRole::Weight { layer } => assert_eq!(
+            TensorRole::BiasGrad | TensorRole::BiasOptimizerState => {
+                assert!(plan.updates[index].bias)
+            }
+            TensorRole::Weight => assert_eq!(
                 t.category == Category::FrozenWeight,
-                plan.updates[layer].weight_channels == 0
+                plan.updates[index].weight_channels == 0
             ),
-            TensorRole::Bias { layer } => {
+            TensorRole::Bias => {
                 assert_eq!(
                     t.category == Category::FrozenWeight,
-                    !plan.updates[layer].bias
+                    !plan.updates[index].bias
                 )
             }
-            TensorRole::Activation { .. } => {
+            TensorRole::Activation => {
                 let read_backward = plan
                     .steps
                     .iter()
                     .any(|s| s.op.is_backward() && s.reads.contains(&id));
                 assert_eq!(read_backward, t.category == Category::SavedActivation);
             }
-            TensorRole::Scratch { .. } => {}
-            TensorRole::ClampMask { .. } => {
+            TensorRole::Scratch => {}
+            TensorRole::ClampMask => {
                 assert_eq!(t.category, Category::SavedActivation);
                 let readers: Vec<&mcutrain::compile::Step> = plan
                     .steps
@@ -207,17 +213,20 @@ fn check_memory_ops(arch: &Architecture, plan: &TrainingPlan) {
     let stored = |t: usize| {
         plan.tensors
             .iter()
-            .any(|x| x.role == TensorRole::Activation { tensor: t })
+            .any(|x| (x.role, x.index) == (TensorRole::Activation, t))
     };
     for (s, step) in plan.steps.iter().enumerate() {
         match step.op {
             StepOp::StreamedForward => {
                 assert_eq!(plan.precision, Precision::Int8);
                 let first = step.layer.unwrap();
-                let TensorRole::Activation { tensor: end } = plan.tensors[step.writes[0]].role
-                else {
-                    panic!("a streamed forward writes an activation");
-                };
+                let written = &plan.tensors[step.writes[0]];
+                assert_eq!(
+                    written.role,
+                    TensorRole::Activation,
+                    "a streamed forward writes an activation"
+                );
+                let end = written.index;
                 let last = end - 1;
                 assert!(last > first, "a chain of one layer at step {s}");
                 let mut windows = 0;
@@ -242,10 +251,14 @@ fn check_memory_ops(arch: &Architecture, plan: &TrainingPlan) {
             StepOp::ClampMask => {
                 assert_eq!(plan.precision, Precision::Int8);
                 let (output, mask) = (step.reads[0], step.writes[0]);
-                let TensorRole::Activation { tensor } = plan.tensors[output].role else {
-                    panic!("a clamp mask reads an activation");
-                };
-                assert_eq!(plan.tensors[mask].role, TensorRole::ClampMask { tensor });
+                let tensor = plan.tensors[output].index;
+                assert_eq!(
+                    plan.tensors[output].role,
+                    TensorRole::Activation,
+                    "a clamp mask reads an activation"
+                );
+                let mask_role = (plan.tensors[mask].role, plan.tensors[mask].index);
+                assert_eq!(mask_role, (TensorRole::ClampMask, tensor));
                 assert_eq!(step.layer, Some(tensor - 1));
                 assert_eq!(
                     plan.tensors[mask].bytes,
@@ -264,7 +277,7 @@ fn check_memory_ops(arch: &Architecture, plan: &TrainingPlan) {
         }
     }
     for (id, t) in plan.tensors.iter().enumerate() {
-        if !matches!(t.role, TensorRole::Activation { .. }) {
+        if !matches!(t.role, TensorRole::Activation) {
             continue;
         }
         let mut readers = plan
@@ -332,9 +345,9 @@ proptest! {
     ) {
         let arch = random_arch([c, h, w], &choices, classes);
         let updates = match uniform {
-            0 => scheme::from_update_scheme(&arch, UpdateScheme::All),
-            1 => scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(k)),
-            2 => scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(k)),
+            0 => UpdateScheme::All.updates(&arch),
+            1 => UpdateScheme::LastLayers(k).updates(&arch),
+            2 => UpdateScheme::BiasOnly(k).updates(&arch),
             _ => common::random_updates(&arch, &picks),
         };
         let precision = if int8 { Precision::Int8 } else { Precision::Float32 };
@@ -371,8 +384,8 @@ proptest! {
     ) {
         let arch = common::random_mobilenet([c, h, w], &blocks, 3);
         let updates = match uniform {
-            0 => scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(k)),
-            1 => scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(k)),
+            0 => UpdateScheme::LastLayers(k).updates(&arch),
+            1 => UpdateScheme::BiasOnly(k).updates(&arch),
             _ => common::random_updates(&arch, &picks),
         };
         for reorder in [true, false] {
@@ -402,7 +415,7 @@ fn mbv2_sparse(arch: &Architecture) -> Vec<LayerUpdate> {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workloads/mbv2-sparse.json"),
     )
     .unwrap();
-    scheme::from_json(arch, &text, "mbv2-sparse.json").unwrap()
+    mcutrain::model::scheme::from_json(arch, &text, "mbv2-sparse.json").unwrap()
 }
 
 fn layer_index(arch: &Architecture, name: &str) -> usize {
@@ -413,18 +426,18 @@ fn layer_index(arch: &Architecture, name: &str) -> usize {
 fn bias_only_layer_keeps_no_input_activation() {
     let arch = zoo::fashion_shift_backbone();
     for precision in [Precision::Int8, Precision::Float32] {
-        let bias_only = scheme::from_update_scheme(&arch, UpdateScheme::BiasOnly(1));
+        let bias_only = UpdateScheme::BiasOnly(1).updates(&arch);
         let plan = compile(&arch, &bias_only, &PlanOptions::new(precision)).unwrap();
         let classifier = layer_index(&arch, "classifier");
         let input = |plan: &TrainingPlan| {
             plan.tensors
                 .iter()
-                .find(|t| t.role == TensorRole::Activation { tensor: classifier })
+                .find(|t| (t.role, t.index) == (TensorRole::Activation, classifier))
                 .unwrap()
                 .category
         };
         assert_eq!(input(&plan), Category::ForwardActivation, "{precision:?}");
-        let last = scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(1));
+        let last = UpdateScheme::LastLayers(1).updates(&arch);
         let plan = compile(&arch, &last, &PlanOptions::new(precision)).unwrap();
         assert_eq!(input(&plan), Category::SavedActivation, "{precision:?}");
     }
@@ -433,7 +446,7 @@ fn bias_only_layer_keeps_no_input_activation() {
 #[test]
 fn frozen_layers_get_no_gradient_and_nothing_runs_below_the_lowest() {
     let arch = zoo::mbv2_w035_r128();
-    let updates = scheme::from_update_scheme(&arch, UpdateScheme::LastLayers(5));
+    let updates = UpdateScheme::LastLayers(5).updates(&arch);
     let plan = mbv2_plan(&updates, true);
     let lowest = layer_index(&arch, "block17.expand");
     assert_eq!(updates.iter().position(|u| u.any()), Some(lowest));
@@ -467,7 +480,10 @@ fn frozen_layers_get_no_gradient_and_nothing_runs_below_the_lowest() {
         .tensors
         .iter()
         .filter(|t| t.category == Category::SavedActivation)
-        .all(|t| matches!(t.role, TensorRole::Activation { tensor } | TensorRole::ClampMask { tensor } if tensor >= lowest)));
+        .all(
+            |t| matches!(t.role, TensorRole::Activation | TensorRole::ClampMask)
+                && t.index >= lowest
+        ));
     check_liveness(&plan);
     check_pruning(&plan);
 }
@@ -475,7 +491,7 @@ fn frozen_layers_get_no_gradient_and_nothing_runs_below_the_lowest() {
 #[test]
 fn reordering_frees_gradients_at_batch_one_only() {
     let arch = zoo::fashion_shift_backbone();
-    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
+    let all = UpdateScheme::All.updates(&arch);
     let peak = |batch: usize, reorder: bool| {
         let options = PlanOptions {
             batch,
@@ -507,7 +523,7 @@ fn reordering_frees_gradients_at_batch_one_only() {
     assert!(b2
         .tensors
         .iter()
-        .filter(|t| matches!(t.role, TensorRole::WeightGrad { .. }))
+        .filter(|t| matches!(t.role, TensorRole::WeightGrad))
         .all(|t| t.persistent));
     assert_eq!(b2.lower_bound_bytes, b2_naive.lower_bound_bytes);
     assert!(b2.arena_bytes >= naive.arena_bytes);
@@ -523,13 +539,13 @@ fn channel_ratio_sizes_the_gradient() {
     let grad = plan
         .tensors
         .iter()
-        .find(|t| t.role == TensorRole::WeightGrad { layer: expand })
+        .find(|t| (t.role, t.index) == (TensorRole::WeightGrad, expand))
         .unwrap();
     assert_eq!(grad.bytes, 168 * 56 * 4);
     let weights = plan
         .tensors
         .iter()
-        .find(|t| t.role == TensorRole::Weight { layer: expand })
+        .find(|t| (t.role, t.index) == (TensorRole::Weight, expand))
         .unwrap();
     assert_eq!(weights.bytes, 168 * 56, "the trained channels are in SRAM");
     assert_eq!(
@@ -544,7 +560,7 @@ fn channel_ratio_sizes_the_gradient() {
     let float_weights = float
         .tensors
         .iter()
-        .find(|t| t.role == TensorRole::Weight { layer: expand })
+        .find(|t| (t.role, t.index) == (TensorRole::Weight, expand))
         .unwrap();
     assert_eq!(float_weights.bytes, 336 * 56 * 4);
     check_liveness(&plan);
@@ -567,18 +583,13 @@ fn mbv2_sparse_streams_its_frozen_blocks_and_masks_its_trained_ones() {
     assert!(!plan
         .tensors
         .iter()
-        .any(|t| t.role == TensorRole::Activation { tensor: expand + 1 }));
+        .any(|t| (t.role, t.index) == (TensorRole::Activation, expand + 1)));
     // block12.depthwise trains its bias only: its output is kept as a clamp mask.
     let depthwise = layer_index(&arch, "block12.depthwise");
     let mask = plan
         .tensors
         .iter()
-        .find(|t| {
-            t.role
-                == TensorRole::ClampMask {
-                    tensor: depthwise + 1,
-                }
-        })
+        .find(|t| (t.role, t.index) == (TensorRole::ClampMask, depthwise + 1))
         .expect("a clamp mask");
     assert_eq!(mask.bytes, 192 * 8 * 8 / 8);
     assert!(report
@@ -615,7 +626,7 @@ fn mbv2_figures() {
     let arch = zoo::mbv2_w035_r128();
     assert_eq!(arch.param_count().unwrap(), 391_650);
     assert_eq!(arch.forward_macs().unwrap(), 18_943_232);
-    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
+    let all = UpdateScheme::All.updates(&arch);
     let (reordered, naive) = (mbv2_plan(&all, true), mbv2_plan(&all, false));
     assert!(reordered.arena_bytes < naive.arena_bytes);
     for plan in [&reordered, &naive] {
@@ -626,18 +637,75 @@ fn mbv2_figures() {
 
 #[test]
 fn over_budget_is_refused_with_the_contributors() {
-    let arch = zoo::mbv2_w035_r128();
-    let all = scheme::from_update_scheme(&arch, UpdateScheme::All);
-    let plan = mbv2_plan(&all, true);
-    let report = MemoryReport::new(&arch, &plan);
-    assert!(check_budget(&report, plan.arena_bytes).is_ok());
-    let refusal = check_budget(&report, 256 * 1024).unwrap_err();
-    let message = refusal.to_string();
-    assert!(message.contains("over the budget"), "{message}");
+    let out = mcutrain(&[
+        "plan",
+        "mbv2-w035-r128",
+        "--update",
+        "all",
+        "--sram",
+        "256K",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("over the budget of 256.0 KB"), "{message}");
     assert!(
         message.contains("weight gradient of head.pointwise"),
         "{message}"
     );
+}
+
+/// `plan --sram` decides as a device run does: the planned tensors, the training state and
+/// the firmware's minimum stack, the sizes of the file it writes; a budget one byte short of
+/// that is refused by both.
+#[test]
+fn plan_counts_the_bytes_the_device_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plan.bin");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/fashion-shift/int8.mcut");
+    let plan = |sram: &str| {
+        mcutrain(&[
+            "plan",
+            model.to_str().unwrap(),
+            "--update",
+            "last:3",
+            "--batch",
+            "4",
+            "--partial",
+            "0.1:0.5",
+            "--row-streaming",
+            "off",
+            "--sram",
+            sram,
+            "--json",
+            "--out",
+            file.to_str().unwrap(),
+        ])
+    };
+    let out = plan("4M");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written = std::fs::read(&file).unwrap();
+    let sizes = PlanSizes::of(&written).unwrap();
+    let budget = Budget::default();
+    assert_eq!(v["plan_file_bytes"], sizes.file_bytes);
+    assert_eq!(v["arena_required_bytes"], sizes.arena_bytes());
+    assert_eq!(v["state_bytes"], sizes.state_bytes);
+    let sram = sizes.arena_bytes() + budget.min_stack_bytes;
+    assert_eq!(v["sram_bytes"], sram);
+    for (bytes, fits) in [(sram, true), (sram - 1, false)] {
+        let out = plan(&bytes.to_string());
+        assert_eq!(out.status.success(), fits, "{bytes}");
+        let device_budget = Budget {
+            sram_bytes: bytes,
+            ..budget
+        };
+        assert_eq!(check_plan(&sizes, &device_budget).is_ok(), fits, "{bytes}");
+    }
 }
 
 fn mcutrain(args: &[&str]) -> std::process::Output {

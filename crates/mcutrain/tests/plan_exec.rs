@@ -14,12 +14,10 @@ use exec_checks::{
     RandomTraining,
 };
 use mcutrain::compile::plan_file::{self, AlignedBytes};
-use mcutrain::compile::{
-    compile, scheme, LayerUpdate, PlanOptions, Precision, StepOp, TrainingPlan,
-};
+use mcutrain::compile::{compile, LayerUpdate, PlanOptions, Precision, StepOp, TrainingPlan};
 use mcutrain::data::Dataset;
 use mcutrain::engine::fqt::{ErrorRanges, FqtConfig, FqtTrainer, PartialUpdate, QuantNet};
-use mcutrain::engine::UpdateScheme;
+use mcutrain::model::UpdateScheme;
 use mcutrain::model::{format, zoo, Architecture, Model, Params};
 use mcutrain::quantize::quantize;
 use mcutrain_core::plan::exec::{self, ExecError};
@@ -62,7 +60,7 @@ fn with_error_ranges(cfg: FqtConfig, exact: bool) -> FqtConfig {
 
 /// What `cfg.scheme` trains per layer of `model`.
 fn scheme_updates(model: &Model, cfg: &FqtConfig) -> Vec<LayerUpdate> {
-    scheme::from_update_scheme(&model.arch, cfg.scheme)
+    cfg.scheme.updates(&model.arch)
 }
 
 /// A plan file of `model` under `cfg`, copied to aligned storage.
@@ -83,7 +81,7 @@ fn plan_bytes_with(
         ..PlanOptions::new(Precision::Int8)
     };
     let plan = compile(&model.arch, updates, &options).expect("compiles");
-    let bytes = plan_file::write(&plan, model, &plan_file::train_config(cfg)).expect("writes");
+    let bytes = plan_file::write(&plan, model, &cfg.plan_config()).expect("writes");
     (plan, AlignedBytes::copy_of(&bytes))
 }
 
@@ -315,7 +313,7 @@ fn errors_of_three_consumers_train_bit_for_bit() {
         classes: 3,
         layers: vec![conv("a"), conv("b"), add("c"), add("d"), classifier],
     };
-    assert_eq!(mcutrain::engine::consumers(&arch, 1), [1, 2, 3]);
+    assert_eq!(arch.consumers(1), [1, 2, 3]);
     let data = random_data(&arch, 6, 5);
     let model = int8_model(&arch, &data, 5);
     let order: Vec<usize> = (0..6).chain(0..6).collect();
@@ -606,7 +604,7 @@ fn mbv2_sparse_workload_trains_bit_for_bit() {
     let data = random_data(&arch, 4, 3);
     let model = int8_model(&arch, &data, 3);
     let text = std::fs::read_to_string(repo_file("workloads/mbv2-sparse.json")).unwrap();
-    let updates = scheme::from_json(&arch, &text, "mbv2-sparse.json").unwrap();
+    let updates = mcutrain::model::scheme::from_json(&arch, &text, "mbv2-sparse.json").unwrap();
     let cfg = fqt_config(UpdateScheme::All, 1, false);
     let (plan, bytes) = plan_bytes_with(&model, &updates, &cfg, true);
     assert!(plan.steps.iter().any(|s| s.op == StepOp::StreamedForward));
@@ -624,7 +622,7 @@ fn mbv2_sparse_workload_trains_bit_for_bit() {
 #[test]
 fn sparse_channel_ratios_keep_the_frozen_channels_in_flash() {
     let (model, data) = fashion_shift();
-    let mut updates = scheme::from_update_scheme(&model.arch, UpdateScheme::LastLayers(2));
+    let mut updates = UpdateScheme::LastLayers(2).updates(&model.arch);
     let classifier = updates.len() - 1;
     let head = classifier - 2;
     updates[classifier].weight_channels = 5; // half of the 10 outputs
@@ -634,7 +632,7 @@ fn sparse_channel_ratios_keep_the_frozen_channels_in_flash() {
     let weights = |layer: usize| {
         plan.tensors
             .iter()
-            .find(|t| t.role == mcutrain::compile::TensorRole::Weight { layer })
+            .find(|t| (t.role, t.index) == (mcutrain::compile::TensorRole::Weight, layer))
             .unwrap()
     };
     assert_eq!(weights(classifier).bytes, 5 * 192);

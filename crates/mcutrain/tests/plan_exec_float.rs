@@ -15,10 +15,11 @@ use exec_checks::{
     RandomTraining,
 };
 use mcutrain::compile::plan_file::{self, AlignedBytes, PlanFileError};
-use mcutrain::compile::{compile, scheme, PlanOptions, Precision, TensorRole, TrainingPlan};
+use mcutrain::compile::{compile, PlanOptions, Precision, TensorRole, TrainingPlan};
 use mcutrain::data::Dataset;
+use mcutrain::engine::cosine_lr;
 use mcutrain::engine::float::{self, shuffled, FloatNet, FloatTrainConfig, FloatTrainer};
-use mcutrain::engine::{cosine_lr, UpdateScheme};
+use mcutrain::model::UpdateScheme;
 use mcutrain::model::{format, zoo, Architecture, FloatLayer, Model, Params};
 use mcutrain_core::plan::exec::{self, ExecError};
 use mcutrain_core::plan::{self as file, PlanError, PlanView};
@@ -40,7 +41,7 @@ struct Run {
 
 /// The float32 plan of `model` under `run`, and its file in aligned storage.
 fn plan_bytes(model: &Model, run: &Run) -> (TrainingPlan, AlignedBytes) {
-    let updates = scheme::from_update_scheme(&model.arch, run.scheme);
+    let updates = run.scheme.updates(&model.arch);
     let options = PlanOptions {
         batch: run.batch,
         reorder: run.reorder,
@@ -68,7 +69,8 @@ fn reference_run(model: &Model, run: &Run, data: &Dataset, order: &[usize]) -> (
     let Params::Float(params) = &mut model.params else {
         panic!("a float32 model expected")
     };
-    let mut trainer = FloatTrainer::new(&arch, params, run.scheme, run.momentum).unwrap();
+    let updates = run.scheme.updates(&arch);
+    let mut trainer = FloatTrainer::new(&arch, params, &updates, run.momentum).unwrap();
     let total = order.len().div_ceil(run.batch);
     let losses = order
         .chunks(run.batch)
@@ -430,8 +432,8 @@ fn float_plans_hold_float_tensors_and_velocities() {
             assert_eq!(weight.bytes as usize, 4 * params.weight.len());
         }
         for (id, tensor) in plan.tensors.iter().enumerate() {
-            if let TensorRole::Activation { tensor: t } = tensor.role {
-                let numel: usize = model.arch.shapes().unwrap()[t].iter().product();
+            if tensor.role == TensorRole::Activation {
+                let numel: usize = model.arch.shapes().unwrap()[tensor.index].iter().product();
                 assert_eq!(view.tensor(id as u16).unwrap().bytes as usize, 4 * numel);
             }
         }
@@ -491,10 +493,10 @@ fn executor_arguments_are_checked() {
     assert_ne!(trained.params, model.params);
     // An int8 plan refuses f32 samples.
     let int8 = mcutrain::quantize::quantize(&model, &data, data.len()).unwrap();
-    let updates = scheme::from_update_scheme(&int8.arch, UpdateScheme::All);
+    let updates = UpdateScheme::All.updates(&int8.arch);
     let plan = compile(&int8.arch, &updates, &PlanOptions::new(Precision::Int8)).unwrap();
     let fqt = mcutrain::engine::fqt::FqtConfig::default();
-    let int8_bytes = plan_file::write(&plan, &int8, &plan_file::train_config(&fqt)).unwrap();
+    let int8_bytes = plan_file::write(&plan, &int8, &fqt.plan_config()).unwrap();
     let int8_bytes = AlignedBytes::copy_of(&int8_bytes);
     let int8_view = PlanView::parse(int8_bytes.as_slice()).unwrap();
     let mut int8_arena = AlignedBytes::zeroed(int8_view.arena_required());
@@ -509,7 +511,7 @@ fn executor_arguments_are_checked() {
 #[test]
 fn mismatched_models_and_hyper_parameters_are_refused() {
     let (model, data, _) = small_plan();
-    let updates = scheme::from_update_scheme(&model.arch, UpdateScheme::All);
+    let updates = UpdateScheme::All.updates(&model.arch);
     let compiled = |precision, momentum| {
         let options = PlanOptions {
             momentum,

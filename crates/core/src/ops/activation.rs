@@ -5,7 +5,8 @@
 //! the output codes or from a 1-bit clamp mask of them. None of these functions needs scratch
 //! memory.
 
-use crate::quant::{QParams, Q_MAX, Q_MIN};
+use crate::layer::{numel, FloatParams, Operator, QParameters, Shape};
+use crate::quant::{QParams, QTensor, RealRange, Q_MAX, Q_MIN};
 
 /// An element-wise activation, fused into an operator or applied on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +169,57 @@ pub fn backward_mask_bits_q(mask: &[u8], err: &mut [i8], err_q: QParams) {
                 *e = zero;
             }
         }
+    }
+}
+
+/// A standalone activation layer over `batch` samples of shape `shape`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActivationLayer {
+    /// The activation.
+    pub activation: Activation,
+    /// Per-sample shape of input and output.
+    pub shape: Shape,
+    /// Samples.
+    pub batch: usize,
+}
+
+/// The output keeps the input's codes, clamped: its quantization is the input's; the backward
+/// pass masks the error and passes it to the input.
+impl Operator for ActivationLayer {
+    fn output_shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn input_len(&self) -> usize {
+        self.batch * numel(self.shape)
+    }
+
+    fn output_len(&self) -> usize {
+        self.batch * numel(self.shape)
+    }
+
+    fn output_clamp(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
+
+    fn preserves_codes(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], _params: FloatParams, y: &mut [f32]) {
+        forward(self.activation, x, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        _params: QParameters,
+        _y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        forward_q(self.activation, x.codes, x.q, y);
+        RealRange::EMPTY
     }
 }
 

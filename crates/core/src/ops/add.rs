@@ -2,7 +2,8 @@
 //! 8-bit. The quantized form also sums two quantized error tensors where a tensor feeds two
 //! consumers. No function here needs scratch memory.
 
-use crate::quant::{QParams, RealRange, Requant, Q_MAX, Q_MIN};
+use crate::layer::{numel, FloatParams, Operator, QParameters, Shape};
+use crate::quant::{QParams, QTensor, RealRange, Requant, Q_MAX, Q_MIN};
 
 /// Left shift applied to both zero-centred inputs before rescaling, so that rescaling them to
 /// a common scale keeps 20 fractional bits (TFLite's `left_shift`).
@@ -15,15 +16,6 @@ pub fn forward(a: &[f32], b: &[f32], out: &mut [f32]) {
     for ((y, &x1), &x2) in out.iter_mut().zip(a).zip(b) {
         *y = x1 + x2;
     }
-}
-
-/// Input backward of the addition, the identity: `dL/da = dL/db = dL/dy`, so both inputs
-/// receive a copy of the output error (overwriting `a_err` and `b_err`). Works for float errors
-/// and for error codes alike (quantized, both copies keep the output error's qparams).
-/// Scratch: none.
-pub fn backward<T: Copy>(out_err: &[T], a_err: &mut [T], b_err: &mut [T]) {
-    a_err.copy_from_slice(out_err);
-    b_err.copy_from_slice(out_err);
 }
 
 /// Quantized addition, `y = z_y + round((s_a/s_y)(a - z_a) + (s_b/s_y)(b - z_b))`, in integers
@@ -73,6 +65,51 @@ pub fn forward_q(
     }
 }
 
+/// A residual addition over `batch` samples of shape `shape`: the previous tensor plus the
+/// output of layer `skip_from`. The backward pass gives both inputs the output error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddLayer {
+    /// The earlier layer whose output is added.
+    pub skip_from: usize,
+    /// Per-sample shape of both inputs and the output.
+    pub shape: Shape,
+    /// Samples.
+    pub batch: usize,
+}
+
+impl Operator for AddLayer {
+    fn output_shape(&self) -> Shape {
+        self.shape
+    }
+
+    fn input_len(&self) -> usize {
+        self.batch * numel(self.shape)
+    }
+
+    fn output_len(&self) -> usize {
+        self.batch * numel(self.shape)
+    }
+
+    fn skip_from(&self) -> Option<usize> {
+        Some(self.skip_from)
+    }
+
+    fn forward(&self, x: &[f32], skip: &[f32], _params: FloatParams, y: &mut [f32]) {
+        forward(x, skip, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        skip: QTensor,
+        _params: QParameters,
+        y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        forward_q(x.codes, x.q, skip.codes, skip.q, y_q, y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -85,14 +122,10 @@ mod tests {
     }
 
     #[test]
-    fn float_forward_and_backward() {
+    fn float_forward() {
         let mut y = [0.0f32; 3];
         forward(&[1.0, -2.0, 0.5], &[0.25, 2.0, -1.5], &mut y);
         assert_eq!(y, [1.25, 0.0, -1.0]);
-        let (mut ea, mut eb) = ([0.0f32; 3], [9.0f32; 3]);
-        backward(&[0.1, -0.2, 0.3], &mut ea, &mut eb);
-        assert_eq!(ea, [0.1, -0.2, 0.3]);
-        assert_eq!(eb, ea);
     }
 
     #[test]

@@ -74,6 +74,9 @@ impl Term<i64> for i8 {
     }
 }
 
+/// Most products one `i32` accumulator of the 8-bit kernels may sum (`33 025 * 255^2 < 2^31`).
+pub const MAX_ACCUMULATED_TERMS: usize = 33_025;
+
 /// Results accumulated at once on the stack (one register block).
 pub(crate) const BLOCK: usize = 16;
 
@@ -346,7 +349,15 @@ pub(crate) fn requantize_input_error(
 ) -> RealRange {
     let s_e = out_err_q.scale as f64;
     let ze = out_err_q.zero_point;
-    let zw = |o: usize| channel_qparams(weight_q, o).zero_point;
+    // Per tensor, one zero point for every channel (no lookup per channel).
+    let (per_tensor, zero) = (weight_q.len() == 1, weight_q[0].zero_point);
+    let zw = |o: usize| {
+        if per_tensor {
+            zero
+        } else {
+            weight_q[o].zero_point
+        }
+    };
     let first = weight_q[0].scale;
     if weight_q.iter().all(|wq| wq.scale == first) {
         let mut out = ErrorStore::new(first as f64 * s_e, in_err_q);

@@ -27,12 +27,17 @@
 
 use core::ops::Range;
 
+use crate::layer::{
+    FloatParams, InputError, Layer, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
+};
+use crate::ops::activation::{self, Activation};
+use crate::ops::arith::MAX_ACCUMULATED_TERMS;
 use crate::ops::arith::{
     axpy, blocks, channel_sums, dot_wide, intersect, requantize_input_error, tap_input, tap_output,
     valid_outputs, Acc, AccRange, InputErrorKernel, OutputChannel, QLayerParams, Term, BLOCK,
 };
-use crate::ops::{ChannelSet, OpError, WeightParts};
-use crate::quant::{QParams, RealRange};
+use crate::ops::{checked_product, ChannelSet, OpError, WeightParts};
+use crate::quant::{QParams, QTensor, RealRange};
 
 /// Shape of a convolution over a batch-major NCHW input `[batch][in_channels][in_h][in_w]`,
 /// with weights `[out_channels][in_channels / groups][kernel_h][kernel_w]` and bias
@@ -150,10 +155,20 @@ impl Conv2dGeom {
         {
             return Err(OpError::BadGroups);
         }
-        if self.kernel_h > self.in_h + 2 * self.pad_h || self.kernel_w > self.in_w + 2 * self.pad_w
-        {
+        let padded = |len: usize, pad: usize| pad.checked_mul(2).and_then(|p| p.checked_add(len));
+        let (padded_h, padded_w) = (
+            padded(self.in_h, self.pad_h).ok_or(OpError::Overflow)?,
+            padded(self.in_w, self.pad_w).ok_or(OpError::Overflow)?,
+        );
+        if self.kernel_h > padded_h || self.kernel_w > padded_w {
             return Err(OpError::KernelTooLarge);
         }
+        // Every size the kernels and the planner derive fits a `usize`.
+        let taps = checked_product(&[self.in_per_group(), self.kernel_h, self.kernel_w])?;
+        let outputs = [self.batch, self.out_channels, self.out_h(), self.out_w()];
+        checked_product(&[self.batch, self.in_channels, self.in_h, self.in_w])?;
+        checked_product(&[self.out_channels, taps])?;
+        checked_product(&[checked_product(&outputs)?, taps])?;
         Ok(())
     }
 
@@ -673,7 +688,7 @@ fn input_error<X: Term<A>, A: Acc>(
     channel: impl Fn(usize) -> (A, A),
     emit: &mut impl FnMut(usize, &[A]),
 ) {
-    let (c_in, c_out) = (g.in_per_group(), g.out_per_group());
+    let (c_in, c_out, taps) = (g.in_per_group(), g.out_per_group(), g.taps());
     let sample_len = g.out_channels * g.out_plane();
     for n in 0..g.batch {
         let err = &err[n * sample_len..][..sample_len];
@@ -686,6 +701,7 @@ fn input_error<X: Term<A>, A: Acc>(
                 err,
                 ze,
                 local: c % c_in,
+                taps,
             };
             let base = Conv2dGeom::plane(n, c, g.in_channels, g.in_plane()).start;
             let emit = &mut |at: usize, block: &[A]| emit(base + at, block);
@@ -705,6 +721,8 @@ struct ErrorPlane<'a, X, A> {
     err: &'a [X],
     ze: A,
     local: usize,
+    /// Weights per output channel ([`Conv2dGeom::taps`], computed once).
+    taps: usize,
 }
 
 impl<X: Term<A>, A: Acc> ErrorPlane<'_, X, A> {
@@ -714,7 +732,7 @@ impl<X: Term<A>, A: Acc> ErrorPlane<'_, X, A> {
         let g = self.geom;
         let kernel = g.kernel_h * g.kernel_w;
         let (zw, factor) = channel(o);
-        self.weight.structure(o, g.taps())[self.local * kernel + tap].term(zw) * factor
+        self.weight.structure(o, self.taps)[self.local * kernel + tap].term(zw) * factor
     }
 
     /// 1x1 stride 1: `e_x[p] = sum_o w[o][local] * e[o][p]`.
@@ -804,18 +822,26 @@ fn weight_sums<X: Term<A>, A: Acc, W: Acc + From<A>>(
     channels: ChannelSet,
     emit: &mut impl FnMut(usize, W),
 ) {
+    // The geometry's derived sizes, computed once (each holds a division).
     let (in_plane, out_plane, out_w) = (g.in_plane(), g.out_plane(), g.out_w());
+    let (c_in, c_out, taps) = (g.in_per_group(), g.out_per_group(), g.taps());
     let kernel = g.kernel_h * g.kernel_w;
+    let pointwise = g.is_pointwise();
     for o in channels.iter(g.out_channels) {
-        for i in 0..g.in_per_group() {
+        let first_input = o / c_out * c_in;
+        for i in 0..c_in {
+            let channel = first_input + i;
             for kh in 0..g.kernel_h {
                 for kw in 0..g.kernel_w {
-                    let valid = valid_outputs(out_w, g.in_w, kw, g.stride_w, g.pad_w);
+                    let valid = match pointwise {
+                        true => 0..0,
+                        false => valid_outputs(out_w, g.in_w, kw, g.stride_w, g.pad_w),
+                    };
                     let mut sum = W::default();
                     for n in 0..g.batch {
-                        let x = &g.group_input(input, n, o)[i * in_plane..][..in_plane];
+                        let x = &input[(n * g.in_channels + channel) * in_plane..][..in_plane];
                         let e = &err[Conv2dGeom::plane(n, o, g.out_channels, out_plane)];
-                        if g.is_pointwise() {
+                        if pointwise {
                             // The whole plane is one row.
                             sum += dot_wide(x, 1, zx, e, ze);
                             continue;
@@ -832,7 +858,7 @@ fn weight_sums<X: Term<A>, A: Acc, W: Acc + From<A>>(
                             sum += dot_wide(x, g.stride_w, zx, e, ze);
                         }
                     }
-                    emit(o * g.taps() + i * kernel + kh * g.kernel_w + kw, sum);
+                    emit(o * taps + i * kernel + kh * g.kernel_w + kw, sum);
                 }
             }
         }
@@ -864,6 +890,167 @@ impl InputErrorKernel for ConvInputError<'_> {
             channel,
             emit,
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer contract.
+
+/// A convolution layer: its geometry and the activation fused into its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dLayer {
+    /// Shapes, kernel, stride, padding, groups.
+    pub geom: Conv2dGeom,
+    /// Fused activation.
+    pub activation: Activation,
+}
+
+impl Operator for Conv2dLayer {
+    fn output_shape(&self) -> Shape {
+        [self.geom.out_channels, self.geom.out_h(), self.geom.out_w()]
+    }
+
+    fn input_len(&self) -> usize {
+        self.geom.input_len()
+    }
+
+    fn output_len(&self) -> usize {
+        self.geom.output_len()
+    }
+
+    fn macs(&self) -> usize {
+        self.geom.macs()
+    }
+
+    fn scratch_bytes(&self) -> usize {
+        self.geom.scratch_bytes()
+    }
+
+    /// Forward and input-error sums hold at most [`MAX_ACCUMULATED_TERMS`] products, and the
+    /// partial-update scores sum fewer than 2^24 positions per channel.
+    fn fits_int8_limits(&self) -> bool {
+        let g = &self.geom;
+        // In `u64`: on a 32-bit target the products of `u16` fields may not fit a `usize`.
+        let wide = |v: usize| v as u64;
+        let taps = wide(g.kernel_h) * wide(g.kernel_w);
+        let max_terms = MAX_ACCUMULATED_TERMS as u64;
+        wide(g.in_per_group()) * taps <= max_terms
+            && wide(g.out_per_group()) * taps <= max_terms
+            && wide(g.out_h()) * wide(g.out_w()) < 1 << 24
+    }
+
+    fn output_clamp(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], params: FloatParams, y: &mut [f32]) {
+        forward(&self.geom, x, params.weight, params.bias, y);
+        activation::forward_in_place(self.activation, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        params: QParameters,
+        y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        let q = QLayerParams {
+            input: x.q,
+            weight: params.weight.q,
+            bias_scale: params.bias_scale,
+            output: y_q,
+            activation: self.activation,
+        };
+        forward_parts_q(&self.geom, x.codes, params.weight.codes, params.bias, &q, y)
+    }
+
+    fn input_error(&self) -> Option<&dyn InputError> {
+        Some(self)
+    }
+
+    fn parametric(&self) -> Option<&dyn Parametric> {
+        Some(self)
+    }
+}
+
+impl InputError for Conv2dLayer {
+    fn input_backward(
+        &self,
+        _x: &[f32],
+        weight: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        input_backward(&self.geom, weight, out_err, channels, in_err);
+    }
+
+    fn input_backward_q(
+        &self,
+        _x: QTensor,
+        weight: QWeights,
+        out_err: QTensor,
+        channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        let (e, e_q) = (out_err.codes, out_err.q);
+        input_backward_parts_q(
+            &self.geom,
+            weight.codes,
+            weight.q,
+            e,
+            e_q,
+            channels,
+            in_err_q,
+            in_err,
+        )
+    }
+}
+
+impl Parametric for Conv2dLayer {
+    fn param_shape(&self) -> ParamShape {
+        ParamShape {
+            channels: self.geom.out_channels,
+            structure: self.geom.taps(),
+        }
+    }
+
+    fn channel_prefix(&self, channels: usize) -> Option<Layer> {
+        let geom = self.geom.output_prefix(channels)?;
+        Some(Layer::Conv2d(Conv2dLayer { geom, ..*self }))
+    }
+
+    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
+        weight_backward(&self.geom, x, out_err, channels, grad);
+    }
+
+    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
+        bias_backward(&self.geom, out_err, channels, grad);
+    }
+
+    fn weight_backward_q(
+        &self,
+        x: QTensor,
+        out_err: QTensor,
+        channels: ChannelSet,
+        grad: &mut [f32],
+    ) {
+        weight_backward_q(
+            &self.geom,
+            x.codes,
+            x.q,
+            out_err.codes,
+            out_err.q,
+            channels,
+            grad,
+        );
+    }
+
+    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]) {
+        bias_backward_q(&self.geom, out_err.codes, out_err.q, channels, grad);
     }
 }
 
@@ -1121,6 +1308,7 @@ pub(crate) mod tests {
                     err: &e[n * sample..][..sample],
                     ze,
                     local: c % g.in_per_group(),
+                    taps: g.taps(),
                 };
                 let base = Conv2dGeom::plane(n, c, g.in_channels, g.in_plane()).start;
                 let outputs = group..group + g.out_per_group();

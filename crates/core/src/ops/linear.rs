@@ -12,12 +12,17 @@
 //! 8-bit accumulators are `i32`: `in_features` (forward), `out_features` (input error) and
 //! `batch` (weight gradient) up to 33 025 (`33 025 * 255^2 < 2^31`).
 
+use super::activation::{self, Activation};
+use super::arith::MAX_ACCUMULATED_TERMS;
 use super::arith::{
     axpy, blocks, channel_sums, dot, requantize_input_error, Acc, AccRange, InputErrorKernel,
     OutputChannel, QLayerParams, Term, BLOCK,
 };
-use super::{ChannelSet, OpError, WeightParts};
-use crate::quant::{QParams, RealRange};
+use super::{checked_product, ChannelSet, OpError, WeightParts};
+use crate::layer::{
+    FloatParams, InputError, Layer, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
+};
+use crate::quant::{QParams, QTensor, RealRange};
 
 /// Shape of a fully connected layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +62,8 @@ impl LinearGeom {
         if self.batch == 0 || self.in_features == 0 || self.out_features == 0 {
             return Err(OpError::ZeroSize);
         }
+        // Every size the kernels and the planner derive fits a `usize`.
+        checked_product(&[self.batch, self.in_features, self.out_features])?;
         Ok(())
     }
 
@@ -388,6 +395,167 @@ impl InputErrorKernel for LinearInputError<'_> {
             channel,
             emit,
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer contract.
+
+/// A fully connected layer: its geometry and the activation fused into its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearLayer {
+    /// Batch, inputs and outputs.
+    pub geom: LinearGeom,
+    /// Fused activation.
+    pub activation: Activation,
+}
+
+impl Operator for LinearLayer {
+    fn output_shape(&self) -> Shape {
+        [self.geom.out_features, 1, 1]
+    }
+
+    fn input_len(&self) -> usize {
+        self.geom.input_len()
+    }
+
+    fn output_len(&self) -> usize {
+        self.geom.output_len()
+    }
+
+    fn macs(&self) -> usize {
+        self.geom.macs()
+    }
+
+    fn scratch_bytes(&self) -> usize {
+        self.geom.scratch_bytes()
+    }
+
+    /// Forward sums hold `in_features` products, input-error sums `out_features`, each at most
+    /// [`MAX_ACCUMULATED_TERMS`].
+    fn fits_int8_limits(&self) -> bool {
+        self.geom.in_features <= MAX_ACCUMULATED_TERMS
+            && self.geom.out_features <= MAX_ACCUMULATED_TERMS
+    }
+
+    fn output_clamp(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], params: FloatParams, y: &mut [f32]) {
+        forward(&self.geom, x, params.weight, params.bias, y);
+        activation::forward_in_place(self.activation, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        params: QParameters,
+        y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        let q = QLayerParams {
+            input: x.q,
+            weight: params.weight.q,
+            bias_scale: params.bias_scale,
+            output: y_q,
+            activation: self.activation,
+        };
+        forward_parts_q(&self.geom, x.codes, params.weight.codes, params.bias, &q, y)
+    }
+
+    fn input_error(&self) -> Option<&dyn InputError> {
+        Some(self)
+    }
+
+    fn parametric(&self) -> Option<&dyn Parametric> {
+        Some(self)
+    }
+}
+
+impl InputError for LinearLayer {
+    fn input_backward(
+        &self,
+        _x: &[f32],
+        weight: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        input_backward(&self.geom, weight, out_err, channels, in_err);
+    }
+
+    fn input_backward_q(
+        &self,
+        _x: QTensor,
+        weight: QWeights,
+        out_err: QTensor,
+        channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        let (e, e_q) = (out_err.codes, out_err.q);
+        input_backward_parts_q(
+            &self.geom,
+            weight.codes,
+            weight.q,
+            e,
+            e_q,
+            channels,
+            in_err_q,
+            in_err,
+        )
+    }
+}
+
+impl Parametric for LinearLayer {
+    fn param_shape(&self) -> ParamShape {
+        ParamShape {
+            channels: self.geom.out_features,
+            structure: self.geom.in_features,
+        }
+    }
+
+    fn channel_prefix(&self, channels: usize) -> Option<Layer> {
+        if channels == 0 || channels > self.geom.out_features {
+            return None;
+        }
+        let geom = LinearGeom {
+            out_features: channels,
+            ..self.geom
+        };
+        Some(Layer::Linear(LinearLayer { geom, ..*self }))
+    }
+
+    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
+        weight_backward(&self.geom, x, out_err, channels, grad);
+    }
+
+    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
+        bias_backward(&self.geom, out_err, channels, grad);
+    }
+
+    fn weight_backward_q(
+        &self,
+        x: QTensor,
+        out_err: QTensor,
+        channels: ChannelSet,
+        grad: &mut [f32],
+    ) {
+        weight_backward_q(
+            &self.geom,
+            x.codes,
+            x.q,
+            out_err.codes,
+            out_err.q,
+            channels,
+            grad,
+        );
+    }
+
+    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]) {
+        bias_backward_q(&self.geom, out_err.codes, out_err.q, channels, grad);
     }
 }
 

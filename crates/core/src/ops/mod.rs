@@ -15,6 +15,7 @@ pub mod activation;
 pub mod add;
 pub mod arith;
 pub mod conv2d;
+pub mod flatten;
 pub mod linear;
 pub mod loss;
 pub mod pool;
@@ -126,6 +127,16 @@ pub enum OpError {
     LengthMismatch,
     /// Layers do not form a streamed chain (count, batch, or a stage's input shape).
     BadChain,
+    /// A size derived from the geometry (elements, weights, multiply-accumulates) does not
+    /// fit a `usize`.
+    Overflow,
+}
+
+/// The product of `dims`, or [`OpError::Overflow`] when it does not fit a `usize`.
+pub fn checked_product(dims: &[usize]) -> Result<usize, OpError> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or(OpError::Overflow)
 }
 
 impl core::fmt::Display for OpError {
@@ -136,6 +147,9 @@ impl core::fmt::Display for OpError {
             OpError::KernelTooLarge => "the kernel is larger than the padded input",
             OpError::LengthMismatch => "a buffer length does not match the shape",
             OpError::BadChain => "the layers do not form a streamed chain",
+            OpError::Overflow => "a size derived from the geometry overflows",
         })
     }
 }
+
+impl core::error::Error for OpError {}

@@ -13,8 +13,9 @@
 
 use core::ops::{AddAssign, Range};
 
-use super::OpError;
-use crate::quant::{QParams, RealRange, Requant, Q_MAX, Q_MIN};
+use super::{checked_product, ChannelSet, OpError};
+use crate::layer::{FloatParams, InputError, Operator, QParameters, QWeights, Shape};
+use crate::quant::{QParams, QTensor, RealRange, Requant, Q_MAX, Q_MIN};
 
 /// Shape of a windowed pooling layer (average or max) over `[batch][channels][in_h][in_w]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,13 +86,21 @@ impl PoolGeom {
         if sizes.contains(&0) {
             return Err(OpError::ZeroSize);
         }
-        if self.kernel_h > self.in_h + 2 * self.pad_h
-            || self.kernel_w > self.in_w + 2 * self.pad_w
-            || self.pad_h >= self.kernel_h
-            || self.pad_w >= self.kernel_w
-        {
+        // `pad < kernel` (below) keeps the padded sizes within twice the kernel plus the input.
+        if self.pad_h >= self.kernel_h || self.pad_w >= self.kernel_w {
             return Err(OpError::KernelTooLarge);
         }
+        let padded = |len: usize, pad: usize| pad.checked_mul(2).and_then(|p| p.checked_add(len));
+        let (padded_h, padded_w) = (
+            padded(self.in_h, self.pad_h).ok_or(OpError::Overflow)?,
+            padded(self.in_w, self.pad_w).ok_or(OpError::Overflow)?,
+        );
+        if self.kernel_h > padded_h || self.kernel_w > padded_w {
+            return Err(OpError::KernelTooLarge);
+        }
+        // Every size the kernels derive fits a `usize`.
+        checked_product(&[self.batch, self.channels, self.in_h, self.in_w])?;
+        checked_product(&[self.kernel_h, self.kernel_w])?;
         Ok(())
     }
 
@@ -148,6 +157,7 @@ impl GlobalPoolGeom {
         if self.batch == 0 || self.channels == 0 || self.spatial == 0 {
             return Err(OpError::ZeroSize);
         }
+        checked_product(&[self.batch, self.channels, self.spatial])?;
         Ok(())
     }
 }
@@ -545,6 +555,225 @@ pub fn global_avg_input_backward_q(
         ein.fill(to_code.code(e as i32 - z_e));
     }
     to_code.real_range(out_err_q.scale / g.spatial as f32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer contract.
+
+/// Average pooling as a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AvgPool(pub PoolGeom);
+
+/// Max pooling as a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool(pub PoolGeom);
+
+impl PoolGeom {
+    fn output_shape(&self) -> Shape {
+        [self.channels, self.out_h(), self.out_w()]
+    }
+
+    /// A window sums at most 2^16 codes in an `i32`.
+    fn fits_int8_limits(&self) -> bool {
+        (self.kernel_h as u64) * (self.kernel_w as u64) <= 1 << 16
+    }
+}
+
+impl Operator for AvgPool {
+    fn output_shape(&self) -> Shape {
+        self.0.output_shape()
+    }
+
+    fn input_len(&self) -> usize {
+        self.0.input_len()
+    }
+
+    fn output_len(&self) -> usize {
+        self.0.output_len()
+    }
+
+    fn fits_int8_limits(&self) -> bool {
+        self.0.fits_int8_limits()
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], _params: FloatParams, y: &mut [f32]) {
+        avg_forward(&self.0, x, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        _params: QParameters,
+        y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        avg_forward_q(&self.0, x.codes, x.q, y_q, y)
+    }
+
+    fn input_error(&self) -> Option<&dyn InputError> {
+        Some(self)
+    }
+}
+
+impl InputError for AvgPool {
+    fn input_backward(
+        &self,
+        _x: &[f32],
+        _weight: &[f32],
+        out_err: &[f32],
+        _channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        avg_input_backward(&self.0, out_err, in_err);
+    }
+
+    fn input_backward_q(
+        &self,
+        _x: QTensor,
+        _weight: QWeights,
+        out_err: QTensor,
+        _channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        avg_input_backward_q(&self.0, out_err.codes, out_err.q, in_err_q, in_err)
+    }
+}
+
+/// The output keeps the input's codes (the maximum of codes is the code of the maximum).
+impl Operator for MaxPool {
+    fn output_shape(&self) -> Shape {
+        self.0.output_shape()
+    }
+
+    fn input_len(&self) -> usize {
+        self.0.input_len()
+    }
+
+    fn output_len(&self) -> usize {
+        self.0.output_len()
+    }
+
+    fn fits_int8_limits(&self) -> bool {
+        self.0.fits_int8_limits()
+    }
+
+    fn preserves_codes(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], _params: FloatParams, y: &mut [f32]) {
+        max_forward(&self.0, x, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        _params: QParameters,
+        _y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        max_forward_q(&self.0, x.codes, y);
+        RealRange::EMPTY
+    }
+
+    fn input_error(&self) -> Option<&dyn InputError> {
+        Some(self)
+    }
+}
+
+impl InputError for MaxPool {
+    fn reads_input(&self) -> bool {
+        true
+    }
+
+    fn input_backward(
+        &self,
+        x: &[f32],
+        _weight: &[f32],
+        out_err: &[f32],
+        _channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        max_input_backward(&self.0, x, out_err, in_err);
+    }
+
+    fn input_backward_q(
+        &self,
+        x: QTensor,
+        _weight: QWeights,
+        out_err: QTensor,
+        _channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        max_input_backward_q(&self.0, x.codes, out_err.codes, out_err.q, in_err_q, in_err)
+    }
+}
+
+impl Operator for GlobalPoolGeom {
+    fn output_shape(&self) -> Shape {
+        [self.channels, 1, 1]
+    }
+
+    fn input_len(&self) -> usize {
+        GlobalPoolGeom::input_len(self)
+    }
+
+    fn output_len(&self) -> usize {
+        GlobalPoolGeom::output_len(self)
+    }
+
+    /// A channel sums at most 2^23 codes in an `i32`.
+    fn fits_int8_limits(&self) -> bool {
+        self.spatial as u64 <= 1 << 23
+    }
+
+    fn forward(&self, x: &[f32], _skip: &[f32], _params: FloatParams, y: &mut [f32]) {
+        global_avg_forward(self, x, y);
+    }
+
+    fn forward_q(
+        &self,
+        x: QTensor,
+        _skip: QTensor,
+        _params: QParameters,
+        y_q: QParams,
+        y: &mut [i8],
+    ) -> RealRange {
+        global_avg_forward_q(self, x.codes, x.q, y_q, y)
+    }
+
+    fn input_error(&self) -> Option<&dyn InputError> {
+        Some(self)
+    }
+}
+
+impl InputError for GlobalPoolGeom {
+    fn input_backward(
+        &self,
+        _x: &[f32],
+        _weight: &[f32],
+        out_err: &[f32],
+        _channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        global_avg_input_backward(self, out_err, in_err);
+    }
+
+    fn input_backward_q(
+        &self,
+        _x: QTensor,
+        _weight: QWeights,
+        out_err: QTensor,
+        _channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        global_avg_input_backward_q(self, out_err.codes, out_err.q, in_err_q, in_err)
+    }
 }
 
 #[cfg(test)]

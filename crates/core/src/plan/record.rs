@@ -7,13 +7,15 @@
 //! absent indices as [`NONE`], absent offsets as [`NO_OFFSET`].
 
 use super::PlanError;
+use crate::codec::{Reader, Writer};
+use crate::layer::{LayerKind, KINDS, MAX_FIELDS};
 use crate::ops::activation::Activation;
-use crate::quant::{QParams, RangeEma};
+use crate::quant::{ErrorRanges, QParams, RangeEma};
 
 /// File signature, the first four bytes.
 pub const MAGIC: [u8; 4] = *b"MCTP";
 /// Format version this crate reads and writes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// An absent layer, tensor or step index.
 pub const NONE: u16 = u16::MAX;
 /// An absent byte offset.
@@ -24,7 +26,7 @@ pub const LOSS_QUANT: u16 = u16::MAX - 1;
 /// Bytes of the [`Header`].
 pub const HEADER_BYTES: usize = 96;
 /// Bytes of a [`LayerRecord`].
-pub const LAYER_BYTES: usize = 56;
+pub const LAYER_BYTES: usize = 60;
 /// Bytes of a [`ModelTensorRecord`].
 pub const MODEL_TENSOR_BYTES: usize = 32;
 /// Bytes of a [`TensorRecord`].
@@ -34,110 +36,31 @@ pub const STEP_BYTES: usize = 16;
 /// The header bytes before the checksummed part: magic, version, header size, file size, CRC.
 pub const CHECKSUM_START: usize = 16;
 
-/// Sequential little-endian reads from one record; reading past the end yields zeros (the
-/// caller hands in exactly one record, so this never happens for well-formed calls).
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// A range tracker: `f32` min, `f32` max, `u32` initialized.
+fn read_ema(r: &mut Reader) -> Option<RangeEma> {
+    Some(RangeEma {
+        min: r.f32()?,
+        max: r.f32()?,
+        initialized: r.u32()? != 0,
+    })
 }
 
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Reader { bytes, at: 0 }
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        if let Some(src) = self.bytes.get(self.at..self.at + N) {
-            out.copy_from_slice(src);
-        }
-        self.at += N;
-        out
-    }
-
-    fn u8(&mut self) -> u8 {
-        self.array::<1>()[0]
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.array())
-    }
-
-    fn i32(&mut self) -> i32 {
-        i32::from_le_bytes(self.array())
-    }
-
-    fn f32(&mut self) -> f32 {
-        f32::from_le_bytes(self.array())
-    }
-
-    fn skip(&mut self, bytes: usize) {
-        self.at += bytes;
-    }
-
-    fn range_ema(&mut self) -> RangeEma {
-        RangeEma {
-            min: self.f32(),
-            max: self.f32(),
-            initialized: self.u32() != 0,
-        }
-    }
+fn write_ema(w: &mut Writer, value: &RangeEma) {
+    w.f32(value.min);
+    w.f32(value.max);
+    w.u32(value.initialized as u32);
 }
 
-/// Sequential little-endian writes into a record-sized array.
-struct Writer<'a> {
-    out: &'a mut [u8],
-    at: usize,
+/// The bytes of a record of `N` bytes written by `write` (every record fits its size).
+fn record<const N: usize>(write: impl FnOnce(&mut Writer)) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut w = Writer::new(&mut out);
+    write(&mut w);
+    debug_assert_eq!(w.finish(), Some(N));
+    out
 }
 
-impl<'a> Writer<'a> {
-    fn new(out: &'a mut [u8]) -> Self {
-        Writer { out, at: 0 }
-    }
-
-    fn bytes(&mut self, value: &[u8]) {
-        if let Some(dst) = self.out.get_mut(self.at..self.at + value.len()) {
-            dst.copy_from_slice(value);
-        }
-        self.at += value.len();
-    }
-
-    fn u8(&mut self, value: u8) {
-        self.bytes(&[value]);
-    }
-
-    fn u16(&mut self, value: u16) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    fn u32(&mut self, value: u32) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    fn i32(&mut self, value: i32) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    fn f32(&mut self, value: f32) {
-        self.bytes(&value.to_le_bytes());
-    }
-
-    fn skip(&mut self, bytes: usize) {
-        self.at += bytes;
-    }
-
-    fn range_ema(&mut self, value: &RangeEma) {
-        self.f32(value.min);
-        self.f32(value.max);
-        self.u32(value.initialized as u32);
-    }
-}
-
-/// Dynamic partial gradient updates (shared/methods.md section 1): per layer and sample only
+/// Dynamic partial gradient updates (Deutel et al., IEEE TCAD 2024): per layer and sample only
 /// the `k = max(floor((lambda_min + |e / e_max| (lambda_max - lambda_min)) N), 1)` output
 /// channels with the largest mean absolute error are back-propagated and updated.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -146,52 +69,6 @@ pub struct PartialUpdate {
     pub lambda_min: f32,
     /// Largest fraction, in `[lambda_min, 1]`.
     pub lambda_max: f32,
-}
-
-/// How the error tensors of fully quantized training get their quantization, per sample.
-///
-/// Each error tensor is first computed with `(s_tracked * unit, z_tracked)`: its moving-average
-/// range (in error units, see [`crate::plan::exec::error_unit`]) scaled by the sample's error
-/// unit. [`ErrorRanges::Exact`] then checks the tensor's real range (known exactly from the
-/// kernel's accumulators) and recomputes the tensor once with that range when the tracked
-/// quantization clipped it or left more than half of the codes unused
-/// ([`crate::plan::exec::exact_error_q`]). The trackers adapt the same way in both modes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ErrorRanges {
-    /// The tracked quantization only: the moving-average rule of the paper.
-    Tracked,
-    /// The tracked quantization as a first guess, recomputed with the exact range where it
-    /// fits badly (the default: every error follows its own sample's range).
-    #[default]
-    Exact,
-}
-
-impl ErrorRanges {
-    /// The option's name: `tracked` or `exact`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorRanges::Tracked => "tracked",
-            ErrorRanges::Exact => "exact",
-        }
-    }
-}
-
-impl core::fmt::Display for ErrorRanges {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl core::str::FromStr for ErrorRanges {
-    type Err = &'static str;
-    /// `tracked` or `exact`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tracked" => Ok(ErrorRanges::Tracked),
-            "exact" => Ok(ErrorRanges::Exact),
-            _ => Err("error ranges are 'tracked' (the moving averages alone) or 'exact' (recomputed with each sample's range where the tracked one fits badly)"),
-        }
-    }
 }
 
 /// Numeric form of a plan: what its activations, errors and parameters hold.
@@ -212,6 +89,18 @@ impl Precision {
         match self {
             Precision::Int8 => 1,
             Precision::Float32 => 4,
+        }
+    }
+
+    /// Bytes of one bias element (`i32` or `f32`) and of one gradient or velocity element
+    /// (always `f32`).
+    pub const WORD_BYTES: usize = 4;
+
+    /// "int8" or "float32".
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Int8 => "int8",
+            Precision::Float32 => "float32",
         }
     }
 }
@@ -302,8 +191,10 @@ pub struct Header {
 impl Header {
     /// The 96 header bytes.
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
-        let mut out = [0u8; HEADER_BYTES];
-        let mut w = Writer::new(&mut out);
+        record(|w| self.write(w))
+    }
+
+    fn write(&self, w: &mut Writer) {
         w.bytes(&MAGIC);
         w.u16(self.version);
         w.u16(HEADER_BYTES as u16);
@@ -350,43 +241,66 @@ impl Header {
         ] {
             w.f32(value);
         }
-        out
+        w.zeros(4);
     }
 
     /// Decode and check the fixed fields (magic, version, header size, precision, flags).
     pub fn decode(bytes: &[u8]) -> Result<Header, PlanError> {
-        if bytes.len() < HEADER_BYTES {
-            return Err(PlanError::Truncated);
-        }
+        let bytes = bytes.get(..HEADER_BYTES).ok_or(PlanError::Truncated)?;
         let mut r = Reader::new(bytes);
-        if r.array::<4>() != MAGIC {
+        if r.array::<4>() != Some(MAGIC) {
             return Err(PlanError::BadMagic);
         }
-        let version = r.u16();
+        let version = r.u16().ok_or(PlanError::Truncated)?;
         if version != VERSION {
             return Err(PlanError::UnsupportedVersion(version));
         }
-        if r.u16() as usize != HEADER_BYTES {
+        let raw = (|| {
+            let header_bytes = r.u16()?;
+            let (file_bytes, crc) = (r.u32()?, r.u32()?);
+            let (precision, flags) = (r.u8()?, r.u8()?);
+            // batch, layers, tensors, steps, classes, lowest trained layer, a spare
+            let mut counts = [0u16; 7];
+            for v in &mut counts {
+                *v = r.u16()?;
+            }
+            // arena, lower bound, state, scores offset, blob offset, blob size
+            let mut sizes = [0u32; 6];
+            for v in &mut sizes {
+                *v = r.u32()?;
+            }
+            // the learning rate and rates, eps, the lambdas, the momentum
+            let mut config = [0f32; 9];
+            for v in &mut config {
+                *v = r.f32()?;
+            }
+            Some((
+                header_bytes,
+                file_bytes,
+                crc,
+                precision,
+                flags,
+                counts,
+                sizes,
+                config,
+            ))
+        })();
+        let (header_bytes, file_bytes, crc, precision, flags, counts, sizes, config) =
+            raw.ok_or(PlanError::Truncated)?;
+        if header_bytes as usize != HEADER_BYTES {
             return Err(PlanError::BadHeader);
         }
-        let file_bytes = r.u32();
-        let crc = r.u32();
         let precision = *Precision::ALL
-            .get(r.u8() as usize)
+            .get(precision as usize)
             .ok_or(PlanError::Unsupported)?;
-        let flags = r.u8();
         if flags & !7 != 0 {
             return Err(PlanError::BadHeader);
         }
-        let batch = r.u16();
-        let (layer_count, tensor_count, step_count) = (r.u16(), r.u16(), r.u16());
-        let (classes, lowest_layer) = (r.u16(), r.u16());
-        r.skip(2);
-        let (arena_bytes, lower_bound_bytes, state_bytes) = (r.u32(), r.u32(), r.u32());
-        let (scores_offset, blob_offset, blob_bytes) = (r.u32(), r.u32(), r.u32());
-        let (lr, activation_rate, error_rate) = (r.f32(), r.f32(), r.f32());
-        let (weight_rate, stats_rate, eps) = (r.f32(), r.f32(), r.f32());
-        let (lambda_min, lambda_max, momentum) = (r.f32(), r.f32(), r.f32());
+        let [batch, layer_count, tensor_count, step_count, classes, lowest_layer, _] = counts;
+        let [arena_bytes, lower_bound_bytes, state_bytes, scores_offset, blob_offset, blob_bytes] =
+            sizes;
+        let [lr, activation_rate, error_rate, weight_rate, stats_rate, eps, lambda_min, lambda_max, momentum] =
+            config;
         Ok(Header {
             version,
             file_bytes,
@@ -427,81 +341,21 @@ impl Header {
     }
 }
 
-/// What a layer computes (the model IR's layer kinds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayerKind {
-    /// Convolution with a fused activation.
-    Conv2d,
-    /// Fully connected layer over the flattened input, with a fused activation.
-    Linear,
-    /// A standalone activation.
-    Activation,
-    /// Average pooling.
-    AvgPool,
-    /// Max pooling.
-    MaxPool,
-    /// Mean over height and width.
-    GlobalAvgPool,
-    /// Sum of the previous tensor and the output of layer `skip_from`.
-    Add,
-    /// Reshape to a vector; no data moves and no step runs.
-    Flatten,
-}
-
-impl LayerKind {
-    const ALL: [LayerKind; 8] = [
-        LayerKind::Conv2d,
-        LayerKind::Linear,
-        LayerKind::Activation,
-        LayerKind::AvgPool,
-        LayerKind::MaxPool,
-        LayerKind::GlobalAvgPool,
-        LayerKind::Add,
-        LayerKind::Flatten,
-    ];
-
-    /// True for layers with weights and a bias.
-    pub fn has_params(self) -> bool {
-        matches!(self, LayerKind::Conv2d | LayerKind::Linear)
-    }
-
-    /// True for layers whose output keeps the codes and the quantization of their input.
-    pub fn preserves_codes(self) -> bool {
-        matches!(
-            self,
-            LayerKind::Activation | LayerKind::MaxPool | LayerKind::Flatten
-        )
-    }
-}
-
-/// One layer: kind, geometry, what trains, and its parameters' quantization.
+/// One layer: what it computes, what trains, and its parameters' quantization.
 ///
-/// Layout (56 bytes): kind, activation (0 none, 1 ReLU, 2 ReLU6), flags (bit 0: the bias
-/// trains), a spare byte; `u16` out channels, kernel h/w, stride h/w, padding h/w, groups,
-/// skip source, trained weight channels, weight tensor, bias tensor; `u32` state offset;
-/// `f32` bias scale, weight scale, `i32` weight zero point; weight range tracker (`f32` min,
-/// `f32` max, `u32` initialized). The input and output shapes are the model tensor records
-/// `i` and `i + 1`.
+/// Layout (60 bytes): the kind's tag `u8` ([`crate::layer::KINDS`]), its activation `u8` (0
+/// none, 1 ReLU, 2 ReLU6; 0 for kinds without one), flags `u8` (bit 0: the bias trains), a
+/// spare byte; the kind's fields as `u16` ([`LayerKind::fields`], [`MAX_FIELDS`] slots, unused
+/// ones 0); `u16` trained weight channels, weight tensor, bias tensor, a spare `u16`; `u32`
+/// state offset; `f32` bias scale, weight scale, `i32` weight zero point; weight range tracker
+/// (`f32` min, `f32` max, `u32` initialized). The input and output shapes are the model
+/// tensor records `i` and `i + 1`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerRecord {
     /// What the layer computes.
     pub kind: LayerKind,
-    /// Fused activation (conv, linear) or the activation itself.
-    pub activation: Activation,
     /// The bias trains.
     pub trains_bias: bool,
-    /// Output channels (conv) or features (linear); 0 for other layers.
-    pub out_channels: u16,
-    /// Kernel `(height, width)` of a convolution or pooling.
-    pub kernel: (u16, u16),
-    /// Stride `(height, width)`.
-    pub stride: (u16, u16),
-    /// Zero padding `(height, width)` on each side.
-    pub padding: (u16, u16),
-    /// Channel groups of a convolution.
-    pub groups: u16,
-    /// The earlier layer whose output an add reads ([`NONE`] otherwise).
-    pub skip_from: u16,
     /// Output channels whose weights train (the first ones; 0: frozen weights).
     pub weight_channels: u16,
     /// Plan tensor of the weights ([`NONE`] without parameters).
@@ -520,68 +374,76 @@ pub struct LayerRecord {
 }
 
 impl LayerRecord {
-    /// The 56 record bytes.
-    pub fn encode(&self) -> [u8; LAYER_BYTES] {
-        let mut out = [0u8; LAYER_BYTES];
-        let mut w = Writer::new(&mut out);
-        w.u8(code_of(&LayerKind::ALL, self.kind));
-        w.u8(code_of(&ACTIVATIONS, self.activation));
-        w.u8(self.trains_bias as u8);
-        w.skip(1);
-        for value in [
-            self.out_channels,
-            self.kernel.0,
-            self.kernel.1,
-            self.stride.0,
-            self.stride.1,
-            self.padding.0,
-            self.padding.1,
-            self.groups,
-            self.skip_from,
-            self.weight_channels,
-            self.weight_tensor,
-            self.bias_tensor,
-        ] {
-            w.u16(value);
+    /// The 60 record bytes; `None` when a field of the kind does not fit a `u16`.
+    pub fn encode(&self) -> Option<[u8; LAYER_BYTES]> {
+        let fields = self.kind.fields();
+        let mut narrow = [0u16; MAX_FIELDS];
+        for (slot, &value) in narrow.iter_mut().zip(&fields.values) {
+            *slot = u16::try_from(value).ok()?;
         }
-        w.u32(self.state_offset);
-        w.f32(self.bias_scale);
-        w.f32(self.weight_q.scale);
-        w.i32(self.weight_q.zero_point);
-        w.range_ema(&self.weight_range);
-        out
+        Some(record(|w| {
+            w.u8(fields.tag);
+            w.u8(fields.activation.map_or(0, |a| code_of(&ACTIVATIONS, a)));
+            w.u8(self.trains_bias as u8);
+            w.zeros(1);
+            for value in narrow {
+                w.u16(value);
+            }
+            for value in [
+                self.weight_channels,
+                self.weight_tensor,
+                self.bias_tensor,
+                0,
+            ] {
+                w.u16(value);
+            }
+            w.u32(self.state_offset);
+            w.f32(self.bias_scale);
+            w.f32(self.weight_q.scale);
+            w.i32(self.weight_q.zero_point);
+            write_ema(w, &self.weight_range);
+        }))
     }
 
-    /// Decode one record (`None` for unknown codes).
+    /// Decode one record (`None` for unknown codes, flags, or fields the kind does not have).
     pub fn decode(bytes: &[u8]) -> Option<LayerRecord> {
         let mut r = Reader::new(bytes);
-        let kind = *LayerKind::ALL.get(r.u8() as usize)?;
-        let activation = *ACTIVATIONS.get(r.u8() as usize)?;
-        let flags = r.u8();
+        let tag = r.u8()?;
+        let spec = KINDS.get(tag as usize)?;
+        let activation_code = r.u8()?;
+        let flags = r.u8()?;
         if flags > 1 {
             return None;
         }
-        r.skip(1);
+        r.skip(1)?;
+        let mut fields = [0usize; MAX_FIELDS];
+        for field in &mut fields {
+            *field = r.u16()? as usize;
+        }
+        let activation = match spec.activation {
+            true => Some(*ACTIVATIONS.get(activation_code as usize)?),
+            false if activation_code == 0 => None,
+            false => return None,
+        };
+        if fields[spec.fields..].iter().any(|&f| f != 0) {
+            return None;
+        }
+        let kind = LayerKind::from_fields(tag, &fields[..spec.fields], activation)?;
+        let (weight_channels, weight_tensor, bias_tensor) = (r.u16()?, r.u16()?, r.u16()?);
+        r.skip(2)?;
         Some(LayerRecord {
             kind,
-            activation,
             trains_bias: flags == 1,
-            out_channels: r.u16(),
-            kernel: (r.u16(), r.u16()),
-            stride: (r.u16(), r.u16()),
-            padding: (r.u16(), r.u16()),
-            groups: r.u16(),
-            skip_from: r.u16(),
-            weight_channels: r.u16(),
-            weight_tensor: r.u16(),
-            bias_tensor: r.u16(),
-            state_offset: r.u32(),
-            bias_scale: r.f32(),
+            weight_channels,
+            weight_tensor,
+            bias_tensor,
+            state_offset: r.u32()?,
+            bias_scale: r.f32()?,
             weight_q: QParams {
-                scale: r.f32(),
-                zero_point: r.i32(),
+                scale: r.f32()?,
+                zero_point: r.i32()?,
             },
-            weight_range: r.range_ema(),
+            weight_range: read_ema(&mut r)?,
         })
     }
 
@@ -620,26 +482,25 @@ pub struct ModelTensorRecord {
 impl ModelTensorRecord {
     /// The 32 record bytes.
     pub fn encode(&self) -> [u8; MODEL_TENSOR_BYTES] {
-        let mut out = [0u8; MODEL_TENSOR_BYTES];
-        let mut w = Writer::new(&mut out);
-        for value in self.shape {
-            w.u16(value);
-        }
-        w.u16(self.range_owner);
-        w.range_ema(&self.activation);
-        w.range_ema(&self.error);
-        out
+        record(|w| {
+            for value in self.shape {
+                w.u16(value);
+            }
+            w.u16(self.range_owner);
+            write_ema(w, &self.activation);
+            write_ema(w, &self.error);
+        })
     }
 
-    /// Decode one record.
-    pub fn decode(bytes: &[u8]) -> ModelTensorRecord {
+    /// Decode one record (`None` when `bytes` is shorter than a record).
+    pub fn decode(bytes: &[u8]) -> Option<ModelTensorRecord> {
         let mut r = Reader::new(bytes);
-        ModelTensorRecord {
-            shape: [r.u16(), r.u16(), r.u16()],
-            range_owner: r.u16(),
-            activation: r.range_ema(),
-            error: r.range_ema(),
-        }
+        Some(ModelTensorRecord {
+            shape: [r.u16()?, r.u16()?, r.u16()?],
+            range_owner: r.u16()?,
+            activation: read_ema(&mut r)?,
+            error: read_ema(&mut r)?,
+        })
     }
 
     /// Elements of one sample (`None` on overflow).
@@ -732,30 +593,29 @@ pub struct TensorRecord {
 impl TensorRecord {
     /// The 24 record bytes.
     pub fn encode(&self) -> [u8; TENSOR_BYTES] {
-        let mut out = [0u8; TENSOR_BYTES];
-        let mut w = Writer::new(&mut out);
-        w.u8(code_of(&TensorRole::ALL, self.role));
-        w.skip(3);
-        w.u16(self.index);
-        w.u16(self.quant);
-        w.u32(self.bytes);
-        w.u32(self.arena_offset.unwrap_or(NO_OFFSET));
-        w.u32(self.flash_offset.unwrap_or(NO_OFFSET));
-        let (first, last) = self.lifetime.unwrap_or((NONE, NONE));
-        w.u16(first);
-        w.u16(last);
-        out
+        record(|w| {
+            w.u8(code_of(&TensorRole::ALL, self.role));
+            w.zeros(3);
+            w.u16(self.index);
+            w.u16(self.quant);
+            w.u32(self.bytes);
+            w.u32(self.arena_offset.unwrap_or(NO_OFFSET));
+            w.u32(self.flash_offset.unwrap_or(NO_OFFSET));
+            let (first, last) = self.lifetime.unwrap_or((NONE, NONE));
+            w.u16(first);
+            w.u16(last);
+        })
     }
 
     /// Decode one record (`None` for an unknown role).
     pub fn decode(bytes: &[u8]) -> Option<TensorRecord> {
         let mut r = Reader::new(bytes);
-        let role = *TensorRole::ALL.get(r.u8() as usize)?;
-        r.skip(3);
+        let role = *TensorRole::ALL.get(r.u8()? as usize)?;
+        r.skip(3)?;
         let offset = |v: u32| (v != NO_OFFSET).then_some(v);
-        let (index, quant, bytes) = (r.u16(), r.u16(), r.u32());
-        let (arena_offset, flash_offset) = (offset(r.u32()), offset(r.u32()));
-        let (first, last) = (r.u16(), r.u16());
+        let (index, quant, bytes) = (r.u16()?, r.u16()?, r.u32()?);
+        let (arena_offset, flash_offset) = (offset(r.u32()?), offset(r.u32()?));
+        let (first, last) = (r.u16()?, r.u16()?);
         Some(TensorRecord {
             role,
             index,
@@ -820,6 +680,36 @@ impl StepOp {
     pub fn is_update(self) -> bool {
         matches!(self, StepOp::WeightUpdate | StepOp::BiasUpdate)
     }
+
+    /// True for the steps after the forward pass and the loss.
+    pub fn is_backward(self) -> bool {
+        !matches!(
+            self,
+            StepOp::LoadInput
+                | StepOp::Forward
+                | StepOp::StreamedForward
+                | StepOp::ClampMask
+                | StepOp::Loss
+        )
+    }
+
+    /// Short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepOp::LoadInput => "load input",
+            StepOp::Forward => "forward",
+            StepOp::Loss => "loss",
+            StepOp::ActivationMask => "activation mask",
+            StepOp::InputError => "input error",
+            StepOp::AccumulateError => "accumulate error",
+            StepOp::WeightGrad => "weight gradient",
+            StepOp::BiasGrad => "bias gradient",
+            StepOp::WeightUpdate => "weight update",
+            StepOp::BiasUpdate => "bias update",
+            StepOp::StreamedForward => "row-streamed forward",
+            StepOp::ClampMask => "clamp mask",
+        }
+    }
 }
 
 /// Most tensors a step reads.
@@ -848,30 +738,34 @@ pub struct StepRecord {
 impl StepRecord {
     /// The 16 record bytes.
     pub fn encode(&self) -> [u8; STEP_BYTES] {
-        let mut out = [0u8; STEP_BYTES];
-        let mut w = Writer::new(&mut out);
-        w.u8(code_of(&StepOp::ALL, self.op));
-        w.skip(1);
-        w.u16(self.layer);
-        for id in self.reads.iter().chain(&self.writes) {
-            w.u16(*id);
-        }
-        w.u16(self.scratch);
-        out
+        record(|w| {
+            w.u8(code_of(&StepOp::ALL, self.op));
+            w.zeros(1);
+            w.u16(self.layer);
+            for id in self.reads.iter().chain(&self.writes) {
+                w.u16(*id);
+            }
+            w.u16(self.scratch);
+        })
     }
 
     /// Decode one record (`None` for an unknown operation).
     pub fn decode(bytes: &[u8]) -> Option<StepRecord> {
         let mut r = Reader::new(bytes);
-        let op = *StepOp::ALL.get(r.u8() as usize)?;
-        r.skip(1);
+        let op = *StepOp::ALL.get(r.u8()? as usize)?;
+        r.skip(1)?;
         Some(StepRecord {
             op,
-            layer: r.u16(),
-            reads: [r.u16(), r.u16(), r.u16()],
-            writes: [r.u16(), r.u16()],
-            scratch: r.u16(),
+            layer: r.u16()?,
+            reads: [r.u16()?, r.u16()?, r.u16()?],
+            writes: [r.u16()?, r.u16()?],
+            scratch: r.u16()?,
         })
+    }
+
+    /// The tensor at read position `at` ([`NONE`] past the reads).
+    pub fn read(&self, at: usize) -> u16 {
+        self.reads.get(at).copied().unwrap_or(NONE)
     }
 
     /// The tensors the step touches (reads, writes, scratch), without [`NONE`] entries;
@@ -905,16 +799,15 @@ mod tests {
             a in any::<u16>(), b in any::<u16>(), c in any::<u32>(), x in -1e6f32..1e6,
             flag in any::<bool>(), code in 0usize..8,
         ) {
+            let spec = KINDS[code];
+            let fields: [usize; MAX_FIELDS] =
+                core::array::from_fn(|i| if i % 2 == 0 { a as usize } else { b as usize });
+            let activation = spec.activation.then_some(ACTIVATIONS[code % 3]);
+            let kind = LayerKind::from_fields(spec.tag, &fields[..spec.fields], activation)
+                .expect("a kind of every tag");
             let layer = LayerRecord {
-                kind: LayerKind::ALL[code],
-                activation: ACTIVATIONS[code % 3],
+                kind,
                 trains_bias: flag,
-                out_channels: a,
-                kernel: (b, a),
-                stride: (1, b),
-                padding: (a, 2),
-                groups: b,
-                skip_from: NONE,
                 weight_channels: a,
                 weight_tensor: b,
                 bias_tensor: a,
@@ -923,14 +816,14 @@ mod tests {
                 weight_q: QParams { scale: x, zero_point: -(a as i32) },
                 weight_range: ema(x, -x, flag),
             };
-            prop_assert_eq!(LayerRecord::decode(&layer.encode()), Some(layer));
+            prop_assert_eq!(LayerRecord::decode(&layer.encode().unwrap()), Some(layer));
             let tensor = ModelTensorRecord {
                 shape: [a, b, 3],
                 range_owner: b,
                 activation: ema(-x, x, flag),
                 error: ema(x, x, !flag),
             };
-            prop_assert_eq!(ModelTensorRecord::decode(&tensor.encode()), tensor);
+            prop_assert_eq!(ModelTensorRecord::decode(&tensor.encode()), Some(tensor));
             let record = TensorRecord {
                 role: TensorRole::ALL[code],
                 index: a,
@@ -986,11 +879,23 @@ mod tests {
     #[test]
     fn unknown_codes_are_rejected() {
         let mut layer = [0u8; LAYER_BYTES];
-        layer[0] = 8;
+        layer[0] = KINDS.len() as u8;
         assert_eq!(LayerRecord::decode(&layer), None);
         layer[0] = 0;
-        layer[1] = 3;
+        layer[1] = 3; // no such activation
         assert_eq!(LayerRecord::decode(&layer), None);
+        layer[0] = 5; // global average pooling: no activation, no fields
+        layer[1] = 1;
+        assert_eq!(LayerRecord::decode(&layer), None);
+        layer[1] = 0;
+        assert!(LayerRecord::decode(&layer).is_some());
+        layer[4] = 1; // a field the kind does not have
+        assert_eq!(LayerRecord::decode(&layer), None);
+        let too_wide = LayerRecord {
+            kind: LayerKind::Add { skip_from: 1 << 16 },
+            ..LayerRecord::decode(&[0u8; LAYER_BYTES]).unwrap()
+        };
+        assert_eq!(too_wide.encode(), None);
         let mut tensor = [0u8; TENSOR_BYTES];
         tensor[0] = TensorRole::ALL.len() as u8;
         assert_eq!(TensorRecord::decode(&tensor), None);
@@ -1001,9 +906,9 @@ mod tests {
         assert_eq!(header, Err(PlanError::BadMagic));
         let mut bytes = [0u8; HEADER_BYTES];
         bytes[..4].copy_from_slice(&MAGIC);
-        bytes[4] = 2;
+        bytes[4] = 1;
         header = Header::decode(&bytes);
-        assert_eq!(header, Err(PlanError::UnsupportedVersion(2)));
+        assert_eq!(header, Err(PlanError::UnsupportedVersion(1)));
         bytes[4] = VERSION as u8;
         bytes[6] = HEADER_BYTES as u8;
         bytes[16] = 2; // precision

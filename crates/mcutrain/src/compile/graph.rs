@@ -1,21 +1,25 @@
 //! The compiler: model + update scheme -> [`TrainingPlan`].
 //!
 //! Steps, per sample: load the input, the forward of every layer, the loss, then the backward
-//! from the last layer down to the lowest trained layer. The backward of a layer is, in order:
+//! from the last layer down to the lowest trained layer. Every layer is handled through the
+//! layer contract (its operator's flags and kernels, [`mcutrain_core::layer`]) and every
+//! step's operands come from [`layer_step`], the description the plan validator and the
+//! executor share, so a new operator needs nothing here. The backward of a layer is, in order:
 //! - the activation mask (reads the layer's OUTPUT, or its clamp mask: codes at the clamp
 //!   bounds; int8 layers always mask, since even the identity masks 8-bit saturation, float
 //!   layers only for ReLU and ReLU6), in place unless another tensor's pending error shares
 //!   the buffer;
-//! - the input error (reads the weights, which are still the old ones), not for the lowest
-//!   trained layer;
+//! - the input error (reads the weights, which are still the old ones, and the input where the
+//!   operator's kernel needs it), not for the lowest trained layer; a layer without an
+//!   input-error kernel (activation, add, flatten) passes its error on unchanged;
 //! - the bias gradient and, with reordering, the bias update;
 //! - the weight gradient (reads the layer's INPUT) and, with reordering, the weight update.
 //!
 //! Pruning: nothing below the lowest trained layer runs backward; frozen parameters get no
 //! gradient and stay in flash (in int8 plans, so do the frozen channels of a layer that trains
 //! a strict subset of its weight channels: the int8 executor updates those channels under the
-//! layer's fixed quantization, so the others never change); an activation is kept after the forward only when a backward
-//! step reads it (a bias-only layer keeps no input activation). Errors of a tensor read by two
+//! layer's fixed quantization, so the others never change); an activation is kept after the
+//! forward only when a backward step reads it (a bias-only layer keeps no input activation). Errors of a tensor read by two
 //! layers are summed out of place ([`StepOp::AccumulateError`]); an add passes its output error
 //! to both inputs without a copy, a flatten passes it through.
 //!
@@ -38,16 +42,11 @@
 //! accumulate over the samples of the batch and are persistent; updates run once per batch.
 
 use super::liveness;
-use super::scheme::LayerUpdate;
-use super::{
-    arena, Category, Placement, PlanTensor, Precision, Step, StepOp, TensorId, TensorRole,
-    TrainingPlan,
-};
-use crate::engine::consumers;
-use crate::model::{numel, Architecture, Geometry, LayerKind, ModelError, Shape};
-use mcutrain_core::ops::activation::{self, Activation};
-use mcutrain_core::ops::conv2d::Conv2dGeom;
-use mcutrain_core::ops::stream;
+use super::{arena, Category, Placement, PlanTensor, Step, TensorId, TrainingPlan};
+use crate::model::{numel, Architecture, LayerUpdate, ModelError, ResolvedLayer};
+use mcutrain_core::ops::{activation, stream};
+use mcutrain_core::plan::operands::{layer_step, masks, Operand, Training};
+use mcutrain_core::plan::{Precision, StepOp, TensorRole};
 use mcutrain_core::update::GradStats;
 
 /// How to compile.
@@ -233,9 +232,10 @@ impl MemoryOps {
             mask_only: vec![false; arch.layers.len() + 1],
         };
         for (id, tensor) in tensors.iter().enumerate() {
-            let TensorRole::Activation { tensor: t } = tensor.role else {
+            if tensor.role != TensorRole::Activation {
                 continue;
-            };
+            }
+            let t = tensor.index;
             let mut readers = steps
                 .iter()
                 .filter(|s| s.op.is_backward() && s.reads.contains(&id))
@@ -264,7 +264,7 @@ fn build(
     options: &PlanOptions,
     memory: &MemoryOps,
 ) -> Result<(Vec<PlanTensor>, Vec<Step>), CompileError> {
-    let shapes = arch.shapes()?;
+    let layers = arch.resolved(1)?;
     if updates.len() != arch.layers.len() {
         return Err(CompileError::SchemeLength {
             updates: updates.len(),
@@ -277,15 +277,15 @@ fn build(
     if options.momentum && options.precision == Precision::Int8 {
         return Err(CompileError::MomentumNeedsFloat);
     }
-    let params = layer_params(arch, &shapes)?;
-    for (layer, (update, p)) in updates.iter().zip(&params).enumerate() {
-        if update.weight_channels > p.out_channels || (update.bias && p.out_channels == 0) {
+    for (i, (update, layer)) in updates.iter().zip(&layers).enumerate() {
+        let out_channels = layer.params().map_or(0, |p| p.channels);
+        if update.weight_channels > out_channels || (update.bias && out_channels == 0) {
             return Err(CompileError::BadLayerUpdate {
-                layer,
-                name: arch.layers[layer].name.clone(),
+                layer: i,
+                name: arch.layers[i].name.clone(),
                 channels: update.weight_channels,
                 bias: update.bias,
-                out_channels: p.out_channels,
+                out_channels,
             });
         }
     }
@@ -295,8 +295,7 @@ fn build(
         .ok_or(CompileError::NothingTrained)?;
     let mut compiler = Compiler {
         arch,
-        shapes: &shapes,
-        params: &params,
+        layers: &layers,
         updates,
         options: *options,
         memory,
@@ -342,54 +341,6 @@ fn arena_blocks(
         .unzip()
 }
 
-/// Parameter geometry of one layer.
-struct LayerParams {
-    /// Weight elements (0 without parameters).
-    weight_len: usize,
-    /// Output channels = bias elements (0 without parameters).
-    out_channels: usize,
-    /// Kernel scratch bytes of the layer's conv/linear kernels.
-    scratch: usize,
-    /// The geometry of a convolution (a possible stage of a streamed chain).
-    conv: Option<Conv2dGeom>,
-}
-
-fn layer_params(arch: &Architecture, shapes: &[Shape]) -> Result<Vec<LayerParams>, ModelError> {
-    (0..arch.layers.len())
-        .map(|i| {
-            let geometry =
-                arch.geometry(i, shapes[i], 1)
-                    .map_err(|problem| ModelError::BadLayer {
-                        index: i,
-                        name: arch.layers[i].name.clone(),
-                        problem,
-                    })?;
-            Ok(match geometry {
-                Geometry::Conv(g) => LayerParams {
-                    weight_len: g.weight_len(),
-                    out_channels: g.out_channels,
-                    scratch: g.scratch_bytes(),
-                    conv: Some(g),
-                },
-                Geometry::Linear(g) => LayerParams {
-                    weight_len: g.weight_len(),
-                    out_channels: g.out_features,
-                    scratch: g.scratch_bytes(),
-                    conv: None,
-                },
-                // The pooling, activation, add and loss kernels need no scratch (see their
-                // module documentation).
-                Geometry::Pool(_) | Geometry::Elementwise { .. } => LayerParams {
-                    weight_len: 0,
-                    out_channels: 0,
-                    scratch: 0,
-                    conv: None,
-                },
-            })
-        })
-        .collect()
-}
-
 /// The weight and bias tensors of a layer with parameters.
 #[derive(Clone, Copy)]
 struct ParamTensors {
@@ -397,11 +348,45 @@ struct ParamTensors {
     bias: TensorId,
 }
 
+/// The tensors bound to the operands of one step ([`Operand`]); unbound ones are `None`.
+#[derive(Clone, Copy, Default)]
+struct Bindings {
+    input: Option<TensorId>,
+    skip: Option<TensorId>,
+    output: Option<TensorId>,
+    clamp_mask: Option<TensorId>,
+    chain_output: Option<TensorId>,
+    params: Option<ParamTensors>,
+    output_error: Option<TensorId>,
+    input_error: Option<TensorId>,
+    gradient: Option<TensorId>,
+    state: Option<TensorId>,
+}
+
+impl Bindings {
+    fn get(&self, operand: Operand) -> Option<TensorId> {
+        match operand {
+            Operand::Input => self.input,
+            Operand::Skip => self.skip,
+            Operand::Output => self.output,
+            Operand::OutputOrMask => self.clamp_mask.or(self.output),
+            Operand::ClampMask => self.clamp_mask,
+            Operand::ChainOutput => self.chain_output,
+            Operand::Weight => self.params.map(|p| p.weight),
+            Operand::Bias => self.params.map(|p| p.bias),
+            Operand::OutputError => self.output_error,
+            Operand::InputError => self.input_error,
+            Operand::WeightGrad | Operand::BiasGrad => self.gradient,
+            Operand::OptimizerState | Operand::BiasOptimizerState => self.state,
+        }
+    }
+}
+
 /// The plan under construction.
 struct Compiler<'a> {
     arch: &'a Architecture,
-    shapes: &'a [Shape],
-    params: &'a [LayerParams],
+    /// Every layer at batch 1 (the steps process one sample at a time).
+    layers: &'a [ResolvedLayer],
     updates: &'a [LayerUpdate],
     options: PlanOptions,
     /// Where the memory-saving steps apply.
@@ -425,16 +410,17 @@ impl Compiler<'_> {
     /// (they accumulate over the batch); frozen parameters go to flash.
     fn tensor(
         &mut self,
-        role: TensorRole,
+        (role, index): (TensorRole, usize),
         category: Category,
         layer: Option<usize>,
         bytes: usize,
     ) -> TensorId {
         let persistent = match role {
-            TensorRole::Weight { .. }
-            | TensorRole::Bias { .. }
-            | TensorRole::OptimizerState { .. } => true,
-            TensorRole::WeightGrad { .. } | TensorRole::BiasGrad { .. } => self.options.batch > 1,
+            TensorRole::Weight
+            | TensorRole::Bias
+            | TensorRole::OptimizerState
+            | TensorRole::BiasOptimizerState => true,
+            TensorRole::WeightGrad | TensorRole::BiasGrad => self.options.batch > 1,
             _ => false,
         };
         let placement = if category == Category::FrozenWeight {
@@ -443,11 +429,12 @@ impl Compiler<'_> {
             Placement::Arena { offset: 0 }
         };
         let flash_bytes = match role {
-            TensorRole::Weight { .. } | TensorRole::Bias { .. } => bytes,
+            TensorRole::Weight | TensorRole::Bias => bytes,
             _ => 0,
         };
         self.tensors.push(PlanTensor {
             role,
+            index,
             category,
             layer,
             bytes,
@@ -458,110 +445,147 @@ impl Compiler<'_> {
         self.tensors.len() - 1
     }
 
-    /// Append a step of `layer`, with a scratch tensor when the layer's kernel needs one.
-    fn step(
-        &mut self,
-        op: StepOp,
-        layer: Option<usize>,
-        reads: Vec<TensorId>,
-        writes: Vec<TensorId>,
-    ) {
-        let scratch_bytes = match (op, layer) {
-            (
-                StepOp::Forward | StepOp::InputError | StepOp::WeightGrad | StepOp::BiasGrad,
-                Some(l),
-            ) => self.params[l].scratch,
-            _ => 0,
+    /// Step `op` of layer `i` with the operands of its schema ([`layer_step`]) bound to
+    /// tensors: `reads` and `writes` (which differ only where a step writes a new version of
+    /// what it reads, the masked copy of an error). A scratch tensor is added when the layer's
+    /// kernels need one.
+    fn layer_step(&mut self, op: StepOp, i: usize, reads: &Bindings, writes: &Bindings) -> Step {
+        let layer = self.layers[i].op();
+        let update = self.updates[i];
+        let training = Training {
+            precision: self.options.precision,
+            trains_weight: update.trains_weight(),
+            trains_bias: update.bias,
+            momentum: self.options.momentum,
         };
-        self.step_with_scratch(op, layer, reads, writes, scratch_bytes);
-    }
-
-    /// Append a step with a scratch tensor of `scratch_bytes` (none when 0).
-    fn step_with_scratch(
-        &mut self,
-        op: StepOp,
-        layer: Option<usize>,
-        reads: Vec<TensorId>,
-        writes: Vec<TensorId>,
-        scratch_bytes: usize,
-    ) {
+        let schema = layer_step(op, layer, training)
+            .expect("the compiler asks only for the steps of the layer's schema");
+        let bind = |bindings: &Bindings, operands: &[Option<Operand>]| -> Vec<TensorId> {
+            operands
+                .iter()
+                .flatten()
+                .map(|&o| {
+                    bindings
+                        .get(o)
+                        .expect("the compiler binds every operand of the schema")
+                })
+                .collect()
+        };
+        let kernel_step = matches!(
+            op,
+            StepOp::Forward | StepOp::InputError | StepOp::WeightGrad | StepOp::BiasGrad
+        );
+        let scratch_bytes = if kernel_step {
+            layer.scratch_bytes()
+        } else {
+            0
+        };
         let scratch = (scratch_bytes > 0).then(|| {
             let step = self.steps.len();
             self.tensor(
-                TensorRole::Scratch { step },
+                (TensorRole::Scratch, step),
                 Category::Scratch,
-                layer,
+                Some(i),
                 scratch_bytes,
             )
         });
+        Step {
+            op,
+            layer: Some(i),
+            reads: bind(reads, &schema.reads),
+            writes: bind(writes, &schema.writes),
+            scratch,
+        }
+    }
+
+    /// Append step `op` of layer `i` with the same tensors read and written.
+    fn push_layer_step(&mut self, op: StepOp, i: usize, bindings: &Bindings) {
+        let step = self.layer_step(op, i, bindings, bindings);
+        self.steps.push(step);
+    }
+
+    /// Append a step of the model as a whole (loading the input, the loss, an error sum).
+    fn push_step(
+        &mut self,
+        op: StepOp,
+        layer: Option<usize>,
+        reads: Vec<TensorId>,
+        writes: Vec<TensorId>,
+    ) {
         self.steps.push(Step {
             op,
             layer,
             reads,
             writes,
-            scratch,
+            scratch: None,
         });
     }
 
     /// Bytes of model tensor `t` as an activation or error.
     fn tensor_bytes(&self, t: usize) -> usize {
-        numel(self.shapes[t]) * self.options.precision.element_bytes()
+        let shape = if t == 0 {
+            self.arch.input
+        } else {
+            self.layers[t - 1].op().output_shape()
+        };
+        numel(shape) * self.options.precision.element_bytes()
     }
 
     /// Load the input and run every layer's forward; returns the activation buffer of every
-    /// model tensor (a flatten output shares its input's; `None`: streamed, never stored).
+    /// model tensor (a layer that aliases its input shares its buffer; `None`: streamed, never
+    /// stored).
     fn forward(&mut self) -> Vec<Option<TensorId>> {
         let input_bytes = self.tensor_bytes(0);
         let input = self.tensor(
-            TensorRole::Activation { tensor: 0 },
+            (TensorRole::Activation, 0),
             Category::ForwardActivation,
             None,
             input_bytes,
         );
-        self.step(StepOp::LoadInput, None, vec![], vec![input]);
+        self.push_step(StepOp::LoadInput, None, vec![], vec![input]);
         let mut activations = vec![Some(input)];
-        for i in 0..self.arch.layers.len() {
+        for i in 0..self.layers.len() {
             let params = self.create_param_tensors(i);
             self.param_tensors.push(params);
         }
-        let arch = self.arch;
         let mut i = 0;
-        while i < arch.layers.len() {
-            let layer = &arch.layers[i];
-            if layer.kind == LayerKind::Flatten {
+        while i < self.layers.len() {
+            let op = self.layers[i].op();
+            if op.aliases_input() {
                 activations.push(activations[i]);
                 i += 1;
                 continue;
             }
             let last = self.chain_end(i);
-            let mut reads = vec![stored(&activations, i)];
             let bytes = self.tensor_bytes(last + 1);
             let output = self.tensor(
-                TensorRole::Activation { tensor: last + 1 },
+                (TensorRole::Activation, last + 1),
                 Category::ForwardActivation,
                 Some(last),
                 bytes,
             );
+            let bindings = Bindings {
+                input: Some(stored(&activations, i)),
+                skip: op.skip_from().map(|s| stored(&activations, s + 1)),
+                output: Some(output),
+                chain_output: Some(output),
+                params: self.param_tensors[i],
+                ..Bindings::default()
+            };
             if last > i {
-                let windows = stream::scratch_bytes(
-                    self.params[i..=last].iter().filter_map(|p| p.conv.as_ref()),
-                );
-                self.step_with_scratch(
-                    StepOp::StreamedForward,
+                let stages = self.layers[i..=last].iter().filter_map(|l| l.conv());
+                let windows = stream::scratch_bytes(stages.map(|c| &c.geom));
+                let mut step = self.layer_step(StepOp::StreamedForward, i, &bindings, &bindings);
+                step.scratch = Some(self.tensor(
+                    (TensorRole::Scratch, self.steps.len()),
+                    Category::Scratch,
                     Some(i),
-                    reads,
-                    vec![output],
                     windows,
-                );
+                ));
+                self.steps.push(step);
                 activations.extend(std::iter::repeat_n(None, last - i));
             } else {
-                if let LayerKind::Add { skip_from } = layer.kind {
-                    reads.push(stored(&activations, skip_from + 1));
-                }
-                if let Some(p) = self.param_tensors[i] {
-                    reads.extend([p.weight, p.bias]);
-                }
-                self.step(StepOp::Forward, Some(i), reads, vec![output]);
+                self.push_layer_step(StepOp::Forward, i, &bindings);
             }
             activations.push(Some(output));
             self.keep_clamp_mask(last, output);
@@ -575,19 +599,19 @@ impl Compiler<'_> {
     /// by no layer but the next, each window smaller than the activation it replaces, at most
     /// [`stream::MAX_STAGES`] of them.
     fn chain_end(&self, i: usize) -> usize {
-        let stage = |j: usize| self.params[j].conv.filter(|_| !self.updates[j].any());
+        let stage = |j: usize| self.layers[j].conv().filter(|_| !self.updates[j].any());
         if stage(i).is_none() {
             return i;
         }
         let mut last = i;
-        while last + 1 < self.arch.layers.len() && last + 1 - i < stream::MAX_STAGES {
+        while last + 1 < self.layers.len() && last + 1 - i < stream::MAX_STAGES {
             let next = last + 1;
-            let Some(g) = stage(next) else {
+            let Some(conv) = stage(next) else {
                 break;
             };
             let streamable = self.memory.forward_only(next)
-                && consumers(self.arch, next) == [next]
-                && stream::window_bytes(&g) < self.tensor_bytes(next);
+                && self.arch.consumers(next) == [next]
+                && stream::window_bytes(&conv.geom) < self.tensor_bytes(next);
             if !streamable {
                 break;
             }
@@ -603,25 +627,26 @@ impl Compiler<'_> {
         if !self.memory.mask_only(t) {
             return;
         }
-        let bytes = activation::clamp_mask_bytes(numel(self.shapes[t]));
+        let bytes = activation::clamp_mask_bytes(numel(self.layers[layer].op().output_shape()));
         let mask = self.tensor(
-            TensorRole::ClampMask { tensor: t },
+            (TensorRole::ClampMask, t),
             Category::SavedActivation,
             Some(layer),
             bytes,
         );
-        self.step(StepOp::ClampMask, Some(layer), vec![output], vec![mask]);
+        let bindings = Bindings {
+            output: Some(output),
+            clamp_mask: Some(mask),
+            ..Bindings::default()
+        };
+        self.push_layer_step(StepOp::ClampMask, layer, &bindings);
         self.clamp_masks[t] = Some(mask);
     }
 
     /// Create the weight and bias tensors of layer `i` (trained ones in SRAM, frozen ones in
     /// flash); `None` for layers without parameters.
     fn create_param_tensors(&mut self, i: usize) -> Option<ParamTensors> {
-        let p = &self.params[i];
-        if p.out_channels == 0 {
-            return None;
-        }
-        let (weight_len, out_channels) = (p.weight_len, p.out_channels);
+        let params = self.layers[i].params()?;
         let update = self.updates[i];
         let category = |trained: bool| {
             if trained {
@@ -631,124 +656,115 @@ impl Compiler<'_> {
             }
         };
         let precision = self.options.precision;
-        let weight_bytes = weight_len * precision.element_bytes();
+        let weight_bytes = params.weight_len() * precision.element_bytes();
         // int8 layers that train a strict subset of their channels keep only those in SRAM
         // (they update under a fixed quantization; see the module documentation).
-        let subset = update.weight_channels > 0 && update.weight_channels < out_channels;
+        let subset = update.trains_weight() && update.weight_channels < params.channels;
         let sram_bytes = if subset && precision == Precision::Int8 {
-            weight_bytes / out_channels * update.weight_channels
+            update.weight_channels * params.structure * precision.element_bytes()
         } else {
             weight_bytes
         };
         let weight = self.tensor(
-            TensorRole::Weight { layer: i },
-            category(update.weight_channels > 0),
+            (TensorRole::Weight, i),
+            category(update.trains_weight()),
             Some(i),
             sram_bytes,
         );
         self.tensors[weight].flash_bytes = weight_bytes;
         let bias = self.tensor(
-            TensorRole::Bias { layer: i },
+            (TensorRole::Bias, i),
             category(update.bias),
             Some(i),
-            out_channels * precision.bias_bytes(),
+            params.channels * Precision::WORD_BYTES,
         );
         Some(ParamTensors { weight, bias })
     }
 
     /// Loss and backward from the last layer down to the lowest trained one.
     fn backward(&mut self, activations: &[Option<TensorId>]) {
-        let arch = self.arch;
-        let n = arch.layers.len();
+        let n = self.layers.len();
         let logits_error = self.tensor(
-            TensorRole::Error { tensor: n },
+            (TensorRole::Error, n),
             Category::Error,
             Some(n - 1),
             self.tensor_bytes(n),
         );
-        self.step(
-            StepOp::Loss,
-            None,
-            vec![stored(activations, n)],
-            vec![logits_error],
-        );
+        let logits = stored(activations, n);
+        self.push_step(StepOp::Loss, None, vec![logits], vec![logits_error]);
         self.pending[n] = Some(logits_error);
         for i in (self.lowest..n).rev() {
             let Some(error) = self.pending[i + 1].take() else {
                 continue;
             };
-            match arch.layers[i].kind {
-                LayerKind::Conv2d { activation, .. } | LayerKind::Linear { activation, .. } => {
-                    let error = self.mask(i, activation, stored(activations, i + 1), error);
-                    self.parametric_backward(i, stored(activations, i), error);
+            let op = self.layers[i].op();
+            let error = if masks(op, self.options.precision) {
+                self.mask(i, stored(activations, i + 1), error)
+            } else {
+                error
+            };
+            // The input activation, for the steps that read it (it may be streamed otherwise).
+            let input = || stored(activations, i);
+            match op.input_error() {
+                Some(kernel) if i > self.lowest => {
+                    self.input_error(i, kernel.reads_input().then(input), error);
                 }
-                LayerKind::Activation(activation) => {
-                    let error = self.mask(i, activation, stored(activations, i + 1), error);
-                    self.contribute(i, i, error);
-                }
-                LayerKind::AvgPool { .. } | LayerKind::GlobalAvgPool => {
-                    self.input_error(i, vec![error]);
-                }
-                LayerKind::MaxPool { .. } => {
-                    self.input_error(i, vec![stored(activations, i), error])
-                }
-                LayerKind::Add { skip_from } => {
-                    self.contribute(i, i, error);
-                    self.contribute(i, skip_from + 1, error);
-                }
-                LayerKind::Flatten => self.contribute(i, i, error),
+                Some(_) => {}
+                None => self.contribute(i, i, error),
+            }
+            if let Some(skip) = op.skip_from() {
+                self.contribute(i, skip + 1, error);
+            }
+            if let Some(params) = self.param_tensors[i] {
+                let input = self.updates[i].trains_weight().then(input);
+                self.parametric_backward(i, params, input, error);
             }
         }
     }
 
-    /// The activation mask of layer `i` on its output error; returns the masked error buffer.
-    fn mask(
-        &mut self,
-        i: usize,
-        activation: Activation,
-        output: TensorId,
-        error: TensorId,
-    ) -> TensorId {
-        let masks = match self.options.precision {
-            Precision::Int8 => true,
-            Precision::Float32 => activation != Activation::None,
-        };
-        if !masks {
-            return error;
-        }
+    /// The activation mask of layer `i` on its output error; returns the masked error buffer
+    /// (the error itself, or a copy when another tensor's pending error shares its buffer).
+    fn mask(&mut self, i: usize, output: TensorId, error: TensorId) -> TensorId {
         let shared = self.pending.contains(&Some(error));
         let masked = if shared {
             let bytes = self.tensors[error].bytes;
-            self.tensor(
-                TensorRole::Error { tensor: i + 1 },
-                Category::Error,
-                Some(i),
-                bytes,
-            )
+            self.tensor((TensorRole::Error, i + 1), Category::Error, Some(i), bytes)
         } else {
             error
         };
-        let output = self.clamp_masks[i + 1].unwrap_or(output);
-        self.step(
-            StepOp::ActivationMask,
-            Some(i),
-            vec![output, error],
-            vec![masked],
-        );
+        let reads = Bindings {
+            output: Some(output),
+            clamp_mask: self.clamp_masks[i + 1],
+            output_error: Some(error),
+            ..Bindings::default()
+        };
+        let writes = Bindings {
+            output_error: Some(masked),
+            ..Bindings::default()
+        };
+        let step = self.layer_step(StepOp::ActivationMask, i, &reads, &writes);
+        self.steps.push(step);
         masked
     }
 
-    /// Input error of layer `i` from `reads`, contributed to tensor `i`.
-    fn input_error(&mut self, i: usize, reads: Vec<TensorId>) {
-        let role = if consumers(self.arch, i).len() > 1 {
-            TensorRole::ErrorPart { tensor: i }
+    /// Input error of layer `i` from its masked output `error` (and its `input` where its
+    /// kernel reads it), contributed to tensor `i`.
+    fn input_error(&mut self, i: usize, input: Option<TensorId>, error: TensorId) {
+        let role = if self.arch.consumers(i).len() > 1 {
+            TensorRole::ErrorPart
         } else {
-            TensorRole::Error { tensor: i }
+            TensorRole::Error
         };
         let bytes = self.tensor_bytes(i);
-        let layer = i.checked_sub(1);
-        let part = self.tensor(role, Category::Error, layer, bytes);
-        self.step(StepOp::InputError, Some(i), reads, vec![part]);
+        let part = self.tensor((role, i), Category::Error, i.checked_sub(1), bytes);
+        let bindings = Bindings {
+            input,
+            params: self.param_tensors[i],
+            output_error: Some(error),
+            input_error: Some(part),
+            ..Bindings::default()
+        };
+        self.push_layer_step(StepOp::InputError, i, &bindings);
         self.contribute(i, i, part);
     }
 
@@ -763,12 +779,12 @@ impl Compiler<'_> {
             Some(previous) => {
                 let bytes = self.tensor_bytes(t);
                 let sum = self.tensor(
-                    TensorRole::Error { tensor: t },
+                    (TensorRole::Error, t),
                     Category::Error,
                     t.checked_sub(1),
                     bytes,
                 );
-                self.step(
+                self.push_step(
                     StepOp::AccumulateError,
                     Some(by),
                     vec![previous, part],
@@ -779,87 +795,84 @@ impl Compiler<'_> {
         });
     }
 
-    /// Input error, gradients and updates of conv/linear layer `i` from its masked `error`.
-    fn parametric_backward(&mut self, i: usize, input: TensorId, error: TensorId) {
-        let params = self.param_tensors[i].expect("conv and linear layers have parameters");
-        if i > self.lowest {
-            self.input_error(i, vec![params.weight, error]);
-        }
+    /// Gradients and updates of the parameters of layer `i` from its masked output `error`
+    /// (and its `input`, when its weights train): the bias first, then the weights of the
+    /// trained channels.
+    fn parametric_backward(
+        &mut self,
+        i: usize,
+        params: ParamTensors,
+        input: Option<TensorId>,
+        error: TensorId,
+    ) {
         let update = self.updates[i];
-        let grad_bytes = self.options.precision.gradient_bytes();
-        let out_channels = self.params[i].out_channels;
+        let shape = self.layers[i]
+            .params()
+            .expect("a layer with parameter tensors has parameters");
+        let word = Precision::WORD_BYTES;
         if update.bias {
             let grad = self.tensor(
-                TensorRole::BiasGrad { layer: i },
+                (TensorRole::BiasGrad, i),
                 Category::GradientAndState,
                 Some(i),
-                out_channels * grad_bytes,
+                shape.channels * word,
             );
-            self.step(StepOp::BiasGrad, Some(i), vec![error], vec![grad]);
-            let state = self.velocity(i, out_channels);
-            self.update(StepOp::BiasUpdate, i, grad, params.bias, state);
+            let bindings = Bindings {
+                output_error: Some(error),
+                gradient: Some(grad),
+                params: Some(params),
+                state: self.velocity(TensorRole::BiasOptimizerState, i, shape.channels),
+                ..Bindings::default()
+            };
+            self.push_layer_step(StepOp::BiasGrad, i, &bindings);
+            self.update(StepOp::BiasUpdate, i, &bindings);
         }
-        if update.weight_channels > 0 {
-            let structure_len = self.params[i].weight_len / out_channels;
-            let trained_len = update.weight_channels * structure_len;
+        if update.trains_weight() {
+            let trained_len = update.weight_channels * shape.structure;
             let grad = self.tensor(
-                TensorRole::WeightGrad { layer: i },
+                (TensorRole::WeightGrad, i),
                 Category::GradientAndState,
                 Some(i),
-                trained_len * grad_bytes,
+                trained_len * word,
             );
-            self.step(StepOp::WeightGrad, Some(i), vec![input, error], vec![grad]);
             let state = match self.options.precision {
                 Precision::Int8 => Some(self.tensor(
-                    TensorRole::OptimizerState { layer: i },
+                    (TensorRole::OptimizerState, i),
                     Category::GradientAndState,
                     Some(i),
                     update.weight_channels * std::mem::size_of::<GradStats>(),
                 )),
-                Precision::Float32 => self.velocity(i, trained_len),
+                Precision::Float32 => self.velocity(TensorRole::OptimizerState, i, trained_len),
             };
-            self.update(StepOp::WeightUpdate, i, grad, params.weight, state);
+            let bindings = Bindings {
+                input,
+                output_error: Some(error),
+                gradient: Some(grad),
+                params: Some(params),
+                state,
+                ..Bindings::default()
+            };
+            self.push_layer_step(StepOp::WeightGrad, i, &bindings);
+            self.update(StepOp::WeightUpdate, i, &bindings);
         }
     }
 
-    /// The float momentum velocity of `len` trained parameters of layer `i`, if momentum is on.
-    fn velocity(&mut self, i: usize, len: usize) -> Option<TensorId> {
+    /// The float momentum velocity (`role`) of `len` trained parameters of layer `i`, if
+    /// momentum is on.
+    fn velocity(&mut self, role: TensorRole, i: usize, len: usize) -> Option<TensorId> {
         self.options.momentum.then(|| {
-            let bytes = len * self.options.precision.gradient_bytes();
-            self.tensor(
-                TensorRole::OptimizerState { layer: i },
-                Category::GradientAndState,
-                Some(i),
-                bytes,
-            )
+            let bytes = len * Precision::WORD_BYTES;
+            self.tensor((role, i), Category::GradientAndState, Some(i), bytes)
         })
     }
 
-    /// The update of `param` from `grad`: now (reordering) or after the backward.
-    fn update(
-        &mut self,
-        op: StepOp,
-        i: usize,
-        grad: TensorId,
-        param: TensorId,
-        state: Option<TensorId>,
-    ) {
-        let mut reads = vec![grad, param];
-        let mut writes = vec![param];
-        if let Some(state) = state {
-            reads.push(state);
-            writes.push(state);
-        }
+    /// An update step: now (reordering) or after the backward.
+    fn update(&mut self, op: StepOp, i: usize, bindings: &Bindings) {
+        let step = self.layer_step(op, i, bindings, bindings);
         if self.options.reorder {
-            self.step(op, Some(i), reads, writes);
+            self.steps.push(step);
         } else {
-            self.deferred.push(Step {
-                op,
-                layer: Some(i),
-                reads,
-                writes,
-                scratch: None,
-            });
+            self.deferred.push(step);
         }
     }
 }

@@ -108,7 +108,8 @@ mod tests {
 
     fn tensor(bytes: usize, persistent: bool) -> PlanTensor {
         PlanTensor {
-            role: TensorRole::Activation { tensor: 0 },
+            role: TensorRole::Activation,
+            index: 0,
             category: Category::ForwardActivation,
             layer: None,
             bytes,

@@ -1,10 +1,13 @@
 //! Plan files for the device: a [`TrainingPlan`] and an int8 or float32 [`Model`] written in
-//! the format of [`mcutrain_core::plan`], and the trained parameters read back from an arena.
+//! the format of [`mcutrain_core::plan`], their sizes ([`PlanSizes`], the numbers every budget
+//! check counts), and the trained parameters read back from an arena.
 //!
-//! The bytes are deterministic (equal inputs give equal files). The record layouts are the
-//! core crate's; this module only maps the compiler's plan onto them:
+//! The bytes are deterministic (equal inputs give equal files). The record layouts and the
+//! vocabulary (steps, tensor roles, precision, layer kinds) are the core crate's, so the plan
+//! is written as it is:
 //! - the precision byte is the model's (0 int8, 1 float32); the blob holds int8 weight codes
 //!   and `i32` biases, or `f32` weights and biases (little-endian, each 4-byte aligned);
+//! - every layer gets its kind as the layer contract encodes it;
 //! - every model tensor gets its shape, range owner and the model's initial trackers (empty
 //!   trackers in a float32 plan, which tracks no ranges);
 //! - every arena tensor gets its lifetime (the compiler's liveness: first to last step that
@@ -13,20 +16,17 @@
 //!   steps: the loss writes the logits error in the sample's loss range, an input error or a
 //!   sum of contributions to model tensor `t` is written with `t`'s error tracker, and a
 //!   masked copy keeps the quantization of the error it copies ([`NONE`] in a float32 plan);
-//! - the optimizer state of a bias update (a float32 momentum velocity) becomes the file's
-//!   `BiasOptimizerState`, that of a weight update its `OptimizerState`;
 //! - int8: the training state of each trained layer is placed after the model tensors' state
 //!   (with exact error ranges, after their error quantization too), then the partial-update
 //!   score scratch (sized for the widest layer); float32: the state region is the 8-byte
-//!   header alone (sample counter, learning rate).
+//!   header alone (sample counter, learning rate) ([`StateLayout`]).
 
-use super::{liveness, Placement, Precision, StepOp, TensorRole, TrainingPlan};
-use crate::engine::fqt::{FqtConfig, QuantNet};
-use crate::model::{LayerKind, Model, Params, QuantLayer};
+use super::{liveness, Placement, TrainingPlan};
+use crate::model::{Architecture, LayerUpdate, Model, Params, QuantLayer, ResolvedLayer};
 use mcutrain_core::plan::{
     self as file, exec, layer_state_bytes, state_bytes_at_least, ErrorRanges, Header, LayerRecord,
-    ModelTensorRecord, PartialUpdate, PlanView, StepRecord, TensorRecord, TrainConfig,
-    HEADER_BYTES, LOSS_QUANT, MAX_READS, MAX_WRITES, NONE, NO_OFFSET, VERSION,
+    ModelTensorRecord, PlanView, Precision, StepOp, StepRecord, TensorRecord, TensorRole,
+    TrainConfig, HEADER_BYTES, LOSS_QUANT, MAX_READS, MAX_WRITES, NONE, NO_OFFSET, VERSION,
 };
 use mcutrain_core::quant::{QParams, RangeEma};
 
@@ -57,26 +57,9 @@ pub enum PlanFileError {
     /// The file or arena could not be read.
     #[error("reading the plan: {0}")]
     Read(String),
-}
-
-/// The plan-file hyper-parameters of a host FQT configuration (the same learning rate,
-/// moving-average rates, partial updates and error ranges; `eps` is the reference trainer's
-/// `1e-12`).
-pub fn train_config(cfg: &FqtConfig) -> TrainConfig {
-    TrainConfig {
-        lr: cfg.lr,
-        activation_rate: cfg.activation_rate,
-        error_rate: cfg.error_rate,
-        weight_rate: cfg.weight_rate,
-        stats_rate: cfg.stats_rate,
-        eps: 1e-12,
-        partial: cfg.partial.map(|p| PartialUpdate {
-            lambda_min: p.lambda_min,
-            lambda_max: p.lambda_max,
-        }),
-        momentum: 0.0,
-        error_ranges: cfg.error_ranges,
-    }
+    /// A plan file does not validate.
+    #[error("the plan file is not valid: {0}")]
+    Invalid(#[from] mcutrain_core::plan::PlanError),
 }
 
 /// The plan-file hyper-parameters of float32 SGD (`engine::float::FloatTrainConfig`'s peak
@@ -95,7 +78,7 @@ pub fn float_train_config(lr: f32, momentum: f32) -> TrainConfig {
     }
 }
 
-/// The precision name of a model's parameters.
+/// The precision of a model's parameters.
 fn params_precision(params: &Params) -> Precision {
     match params {
         Params::Float(_) => Precision::Float32,
@@ -107,6 +90,139 @@ fn narrow<T: TryFrom<usize>>(value: usize, what: &str) -> Result<T, PlanFileErro
     T::try_from(value).map_err(|_| PlanFileError::TooLarge(format!("{what} = {value}")))
 }
 
+/// Where the training state of each layer lies in the state region of a plan, and its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateLayout {
+    /// Per layer, its state offset ([`NO_OFFSET`] when it keeps none).
+    pub layer_offsets: Vec<u32>,
+    /// Offset of the partial-update score scratch ([`NO_OFFSET`] without partial updates).
+    pub scores_offset: u32,
+    /// Bytes of the region.
+    pub bytes: usize,
+}
+
+impl StateLayout {
+    /// The state region of a plan of `precision` over `layers` (at batch 1) that trains what
+    /// `updates` says, with the hyper-parameters `config`: int8 model tensors' trackers (and
+    /// error quantization with exact error ranges), then each trained layer's state, then the
+    /// score scratch; float32 the header alone.
+    pub fn of(
+        precision: Precision,
+        layers: &[ResolvedLayer],
+        updates: &[LayerUpdate],
+        config: &TrainConfig,
+    ) -> Result<StateLayout, PlanFileError> {
+        let partial = config.partial.is_some();
+        let mut bytes = state_bytes_at_least(precision, layers.len() + 1, config.error_ranges);
+        let mut layer_offsets = vec![NO_OFFSET; layers.len()];
+        let channels = |l: &ResolvedLayer| l.params().map_or(0, |p| p.channels);
+        if precision == Precision::Int8 {
+            for (i, (layer, update)) in layers.iter().zip(updates).enumerate() {
+                if update.any() {
+                    layer_offsets[i] = narrow(bytes, "state offset")?;
+                    bytes += layer_state_bytes(channels(layer), partial);
+                }
+            }
+        }
+        let scores_offset = if partial {
+            let at = bytes;
+            bytes += layers.iter().map(channels).max().unwrap_or(0) * 4;
+            narrow(at, "score offset")?
+        } else {
+            NO_OFFSET
+        };
+        Ok(StateLayout {
+            layer_offsets,
+            scores_offset,
+            bytes,
+        })
+    }
+}
+
+/// Offsets of the sections of a plan file with `layers` layers, `tensors` tensors and `steps`
+/// steps; the parameter blob starts at `blob`.
+struct Sections {
+    blob: usize,
+}
+
+impl Sections {
+    fn of(layers: usize, tensors: usize, steps: usize) -> Sections {
+        let tensors_at = HEADER_BYTES
+            + layers * file::LAYER_BYTES
+            + (layers + 1) * file::MODEL_TENSOR_BYTES
+            + tensors * file::TENSOR_BYTES;
+        Sections {
+            blob: tensors_at + steps * file::STEP_BYTES,
+        }
+    }
+}
+
+/// The memory a plan takes on the device: its file in flash, its arena in SRAM. The budget
+/// checks of `mcutrain plan` and of a device run count these same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanSizes {
+    /// Bytes of the plan file (embedded as a constant).
+    pub file_bytes: u64,
+    /// Bytes of the planned tensors (the plan's peak, rounded up to 4).
+    pub tensor_bytes: u64,
+    /// Bytes of the training state after them (range trackers, weight quantization, partial
+    /// update lists).
+    pub state_bytes: u64,
+}
+
+impl PlanSizes {
+    /// The sizes of a plan file.
+    pub fn of(plan: &[u8]) -> Result<PlanSizes, PlanFileError> {
+        let aligned = AlignedBytes::copy_of(plan);
+        let view = PlanView::parse(aligned.as_slice())?;
+        Ok(PlanSizes {
+            file_bytes: plan.len() as u64,
+            tensor_bytes: view.state_offset() as u64,
+            state_bytes: view.header().state_bytes as u64,
+        })
+    }
+
+    /// The sizes of the plan file [`write`] makes of `plan`, compiled for `arch`, with the
+    /// hyper-parameters `config` (whatever the parameter values).
+    pub fn planned(
+        arch: &Architecture,
+        plan: &TrainingPlan,
+        config: &TrainConfig,
+    ) -> Result<PlanSizes, PlanFileError> {
+        let layers = arch
+            .resolved(1)
+            .map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
+        let state = StateLayout::of(plan.precision, &layers, &plan.updates, config)?;
+        let element = plan.precision.element_bytes();
+        let blob: usize = layers
+            .iter()
+            .filter_map(|l| l.params())
+            .map(|p| (p.weight_len() * element).div_ceil(4) * 4 + p.channels * 4)
+            .sum();
+        let sections = Sections::of(layers.len(), plan.tensors.len(), plan.steps.len());
+        Ok(PlanSizes {
+            file_bytes: (sections.blob + blob) as u64,
+            tensor_bytes: super::aligned(plan.arena_bytes) as u64,
+            state_bytes: state.bytes as u64,
+        })
+    }
+
+    /// Bytes of the static arena: planned tensors and training state.
+    pub fn arena_bytes(&self) -> u64 {
+        self.tensor_bytes + self.state_bytes
+    }
+
+    /// `arena N (planned tensors T + training state S)`.
+    pub fn describe_arena(&self) -> String {
+        format!(
+            "arena {} (planned tensors {} + training state {})",
+            self.arena_bytes(),
+            self.tensor_bytes,
+            self.state_bytes
+        )
+    }
+}
+
 /// The plan file of `plan` (compiled for `model`'s architecture) with `model`'s parameters and
 /// the hyper-parameters `config`.
 pub fn write(
@@ -114,20 +230,15 @@ pub fn write(
     model: &Model,
     config: &TrainConfig,
 ) -> Result<Vec<u8>, PlanFileError> {
-    let model_precision = params_precision(&model.params);
-    if plan.precision != model_precision {
+    let precision = params_precision(&model.params);
+    if plan.precision != precision {
         return Err(PlanFileError::PrecisionMismatch {
-            model: model_precision.name(),
+            model: precision.name(),
             plan: plan.precision.name(),
         });
     }
-    let precision = match plan.precision {
-        Precision::Int8 => file::Precision::Int8,
-        Precision::Float32 => file::Precision::Float32,
-    };
-    model
-        .validate()
-        .map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
+    let mismatch = |e: crate::model::ModelError| PlanFileError::Mismatch(e.to_string());
+    model.validate().map_err(mismatch)?;
     let arch = &model.arch;
     let n = arch.layers.len();
     if plan.updates.len() != n {
@@ -136,95 +247,142 @@ pub fn write(
             plan.updates.len()
         )));
     }
-    let net = QuantNet::new(arch).map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
-    let shapes = arch
-        .shapes()
-        .map_err(|e| PlanFileError::Mismatch(e.to_string()))?;
-
-    let blobs = parameter_blobs(&model.params)?;
-    // Which optimizer states belong to a bias update (the rest to weight updates).
-    let bias_states: Vec<usize> = plan
-        .steps
-        .iter()
-        .filter(|s| s.op == StepOp::BiasUpdate)
-        .filter_map(|s| s.writes.get(1).copied())
-        .collect();
-    if precision == file::Precision::Float32 {
+    if precision == Precision::Float32 {
         check_float_config(plan, config)?;
     }
-
-    // Training state (int8): model tensors, then each trained layer, then the score scratch.
-    let partial = config.partial.is_some();
-    let int8 = precision == file::Precision::Int8;
-    let mut state_bytes = state_bytes_at_least(precision, n + 1, config.error_ranges);
-    let mut state_offsets = vec![NO_OFFSET; n];
-    for (i, (update, blob)) in plan.updates.iter().zip(&blobs).enumerate() {
-        if let (true, true, Some(blob)) = (int8, update.any(), blob) {
-            state_offsets[i] = narrow(state_bytes, "state offset")?;
-            state_bytes += layer_state_bytes(blob.channels, partial);
-        }
-    }
-    let widest = blobs
-        .iter()
-        .flatten()
-        .map(|b| b.channels)
-        .max()
-        .unwrap_or(0);
-    let scores_offset = if partial {
-        let at = state_bytes;
-        state_bytes += widest * 4;
-        narrow(at, "score offset")?
-    } else {
-        NO_OFFSET
+    let layers = arch.resolved(1).map_err(mismatch)?;
+    let state = StateLayout::of(precision, &layers, &plan.updates, config)?;
+    let sections = Sections::of(n, plan.tensors.len(), plan.steps.len());
+    let (blob, contents) = parameter_blob(&model.params, sections.blob)?;
+    let tensors = tensor_records(plan, &contents)?;
+    let quant_layers = match &model.params {
+        Params::Int8(state) => Some(&state.layers),
+        Params::Float(_) => None,
     };
+    let mut layer_records = Vec::with_capacity(n * file::LAYER_BYTES);
+    for (i, layer) in arch.layers.iter().enumerate() {
+        let q = quant_layers.map(|layers| &layers[i]);
+        let update = plan.updates[i];
+        let ids = tensors.param_ids[i];
+        let record = layer_record(layer.kind, q, update, ids, state.layer_offsets[i])?;
+        let bytes = record.encode().ok_or_else(|| {
+            PlanFileError::TooLarge(format!(
+                "layer {i} ({}) has a field above 65535",
+                layer.name
+            ))
+        })?;
+        layer_records.extend(bytes);
+    }
+    let step_records = step_records(plan)?;
+    let lowest = plan
+        .updates
+        .iter()
+        .position(|u| u.any())
+        .ok_or_else(|| PlanFileError::Mismatch("the plan trains nothing".into()))?;
+    let file_bytes = sections.blob + blob.len();
+    let header = Header {
+        version: VERSION,
+        file_bytes: narrow(file_bytes, "file bytes")?,
+        crc: 0,
+        precision,
+        batch: narrow(plan.batch, "batch")?,
+        reorder: plan.reorder,
+        layer_count: narrow(n, "layers")?,
+        tensor_count: narrow(plan.tensors.len(), "tensors")?,
+        step_count: narrow(plan.steps.len(), "steps")?,
+        classes: narrow(arch.classes, "classes")?,
+        lowest_layer: narrow(lowest, "layer")?,
+        arena_bytes: narrow(plan.arena_bytes, "arena bytes")?,
+        lower_bound_bytes: narrow(plan.lower_bound_bytes, "lower bound")?,
+        state_bytes: narrow(state.bytes, "state bytes")?,
+        scores_offset: state.scores_offset,
+        blob_offset: narrow(sections.blob, "blob offset")?,
+        blob_bytes: narrow(blob.len(), "blob bytes")?,
+        config: *config,
+    };
+    if header.layer_count as usize + 1 >= LOSS_QUANT as usize || header.tensor_count >= LOSS_QUANT {
+        return Err(PlanFileError::TooLarge(format!(
+            "{n} layers and {} tensors",
+            plan.tensors.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(file_bytes);
+    bytes.extend(header.encode());
+    bytes.extend(layer_records);
+    bytes.extend(model_tensor_records(model)?);
+    bytes.extend(tensors.bytes);
+    bytes.extend(step_records);
+    bytes.extend(blob);
+    debug_assert_eq!(bytes.len(), file_bytes);
+    file::seal(&mut bytes).ok_or_else(|| PlanFileError::TooLarge("file size".into()))?;
+    Ok(bytes)
+}
 
-    // Parameter blob: weights then bias of every layer with parameters, 4-byte aligned.
-    let tensors_at = HEADER_BYTES
-        + n * file::LAYER_BYTES
-        + (n + 1) * file::MODEL_TENSOR_BYTES
-        + plan.tensors.len() * file::TENSOR_BYTES;
-    let blob_offset = tensors_at + plan.steps.len() * file::STEP_BYTES;
+/// File offsets of one layer's weights and bias in the blob.
+#[derive(Clone, Copy)]
+struct ParamOffsets {
+    weight: usize,
+    bias: usize,
+}
+
+/// The parameter blob, which starts at file offset `at`: weights then bias of every layer with
+/// parameters, each 4-byte aligned; and per layer the file offsets of its weights and bias.
+fn parameter_blob(
+    params: &Params,
+    at: usize,
+) -> Result<(Vec<u8>, Vec<Option<ParamOffsets>>), PlanFileError> {
     let mut blob: Vec<u8> = Vec::new();
-    let mut contents: Vec<Option<(usize, usize)>> = vec![None; n]; // (weight, bias) offsets
-    for (i, layer) in blobs.iter().enumerate() {
+    let mut contents = Vec::new();
+    for layer in parameter_blobs(params)? {
         let Some(layer) = layer else {
+            contents.push(None);
             continue;
         };
-        let weight_at = blob_offset + blob.len();
+        let weight = at + blob.len();
         blob.extend(&layer.weight);
         blob.resize(blob.len().div_ceil(4) * 4, 0);
-        let bias_at = blob_offset + blob.len();
+        let bias = at + blob.len();
         blob.extend(&layer.bias);
-        contents[i] = Some((weight_at, bias_at));
+        contents.push(Some(ParamOffsets { weight, bias }));
     }
+    Ok((blob, contents))
+}
 
-    let quant = match precision {
-        file::Precision::Int8 => error_quantization(plan)?,
-        file::Precision::Float32 => vec![NONE; plan.tensors.len()],
+/// The tensor records of a plan, and per layer the ids of its weight and bias tensors
+/// ([`NONE`] without parameters).
+struct TensorSection {
+    bytes: Vec<u8>,
+    param_ids: Vec<(u16, u16)>,
+}
+
+/// The tensor records of `plan`: parameters at their blob `contents`, the error tensors of an
+/// int8 plan with their quantization source.
+fn tensor_records(
+    plan: &TrainingPlan,
+    contents: &[Option<ParamOffsets>],
+) -> Result<TensorSection, PlanFileError> {
+    let quant = match plan.precision {
+        Precision::Int8 => error_quantization(plan)?,
+        Precision::Float32 => vec![NONE; plan.tensors.len()],
     };
     let lifetimes = liveness::lifetimes(&plan.tensors, &plan.steps);
-    let mut param_ids = vec![(NONE, NONE); n];
-    let mut tensor_bytes = Vec::with_capacity(plan.tensors.len() * file::TENSOR_BYTES);
+    let mut param_ids = vec![(NONE, NONE); plan.updates.len()];
+    let mut bytes = Vec::with_capacity(plan.tensors.len() * file::TENSOR_BYTES);
     for (id, tensor) in plan.tensors.iter().enumerate() {
-        let (role, index) = match role_of(tensor.role) {
-            (file::TensorRole::OptimizerState, i) if bias_states.contains(&id) => {
-                (file::TensorRole::BiasOptimizerState, i)
-            }
-            role => role,
+        let param = |which: fn(ParamOffsets) -> usize| match contents.get(tensor.index) {
+            Some(Some(offsets)) => Ok(which(*offsets)),
+            _ => Err(PlanFileError::Mismatch(format!(
+                "tensor {id} holds parameters of a layer without any"
+            ))),
         };
-        let flash_offset = match (tensor.role, tensor.layer.and_then(|l| contents[l])) {
-            (TensorRole::Weight { layer }, Some((weight_at, _))) => {
-                param_ids[layer].0 = narrow(id, "tensor id")?;
-                Some(narrow(weight_at, "blob offset")?)
+        let flash_offset = match tensor.role {
+            TensorRole::Weight => {
+                param_ids[tensor.index].0 = narrow(id, "tensor id")?;
+                Some(narrow(param(|o| o.weight)?, "blob offset")?)
             }
-            (TensorRole::Bias { layer }, Some((_, bias_at))) => {
-                param_ids[layer].1 = narrow(id, "tensor id")?;
-                Some(narrow(bias_at, "blob offset")?)
-            }
-            (TensorRole::Weight { .. } | TensorRole::Bias { .. }, None) => {
-                return Err(PlanFileError::Mismatch(format!(
-                    "tensor {id} holds parameters of a layer without any"
-                )))
+            TensorRole::Bias => {
+                param_ids[tensor.index].1 = narrow(id, "tensor id")?;
+                Some(narrow(param(|o| o.bias)?, "blob offset")?)
             }
             _ => None,
         };
@@ -237,52 +395,50 @@ pub fn write(
             None => None,
         };
         let record = TensorRecord {
-            role,
-            index: narrow(index, "tensor index")?,
+            role: tensor.role,
+            index: narrow(tensor.index, "tensor index")?,
             quant: quant[id],
             bytes: narrow(tensor.bytes, "tensor bytes")?,
             arena_offset,
             flash_offset,
             lifetime,
         };
-        tensor_bytes.extend(record.encode());
+        bytes.extend(record.encode());
     }
+    Ok(TensorSection { bytes, param_ids })
+}
 
-    let quant_layers = match &model.params {
-        Params::Int8(state) => Some(&state.layers),
-        Params::Float(_) => None,
-    };
-    let mut layer_bytes = Vec::with_capacity(n * file::LAYER_BYTES);
-    for (i, layer) in arch.layers.iter().enumerate() {
-        let q = quant_layers.map(|layers| &layers[i]);
-        let record = layer_record(
-            &layer.kind,
-            q,
-            plan.updates[i],
-            param_ids[i],
-            state_offsets[i],
-        )?;
-        layer_bytes.extend(record.encode());
-    }
+/// The model tensor records: shapes, range owners and the int8 model's initial trackers.
+fn model_tensor_records(model: &Model) -> Result<Vec<u8>, PlanFileError> {
+    let arch = &model.arch;
+    let mismatch = |e: crate::model::ModelError| PlanFileError::Mismatch(e.to_string());
+    let shapes = arch.shapes().map_err(mismatch)?;
+    let owners = arch.range_owners().map_err(mismatch)?;
     let trackers = |t: usize| match &model.params {
         Params::Int8(state) => (state.activations[t], state.errors[t]),
         Params::Float(_) => (RangeEma::new(), RangeEma::new()),
     };
-    let mut model_tensor_bytes = Vec::with_capacity((n + 1) * file::MODEL_TENSOR_BYTES);
+    let mut bytes = Vec::with_capacity(shapes.len() * file::MODEL_TENSOR_BYTES);
     for (t, shape) in shapes.iter().enumerate() {
+        let (activation, error) = trackers(t);
         let record = ModelTensorRecord {
             shape: [
                 narrow(shape[0], "channels")?,
                 narrow(shape[1], "height")?,
                 narrow(shape[2], "width")?,
             ],
-            range_owner: narrow(net.range_owner(t), "tensor index")?,
-            activation: trackers(t).0,
-            error: trackers(t).1,
+            range_owner: narrow(owners[t], "tensor index")?,
+            activation,
+            error,
         };
-        model_tensor_bytes.extend(record.encode());
+        bytes.extend(record.encode());
     }
-    let mut step_bytes = Vec::with_capacity(plan.steps.len() * file::STEP_BYTES);
+    Ok(bytes)
+}
+
+/// The step records of `plan`.
+fn step_records(plan: &TrainingPlan) -> Result<Vec<u8>, PlanFileError> {
+    let mut bytes = Vec::with_capacity(plan.steps.len() * file::STEP_BYTES);
     for (s, step) in plan.steps.iter().enumerate() {
         let mut reads = [NONE; MAX_READS];
         let mut writes = [NONE; MAX_WRITES];
@@ -300,7 +456,7 @@ pub fn write(
             *slot = narrow(id, "tensor id")?;
         }
         let record = StepRecord {
-            op: op_of(step.op),
+            op: step.op,
             layer: step.layer.map_or(Ok(NONE), |l| narrow(l, "layer"))?,
             reads,
             writes,
@@ -308,57 +464,13 @@ pub fn write(
                 .scratch
                 .map_or(Ok(NONE), |id| narrow(id, "tensor id"))?,
         };
-        step_bytes.extend(record.encode());
+        bytes.extend(record.encode());
     }
-
-    let lowest = plan
-        .updates
-        .iter()
-        .position(|u| u.any())
-        .ok_or_else(|| PlanFileError::Mismatch("the plan trains nothing".into()))?;
-    let file_bytes = blob_offset + blob.len();
-    let header = Header {
-        version: VERSION,
-        file_bytes: narrow(file_bytes, "file bytes")?,
-        crc: 0,
-        precision,
-        batch: narrow(plan.batch, "batch")?,
-        reorder: plan.reorder,
-        layer_count: narrow(n, "layers")?,
-        tensor_count: narrow(plan.tensors.len(), "tensors")?,
-        step_count: narrow(plan.steps.len(), "steps")?,
-        classes: narrow(arch.classes, "classes")?,
-        lowest_layer: narrow(lowest, "layer")?,
-        arena_bytes: narrow(plan.arena_bytes, "arena bytes")?,
-        lower_bound_bytes: narrow(plan.lower_bound_bytes, "lower bound")?,
-        state_bytes: narrow(state_bytes, "state bytes")?,
-        scores_offset,
-        blob_offset: narrow(blob_offset, "blob offset")?,
-        blob_bytes: narrow(blob.len(), "blob bytes")?,
-        config: *config,
-    };
-    if header.layer_count as usize + 1 >= LOSS_QUANT as usize || header.tensor_count >= LOSS_QUANT {
-        return Err(PlanFileError::TooLarge(format!(
-            "{n} layers and {} tensors",
-            plan.tensors.len()
-        )));
-    }
-    let mut bytes = Vec::with_capacity(file_bytes);
-    bytes.extend(header.encode());
-    bytes.extend(layer_bytes);
-    bytes.extend(model_tensor_bytes);
-    bytes.extend(tensor_bytes);
-    bytes.extend(step_bytes);
-    bytes.extend(blob);
-    debug_assert_eq!(bytes.len(), file_bytes);
-    file::seal(&mut bytes).ok_or_else(|| PlanFileError::TooLarge("file size".into()))?;
     Ok(bytes)
 }
 
 /// One layer's parameters as blob bytes.
 struct LayerBlob {
-    /// Output channels (bias elements).
-    channels: usize,
     /// Weight codes, or little-endian `f32` weights.
     weight: Vec<u8>,
     /// Little-endian `i32` or `f32` bias.
@@ -382,7 +494,6 @@ fn parameter_blobs(params: &Params) -> Result<Vec<Option<LayerBlob>>, PlanFileEr
                     return Err(PlanFileError::PerChannel(i));
                 }
                 Ok(Some(LayerBlob {
-                    channels: layer.bias.len(),
                     weight: layer.weight.iter().map(|&w| w as u8).collect(),
                     bias: layer.bias.iter().flat_map(|b| b.to_le_bytes()).collect(),
                 }))
@@ -392,7 +503,6 @@ fn parameter_blobs(params: &Params) -> Result<Vec<Option<LayerBlob>>, PlanFileEr
             .iter()
             .map(|layer| {
                 (!layer.bias.is_empty()).then(|| LayerBlob {
-                    channels: layer.bias.len(),
                     weight: floats(&layer.weight),
                     bias: floats(&layer.bias),
                 })
@@ -420,10 +530,12 @@ fn check_float_config(plan: &TrainingPlan, config: &TrainConfig) -> Result<(), P
             config.momentum
         )));
     }
-    let has_velocity = plan
-        .tensors
-        .iter()
-        .any(|t| matches!(t.role, TensorRole::OptimizerState { .. }));
+    let has_velocity = plan.tensors.iter().any(|t| {
+        matches!(
+            t.role,
+            TensorRole::OptimizerState | TensorRole::BiasOptimizerState
+        )
+    });
     if has_velocity != (config.momentum != 0.0) {
         return Err(PlanFileError::FloatConfig(format!(
             "momentum {} needs a plan compiled {} velocity buffers (PlanOptions::momentum = {})",
@@ -439,26 +551,15 @@ fn check_float_config(plan: &TrainingPlan, config: &TrainConfig) -> Result<(), P
 /// whose records hold neutral values there: bias scale 1, weight scale 1, zero point 0, an
 /// empty range tracker).
 fn layer_record(
-    kind: &LayerKind,
+    kind: mcutrain_core::layer::LayerKind,
     q: Option<&QuantLayer>,
-    update: super::LayerUpdate,
+    update: LayerUpdate,
     (weight_tensor, bias_tensor): (u16, u16),
     state_offset: u32,
 ) -> Result<LayerRecord, PlanFileError> {
-    use mcutrain_core::ops::activation::Activation;
-    let pair = |p: (usize, usize), what: &str| -> Result<(u16, u16), PlanFileError> {
-        Ok((narrow(p.0, what)?, narrow(p.1, what)?))
-    };
-    let mut record = LayerRecord {
-        kind: file::LayerKind::Flatten,
-        activation: Activation::None,
+    Ok(LayerRecord {
+        kind,
         trains_bias: update.bias,
-        out_channels: 0,
-        kernel: (0, 0),
-        stride: (0, 0),
-        padding: (0, 0),
-        groups: 0,
-        skip_from: NONE,
         weight_channels: narrow(update.weight_channels, "weight channels")?,
         weight_tensor,
         bias_tensor,
@@ -474,97 +575,7 @@ fn layer_record(
             Some(q) if !q.bias.is_empty() => q.weight_range,
             _ => RangeEma::new(),
         },
-    };
-    match kind {
-        LayerKind::Conv2d {
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            groups,
-            activation,
-        } => {
-            record.kind = file::LayerKind::Conv2d;
-            record.activation = *activation;
-            record.out_channels = narrow(*out_channels, "channels")?;
-            record.kernel = pair(*kernel, "kernel")?;
-            record.stride = pair(*stride, "stride")?;
-            record.padding = pair(*padding, "padding")?;
-            record.groups = narrow(*groups, "groups")?;
-        }
-        LayerKind::Linear {
-            out_features,
-            activation,
-        } => {
-            record.kind = file::LayerKind::Linear;
-            record.activation = *activation;
-            record.out_channels = narrow(*out_features, "features")?;
-        }
-        LayerKind::Activation(activation) => {
-            record.kind = file::LayerKind::Activation;
-            record.activation = *activation;
-        }
-        LayerKind::AvgPool {
-            kernel,
-            stride,
-            padding,
-        }
-        | LayerKind::MaxPool {
-            kernel,
-            stride,
-            padding,
-        } => {
-            record.kind = if matches!(kind, LayerKind::AvgPool { .. }) {
-                file::LayerKind::AvgPool
-            } else {
-                file::LayerKind::MaxPool
-            };
-            record.kernel = pair(*kernel, "kernel")?;
-            record.stride = pair(*stride, "stride")?;
-            record.padding = pair(*padding, "padding")?;
-        }
-        LayerKind::GlobalAvgPool => record.kind = file::LayerKind::GlobalAvgPool,
-        LayerKind::Add { skip_from } => {
-            record.kind = file::LayerKind::Add;
-            record.skip_from = narrow(*skip_from, "layer")?;
-        }
-        LayerKind::Flatten => {}
-    }
-    Ok(record)
-}
-
-/// The file role and index of a plan tensor role.
-fn role_of(role: TensorRole) -> (file::TensorRole, usize) {
-    match role {
-        TensorRole::Activation { tensor } => (file::TensorRole::Activation, tensor),
-        TensorRole::Error { tensor } => (file::TensorRole::Error, tensor),
-        TensorRole::ErrorPart { tensor } => (file::TensorRole::ErrorPart, tensor),
-        TensorRole::Weight { layer } => (file::TensorRole::Weight, layer),
-        TensorRole::Bias { layer } => (file::TensorRole::Bias, layer),
-        TensorRole::WeightGrad { layer } => (file::TensorRole::WeightGrad, layer),
-        TensorRole::BiasGrad { layer } => (file::TensorRole::BiasGrad, layer),
-        TensorRole::OptimizerState { layer } => (file::TensorRole::OptimizerState, layer),
-        TensorRole::Scratch { step } => (file::TensorRole::Scratch, step),
-        TensorRole::ClampMask { tensor } => (file::TensorRole::ClampMask, tensor),
-    }
-}
-
-/// The file operation of a step operation.
-fn op_of(op: StepOp) -> file::StepOp {
-    match op {
-        StepOp::LoadInput => file::StepOp::LoadInput,
-        StepOp::Forward => file::StepOp::Forward,
-        StepOp::Loss => file::StepOp::Loss,
-        StepOp::ActivationMask => file::StepOp::ActivationMask,
-        StepOp::InputError => file::StepOp::InputError,
-        StepOp::AccumulateError => file::StepOp::AccumulateError,
-        StepOp::WeightGrad => file::StepOp::WeightGrad,
-        StepOp::BiasGrad => file::StepOp::BiasGrad,
-        StepOp::WeightUpdate => file::StepOp::WeightUpdate,
-        StepOp::BiasUpdate => file::StepOp::BiasUpdate,
-        StepOp::StreamedForward => file::StepOp::StreamedForward,
-        StepOp::ClampMask => file::StepOp::ClampMask,
-    }
+    })
 }
 
 /// The quantization source of every tensor ([`TensorRecord::quant`]), following the steps
@@ -575,23 +586,22 @@ fn error_quantization(plan: &TrainingPlan) -> Result<Vec<u16>, PlanFileError> {
         let Some(&written) = step.writes.first() else {
             continue;
         };
-        let source = match (step.op, plan.tensors[written].role) {
-            (StepOp::Loss, _) => LOSS_QUANT,
-            (
-                StepOp::InputError | StepOp::AccumulateError,
-                TensorRole::Error { tensor } | TensorRole::ErrorPart { tensor },
-            ) => narrow(tensor, "tensor index")?,
-            (StepOp::ActivationMask, _) => quant[step.reads[1]],
+        let tensor = &plan.tensors[written];
+        let source = match step.op {
+            StepOp::Loss => LOSS_QUANT,
+            StepOp::InputError | StepOp::AccumulateError if tensor.role.is_error() => {
+                narrow(tensor.index, "tensor index")?
+            }
+            StepOp::ActivationMask => quant[step.reads[1]],
             _ => continue,
         };
         quant[written] = source;
     }
-    let missing = plan.tensors.iter().zip(&quant).position(|(t, &q)| {
-        matches!(
-            t.role,
-            TensorRole::Error { .. } | TensorRole::ErrorPart { .. }
-        ) && q == NONE
-    });
+    let missing = plan
+        .tensors
+        .iter()
+        .zip(&quant)
+        .position(|(t, &q)| t.role.is_error() && q == NONE);
     match missing {
         Some(id) => Err(PlanFileError::Mismatch(format!(
             "error tensor {id} is never written"
@@ -606,10 +616,7 @@ fn error_quantization(plan: &TrainingPlan) -> Result<Vec<u16>, PlanFileError> {
 /// in the plan.
 pub fn trained_model(view: &PlanView, arena: &[u8], base: &Model) -> Result<Model, PlanFileError> {
     let mut model = base.clone();
-    let plan_precision = match view.precision() {
-        file::Precision::Int8 => Precision::Int8,
-        file::Precision::Float32 => Precision::Float32,
-    };
+    let plan_precision = view.precision();
     let model_precision = params_precision(&model.params);
     if plan_precision != model_precision {
         return Err(PlanFileError::PrecisionMismatch {

@@ -8,7 +8,7 @@
 
 use super::liveness::{lifetimes, live_bytes};
 use super::{aligned, Category, PlanTensor, StepOp, TensorRole, TrainingPlan};
-use crate::model::{Architecture, Layer, LayerKind};
+use crate::model::Architecture;
 use crate::report::table;
 use serde_json::{json, Value};
 
@@ -125,6 +125,7 @@ impl MemoryReport {
                 .expect("arena tensors have an SRAM category")
         };
         let mut categories = [0usize; 6];
+        let resolved = arch.resolved(1).unwrap_or_default();
         let mut layers: Vec<LayerRow> = std::iter::once(LayerRow {
             name: "input".into(),
             op: "input".into(),
@@ -136,12 +137,19 @@ impl MemoryReport {
             arch.layers
                 .iter()
                 .zip(&plan.updates)
-                .map(|(l, u)| LayerRow {
-                    name: l.name.clone(),
-                    op: l.kind.op_name().into(),
-                    trains: trains_label(u.weight_channels, u.bias, l),
-                    tensors: [0; 6],
-                    at_peak: [0; 6],
+                .enumerate()
+                .map(|(i, (l, u))| {
+                    let channels = resolved
+                        .get(i)
+                        .and_then(|r| r.params())
+                        .map_or(0, |p| p.channels);
+                    LayerRow {
+                        name: l.name.clone(),
+                        op: l.kind.name().into(),
+                        trains: trains_label(u.weight_channels, u.bias, channels),
+                        tensors: [0; 6],
+                        at_peak: [0; 6],
+                    }
                 }),
         )
         .collect();
@@ -191,10 +199,8 @@ impl MemoryReport {
         let clamp_masks = plan
             .tensors
             .iter()
-            .filter_map(|t| match t.role {
-                TensorRole::ClampMask { tensor } => Some((t.bytes, activation_bytes(tensor))),
-                _ => None,
-            })
+            .filter(|t| t.role == TensorRole::ClampMask)
+            .map(|t| (t.bytes, activation_bytes(t.index)))
             .fold((0, 0, 0), |(n, bits, whole), (b, w)| {
                 (n + 1, bits + b, whole + w)
             });
@@ -397,33 +403,6 @@ impl MemoryReport {
     }
 }
 
-/// A plan that does not fit its SRAM budget.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("the plan needs {} of SRAM, over the budget of {} by {}; biggest contributors at the peak ({}): {}", kb(*.peak_bytes), kb(*.budget_bytes), kb(.peak_bytes - .budget_bytes), .peak_step_name, .contributors)]
-pub struct OverBudget {
-    /// The plan's peak.
-    pub peak_bytes: usize,
-    /// The budget.
-    pub budget_bytes: usize,
-    /// What runs at the peak step.
-    pub peak_step_name: String,
-    /// The biggest contributors, as one line.
-    pub contributors: String,
-}
-
-/// Refuse a report whose peak exceeds `budget_bytes`.
-pub fn check_budget(report: &MemoryReport, budget_bytes: usize) -> Result<(), OverBudget> {
-    if report.peak_bytes <= budget_bytes {
-        return Ok(());
-    }
-    Err(OverBudget {
-        peak_bytes: report.peak_bytes,
-        budget_bytes,
-        peak_step_name: report.peak_step_name.clone(),
-        contributors: report.contributors_text(5),
-    })
-}
-
 /// `12.3 KB (12 595 B)`.
 pub fn kb(bytes: usize) -> String {
     format!("{:.1} KB ({bytes} B)", bytes as f64 / 1024.0)
@@ -447,13 +426,8 @@ fn bytes_or_dash(bytes: usize) -> String {
     }
 }
 
-/// `w 1/4 + b`, `w + b`, `b`, `w 3/40` or `-`.
-fn trains_label(weight_channels: usize, bias: bool, layer: &Layer) -> String {
-    let out_channels = match layer.kind {
-        LayerKind::Conv2d { out_channels, .. } => out_channels,
-        LayerKind::Linear { out_features, .. } => out_features,
-        _ => 0,
-    };
+/// `w 1/4 + b`, `w + b`, `b`, `w 3/40` or `-`, for a layer of `out_channels` channels.
+fn trains_label(weight_channels: usize, bias: bool, out_channels: usize) -> String {
     let weight = match weight_channels {
         0 => None,
         c if c == out_channels => Some("w".to_string()),
@@ -471,8 +445,8 @@ fn trains_label(weight_channels: usize, bias: bool, layer: &Layer) -> String {
 fn chain_layers(plan: &TrainingPlan, step: usize) -> (usize, usize) {
     let s = &plan.steps[step];
     let first = s.layer.unwrap_or(0);
-    let last = match s.writes.first().map(|&id| plan.tensors[id].role) {
-        Some(TensorRole::Activation { tensor }) if tensor > first => tensor - 1,
+    let last = match s.writes.first().map(|&id| &plan.tensors[id]) {
+        Some(t) if t.role == TensorRole::Activation && t.index > first => t.index - 1,
         _ => first,
     };
     (first, last)
@@ -485,26 +459,28 @@ fn describe(arch: &Architecture, plan: &TrainingPlan, t: &PlanTensor) -> String 
         0 => "the input".to_string(),
         i => format!("output of {}", layer(i - 1)),
     };
+    let i = t.index;
     match t.role {
-        TensorRole::Activation { tensor: i } => match t.category {
+        TensorRole::Activation => match t.category {
             Category::SavedActivation => format!("saved activation ({})", tensor(i)),
             _ => format!("activation ({})", tensor(i)),
         },
-        TensorRole::Error { tensor: i } => format!("error of {}", tensor(i)),
-        TensorRole::ErrorPart { tensor: i } => format!("error part of {}", tensor(i)),
-        TensorRole::Weight { layer: l } => format!("weights of {}", layer(l)),
-        TensorRole::Bias { layer: l } => format!("bias of {}", layer(l)),
-        TensorRole::WeightGrad { layer: l } => format!("weight gradient of {}", layer(l)),
-        TensorRole::BiasGrad { layer: l } => format!("bias gradient of {}", layer(l)),
-        TensorRole::OptimizerState { layer: l } => format!("optimizer state of {}", layer(l)),
-        TensorRole::Scratch { step } => match plan.steps[step].op {
+        TensorRole::Error => format!("error of {}", tensor(i)),
+        TensorRole::ErrorPart => format!("error part of {}", tensor(i)),
+        TensorRole::Weight => format!("weights of {}", layer(i)),
+        TensorRole::Bias => format!("bias of {}", layer(i)),
+        TensorRole::WeightGrad => format!("weight gradient of {}", layer(i)),
+        TensorRole::BiasGrad => format!("bias gradient of {}", layer(i)),
+        TensorRole::OptimizerState => format!("optimizer state of {}", layer(i)),
+        TensorRole::BiasOptimizerState => format!("bias velocity of {}", layer(i)),
+        TensorRole::Scratch => match plan.steps[i].op {
             StepOp::StreamedForward => {
-                let (first, last) = chain_layers(plan, step);
+                let (first, last) = chain_layers(plan, i);
                 format!("row windows of {}..{}", layer(first), layer(last))
             }
-            _ => format!("scratch of step {step}"),
+            _ => format!("scratch of step {i}"),
         },
-        TensorRole::ClampMask { tensor: i } => format!("clamp mask ({})", tensor(i)),
+        TensorRole::ClampMask => format!("clamp mask ({})", tensor(i)),
     }
 }
 

@@ -4,7 +4,8 @@
 //! Each corruption works on samples with values in `[0, 1]`, of any channel count and size:
 //! the spatial ones (blur, pixelate, rotation) and contrast act on each `height x width`
 //! channel plane separately. Every result is clipped to `[0, 1]` (NaN becomes 0). The
-//! constants for severities 1 to 5 are those of `workloads.md`:
+//! constants for severities 1 to 5 are those of the fashion-shift workload (after Hendrycks and
+//! Dietterich's CIFAR-10-C, scaled to pixel values in `[0, 1]`):
 //!
 //! | name | formula | severity 1..5 |
 //! |---|---|---|

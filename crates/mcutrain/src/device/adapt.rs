@@ -7,19 +7,18 @@
 //! session streams the samples in the host trainer's order, so the trained model equals the
 //! host twin's bit for bit.
 
-use super::firmware::{check_plan, PlanSizes};
+use super::firmware::check_plan;
 use super::report::DeviceReport;
 use super::session::{self, Progress, Session, SessionResults};
 use super::{Budget, Device, DeviceError};
+use crate::compile::plan_file::{self, PlanSizes};
 use crate::compile::{
-    compile_streaming, plan_file, scheme, LayerUpdate, PlanOptions, Precision, RowStreaming,
-    TrainingPlan,
+    compile_streaming, LayerUpdate, PlanOptions, Precision, RowStreaming, TrainingPlan,
 };
 use crate::data::Dataset;
 use crate::engine::float::FloatTrainConfig;
 use crate::engine::fqt::FqtConfig;
-use crate::engine::UpdateScheme;
-use crate::model::{Model, Params};
+use crate::model::{Model, Params, UpdateScheme};
 use mcutrain_core::plan::TrainConfig;
 
 /// Where and within which budgets a session runs.
@@ -67,17 +66,13 @@ fn plan_file_for(
         momentum: config.momentum != 0.0,
         ..PlanOptions::new(precision)
     };
-    let write = |plan: &TrainingPlan| {
-        plan_file::write(plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
-    };
     let fits = |plan: &TrainingPlan| {
-        write(plan)
-            .and_then(|file| PlanSizes::of(&file))
+        PlanSizes::planned(&model.arch, plan, config)
             .is_ok_and(|sizes| check_plan(&sizes, &target.budget).is_ok())
     };
     let plan = compile_streaming(&model.arch, updates, &options, target.row_streaming, fits)
         .map_err(|e| DeviceError::Plan(e.to_string()))?;
-    write(&plan)
+    plan_file::write(&plan, model, config).map_err(|e| DeviceError::Plan(e.to_string()))
 }
 
 /// What a session trains with: the plan's settings and the sample stream.
@@ -106,7 +101,7 @@ fn run_training(
     target: &Target,
     progress: impl FnMut(Progress),
 ) -> Result<DeviceRun, DeviceError> {
-    let updates = scheme::from_update_scheme(&model.arch, training.scheme);
+    let updates = training.scheme.updates(&model.arch);
     let plan = plan_file_for(model, &updates, training.batch, &training.config, target)?;
     let session = Session {
         plan: &plan,
@@ -145,7 +140,7 @@ pub fn fqt_finetune(
     let training = Training {
         scheme: cfg.scheme,
         batch: cfg.batch,
-        config: plan_file::train_config(cfg),
+        config: cfg.plan_config(),
         epochs: cfg.epochs,
         seed: cfg.seed,
         train: Some(data),
@@ -195,7 +190,7 @@ pub fn evaluate(
         scheme: UpdateScheme::BiasOnly(1),
         batch: 1,
         config: match model.params {
-            Params::Int8(_) => plan_file::train_config(&FqtConfig::default()),
+            Params::Int8(_) => FqtConfig::default().plan_config(),
             Params::Float(_) => plan_file::float_train_config(FqtConfig::default().lr, 0.0),
         },
         epochs: 0,

@@ -13,10 +13,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mcutrain_core::plan::PlanView;
-
 use super::{Budget, DeviceError, Footprint};
-use crate::compile::plan_file::AlignedBytes;
+use crate::compile::plan_file::PlanSizes;
 use crate::fsutil::write_atomically;
 
 /// The Rust target of the Cortex-M4F/M7F.
@@ -472,47 +470,6 @@ fn linker_messages(stderr: &str) -> String {
         }
     }
     lines.join("\n")
-}
-
-/// The memory a plan file takes in an image: the file in flash, the arena in SRAM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlanSizes {
-    /// Bytes of the plan file (embedded as a constant).
-    pub file_bytes: u64,
-    /// Bytes of the planned tensors (the plan's peak, rounded up to 4).
-    pub tensor_bytes: u64,
-    /// Bytes of the training state after them (range trackers, weight quantization, partial
-    /// update lists).
-    pub state_bytes: u64,
-}
-
-impl PlanSizes {
-    /// The sizes of a plan file, which must be valid.
-    pub fn of(plan: &[u8]) -> Result<PlanSizes, DeviceError> {
-        let aligned = AlignedBytes::copy_of(plan);
-        let view = PlanView::parse(aligned.as_slice())
-            .map_err(|e| DeviceError::Usage(format!("the plan file is not valid: {e}")))?;
-        Ok(PlanSizes {
-            file_bytes: plan.len() as u64,
-            tensor_bytes: view.state_offset() as u64,
-            state_bytes: view.header().state_bytes as u64,
-        })
-    }
-
-    /// Bytes of the static arena: planned tensors and training state.
-    pub fn arena_bytes(&self) -> u64 {
-        self.tensor_bytes + self.state_bytes
-    }
-
-    /// `arena N (planned tensors T + training state S)`.
-    fn describe_arena(&self) -> String {
-        format!(
-            "arena {} (planned tensors {} + training state {})",
-            self.arena_bytes(),
-            self.tensor_bytes,
-            self.state_bytes
-        )
-    }
 }
 
 fn verdict(need: u64, have: u64) -> char {

@@ -29,8 +29,9 @@ pub mod session;
 use std::fmt;
 use std::str::FromStr;
 
+pub use crate::compile::plan_file::PlanSizes;
 pub use elf::Footprint;
-pub use firmware::{Board, Firmware, Image, PlanSizes, Program};
+pub use firmware::{Board, Firmware, Image, Program};
 pub use qemu::Qemu;
 
 /// An emulated board that runs the firmware.
@@ -188,6 +189,15 @@ pub enum DeviceError {
     /// No training plan can be made for the model and settings.
     #[error("cannot make the training plan: {0}")]
     Plan(String),
+    /// A plan file could not be written or read.
+    #[error(transparent)]
+    PlanFile(#[from] crate::compile::plan_file::PlanFileError),
+    /// A plan file does not validate.
+    #[error("the plan file is not valid: {0}")]
+    InvalidPlan(#[from] mcutrain_core::plan::PlanError),
+    /// A self-test job or its results do not encode or decode.
+    #[error("self-test job: {0}")]
+    SelfTest(#[from] mcutrain_core::selftest::SelfTestError),
     /// Building the firmware failed for another reason.
     #[error("building the firmware failed:\n{0}")]
     Build(String),

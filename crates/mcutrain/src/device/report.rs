@@ -162,8 +162,7 @@ impl DeviceReport {
     ) -> Result<DeviceReport, DeviceError> {
         let sizes = PlanSizes::of(plan)?;
         let plan = AlignedBytes::copy_of(plan);
-        let view = PlanView::parse(plan.as_slice())
-            .map_err(|e| DeviceError::Usage(format!("the plan file is not valid: {e}")))?;
+        let view = PlanView::parse(plan.as_slice())?;
         let metrics = &results.metrics;
         let timing = &metrics.timing;
         let (unit, count): (&'static str, fn(u64) -> u64) = match metrics.unit {
@@ -182,11 +181,7 @@ impl DeviceReport {
         };
         let mut split = Split::default();
         let mut layers: Vec<LayerCost> = std::iter::once(("input", "load"))
-            .chain(
-                arch.layers
-                    .iter()
-                    .map(|l| (l.name.as_str(), l.kind.op_name())),
-            )
+            .chain(arch.layers.iter().map(|l| (l.name.as_str(), l.kind.name())))
             .chain(std::iter::once(("loss", "softmax cross-entropy")))
             .map(|(name, op)| LayerCost {
                 name: name.into(),

@@ -187,9 +187,8 @@ impl SelfTestInputs {
     /// The encoded job, checked to fit the firmware's input buffer.
     pub fn encode(&self) -> Result<Vec<u8>, DeviceError> {
         let job = self.job();
-        let bad = |e: selftest::SelfTestError| DeviceError::Usage(format!("self-test job: {e}"));
-        let mut bytes = vec![0; job.encoded_len().map_err(bad)?];
-        job.encode(&mut bytes).map_err(bad)?;
+        let mut bytes = vec![0; job.encoded_len()?];
+        job.encode(&mut bytes)?;
         if bytes.len() > selftest::MAX_JOB_BYTES {
             return Err(DeviceError::Usage(format!(
                 "the self-test job has {} bytes, the firmware accepts {}",
@@ -240,12 +239,11 @@ fn channel_subset(rng: &mut Rng, count: usize) -> Option<Vec<u16>> {
 
 /// Runs an encoded job in the host twin and returns the encoded results.
 pub fn run_on_host(job: &[u8]) -> Result<Vec<u8>, DeviceError> {
-    let bad = |e: selftest::SelfTestError| DeviceError::Usage(format!("self-test job: {e}"));
     let mut store = Box::new(Store::new());
-    let (job, mut results) = store.load(job).map_err(bad)?;
+    let (job, mut results) = store.load(job)?;
     selftest::run(&job, &mut results, &mut NoProbe);
     let mut bytes = vec![0; results.encoded_len()];
-    results.encode(&mut bytes).map_err(bad)?;
+    results.encode(&mut bytes)?;
     Ok(bytes)
 }
 

@@ -232,9 +232,9 @@ mod tests {
     #[test]
     fn a_session_over_the_request_link_gives_the_direct_results() {
         use crate::compile::plan_file::AlignedBytes;
-        use crate::compile::{compile, plan_file, scheme, PlanOptions, Precision};
+        use crate::compile::{compile, plan_file, PlanOptions, Precision};
         use crate::engine::fqt::FqtConfig;
-        use crate::engine::UpdateScheme;
+        use crate::model::UpdateScheme;
         use crate::model::{zoo, Architecture, Layer, LayerKind};
         use mcutrain_core::ops::activation::Activation;
         use mcutrain_core::session::{self, Clock, Link, LinkError, RequestLink, Workspace};
@@ -273,13 +273,13 @@ mod tests {
             scheme: UpdateScheme::All,
             ..FqtConfig::default()
         };
-        let updates = scheme::from_update_scheme(&arch, cfg.scheme);
+        let updates = cfg.scheme.updates(&arch);
         let options = PlanOptions {
             batch: 4,
             ..PlanOptions::new(Precision::Int8)
         };
         let plan = compile(&arch, &updates, &options).unwrap();
-        let bytes = plan_file::write(&plan, &model, &plan_file::train_config(&cfg)).unwrap();
+        let bytes = plan_file::write(&plan, &model, &cfg.plan_config()).unwrap();
         let bytes = AlignedBytes::copy_of(&bytes);
         let view = mcutrain_core::plan::PlanView::parse(bytes.as_slice()).unwrap();
 

@@ -95,8 +95,7 @@ impl SessionResults {
 }
 
 fn parse_plan(plan: &AlignedBytes) -> Result<PlanView<'_>, DeviceError> {
-    PlanView::parse(plan.as_slice())
-        .map_err(|e| DeviceError::Usage(format!("the plan file is not valid: {e}")))
+    Ok(PlanView::parse(plan.as_slice())?)
 }
 
 /// Builds the image of `session.plan` for `device`'s board and `budget` (cached; a plan or

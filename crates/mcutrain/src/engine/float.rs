@@ -9,12 +9,15 @@
 //! number of threads. (Inference and calibration may run batched: the forward kernels give
 //! each sample the same bits at any batch size.)
 
-use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
+use super::cosine_lr;
 use crate::data::Dataset;
+use crate::model::scheme::first_trained_layer;
 use crate::model::{
-    Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, Shape,
+    Architecture, FloatLayer, LayerUpdate, Model, ModelError, Params, ResolvedLayer, Shape,
+    UpdateScheme,
 };
-use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
+use mcutrain_core::layer::FloatParams;
+use mcutrain_core::ops::{activation, loss, ChannelSet};
 use mcutrain_core::rng::Rng;
 use mcutrain_core::update;
 use rayon::prelude::*;
@@ -52,9 +55,10 @@ impl<'a> FloatNet<'a> {
         &self.shapes
     }
 
-    fn geometry(&self, layer: usize, batch: usize) -> Geometry {
+    /// Layer `i` at `batch` samples.
+    fn layer(&self, i: usize, batch: usize) -> ResolvedLayer {
         self.arch
-            .geometry(layer, self.shapes[layer], batch)
+            .resolve(i, self.shapes[i], batch)
             .expect("geometries were validated by Architecture::shapes")
     }
 
@@ -62,61 +66,29 @@ impl<'a> FloatNet<'a> {
     pub fn forward(&self, params: &[FloatLayer], input: &[f32], batch: usize) -> Vec<Vec<f32>> {
         let mut tensors: Vec<Vec<f32>> = Vec::with_capacity(self.shapes.len());
         tensors.push(input.to_vec());
-        for (i, layer) in self.arch.layers.iter().enumerate() {
-            let x = &tensors[i];
-            let mut y = vec![0.0f32; batch * crate::model::numel(self.shapes[i + 1])];
-            match (&layer.kind, self.geometry(i, batch)) {
-                (
-                    LayerKind::Conv2d {
-                        activation: act, ..
-                    },
-                    Geometry::Conv(g),
-                ) => {
-                    conv2d::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
-                    activation::forward_in_place(*act, &mut y);
-                }
-                (
-                    LayerKind::Linear {
-                        activation: act, ..
-                    },
-                    Geometry::Linear(g),
-                ) => {
-                    linear::forward(&g, x, &params[i].weight, &params[i].bias, &mut y);
-                    activation::forward_in_place(*act, &mut y);
-                }
-                (LayerKind::Activation(act), _) => activation::forward(*act, x, &mut y),
-                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => pool::avg_forward(&g, x, &mut y),
-                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => pool::max_forward(&g, x, &mut y),
-                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    pool::global_avg_forward(
-                        &pool::GlobalPoolGeom {
-                            batch,
-                            channels,
-                            spatial,
-                        },
-                        x,
-                        &mut y,
-                    )
-                }
-                (LayerKind::Add { skip_from }, _) => {
-                    add::forward(x, &tensors[skip_from + 1], &mut y)
-                }
-                (LayerKind::Flatten, _) => y.copy_from_slice(x),
-                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
-            }
+        for (i, p) in params.iter().enumerate() {
+            let layer = self.layer(i, batch);
+            let op = layer.op();
+            let skip = op.skip_from().map_or(&[][..], |s| &tensors[s + 1]);
+            let mut y = vec![0.0f32; op.output_len()];
+            let params = FloatParams {
+                weight: &p.weight,
+                bias: &p.bias,
+            };
+            op.forward(&tensors[i], skip, params, &mut y);
             tensors.push(y);
         }
         tensors
     }
 
     /// Backward pass for a batch whose forward produced `tensors`, with softmax cross-entropy
-    /// on `labels`. Gradients of the trainable parameters are *added* to `grads`.
+    /// on `labels`. Gradients of the parameters that `updates` trains are *added* to `grads`.
     pub fn backward(
         &self,
         params: &[FloatLayer],
         tensors: &[Vec<f32>],
         labels: &[u16],
-        trainable: &[Trainable],
+        updates: &[LayerUpdate],
         grads: &mut [FloatLayer],
     ) -> Backward {
         let batch = labels.len();
@@ -126,7 +98,7 @@ impl<'a> FloatNet<'a> {
         let loss =
             loss::softmax_cross_entropy(&tensors[n], labels, self.arch.classes, &mut out_err);
         errors[n] = Some(out_err);
-        let Some(lowest) = first_trained_layer(trainable) else {
+        let Some(lowest) = first_trained_layer(updates) else {
             return Backward {
                 loss: loss as f64,
                 errors,
@@ -136,100 +108,33 @@ impl<'a> FloatNet<'a> {
             let Some(mut err) = errors[i + 1].take() else {
                 continue;
             };
-            let needs_input_err = i > lowest;
+            let layer = self.layer(i, batch);
+            let op = layer.op();
             let x = &tensors[i];
-            let layer = &self.arch.layers[i];
-            let mut input_err: Option<Vec<f32>> = None;
-            match (&layer.kind, self.geometry(i, batch)) {
-                (
-                    LayerKind::Conv2d {
-                        activation: act, ..
-                    },
-                    Geometry::Conv(g),
-                ) => {
-                    activation::backward(*act, &tensors[i + 1], &mut err);
-                    if trainable[i].weight {
-                        conv2d::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
-                    }
-                    if trainable[i].bias {
-                        conv2d::bias_backward(&g, &err, ChannelSet::All, &mut grads[i].bias);
-                    }
-                    if needs_input_err {
-                        let mut e = vec![0.0; x.len()];
-                        conv2d::input_backward(
-                            &g,
-                            &params[i].weight,
-                            &err,
-                            ChannelSet::All,
-                            &mut e,
-                        );
-                        input_err = Some(e);
-                    }
-                }
-                (
-                    LayerKind::Linear {
-                        activation: act, ..
-                    },
-                    Geometry::Linear(g),
-                ) => {
-                    activation::backward(*act, &tensors[i + 1], &mut err);
-                    if trainable[i].weight {
-                        linear::weight_backward(&g, x, &err, ChannelSet::All, &mut grads[i].weight);
-                    }
-                    if trainable[i].bias {
-                        linear::bias_backward(&g, &err, ChannelSet::All, &mut grads[i].bias);
-                    }
-                    if needs_input_err {
-                        let mut e = vec![0.0; x.len()];
-                        linear::input_backward(
-                            &g,
-                            &params[i].weight,
-                            &err,
-                            ChannelSet::All,
-                            &mut e,
-                        );
-                        input_err = Some(e);
-                    }
-                }
-                (LayerKind::Activation(act), _) => {
-                    activation::backward(*act, &tensors[i + 1], &mut err);
-                    input_err = Some(err.clone());
-                }
-                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
-                    let mut e = vec![0.0; x.len()];
-                    pool::avg_input_backward(&g, &err, &mut e);
-                    input_err = Some(e);
-                }
-                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
-                    let mut e = vec![0.0; x.len()];
-                    pool::max_input_backward(&g, x, &err, &mut e);
-                    input_err = Some(e);
-                }
-                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    let mut e = vec![0.0; x.len()];
-                    pool::global_avg_input_backward(
-                        &pool::GlobalPoolGeom {
-                            batch,
-                            channels,
-                            spatial,
-                        },
-                        &err,
-                        &mut e,
-                    );
-                    input_err = Some(e);
-                }
-                (LayerKind::Add { skip_from }, _) => {
-                    if skip_from + 1 > lowest {
-                        accumulate(&mut errors[skip_from + 1], &err);
-                    }
-                    input_err = Some(err.clone());
-                }
-                (LayerKind::Flatten, _) => input_err = Some(err.clone()),
-                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+            if let Some(clamp) = op.output_clamp() {
+                activation::backward(clamp, &tensors[i + 1], &mut err);
             }
-            if needs_input_err {
-                if let Some(e) = input_err {
-                    accumulate(&mut errors[i], &e);
+            if let Some(kernels) = op.parametric() {
+                let (update, grad) = (updates[i], &mut grads[i]);
+                if update.trains_weight() {
+                    kernels.weight_backward(x, &err, ChannelSet::All, &mut grad.weight);
+                }
+                if update.bias {
+                    kernels.bias_backward(&err, ChannelSet::All, &mut grad.bias);
+                }
+            }
+            if let Some(skip) = op.skip_from().filter(|&s| s + 1 > lowest) {
+                accumulate(&mut errors[skip + 1], &err);
+            }
+            if i > lowest {
+                match op.input_error() {
+                    Some(kernel) => {
+                        let mut e = vec![0.0; x.len()];
+                        let weight = &params[i].weight;
+                        kernel.input_backward(x, weight, &err, ChannelSet::All, &mut e);
+                        accumulate(&mut errors[i], &e);
+                    }
+                    None => accumulate(&mut errors[i], &err),
                 }
             }
             errors[i + 1] = Some(err);
@@ -300,32 +205,49 @@ pub struct StepInfo {
 /// and what a float32 plan's executor reproduces sample by sample).
 pub struct FloatTrainer<'a> {
     net: FloatNet<'a>,
-    trainable: Vec<Trainable>,
+    updates: Vec<LayerUpdate>,
     momentum: f32,
     /// Momentum velocity per trained parameter (empty vectors without momentum).
     velocity: Vec<FloatLayer>,
 }
 
 impl<'a> FloatTrainer<'a> {
-    /// A trainer of the parameters `params` of `arch` that `scheme` updates, with SGD momentum
-    /// `momentum` (0: no velocity is kept, as in a plan compiled without velocity tensors).
-    /// Memory: one zeroed velocity per trained parameter with momentum.
+    /// A trainer of the parameters `params` of `arch` that `updates` trains (one entry per
+    /// layer), with SGD momentum `momentum` (0: no velocity is kept, as in a plan compiled
+    /// without velocity tensors). A weight trains whole: a strict subset of its channels is
+    /// refused. Memory: one zeroed velocity per trained parameter with momentum.
     pub fn new(
         arch: &'a Architecture,
         params: &[FloatLayer],
-        scheme: UpdateScheme,
+        updates: &[LayerUpdate],
         momentum: f32,
     ) -> Result<Self, ModelError> {
         let net = FloatNet::new(arch)?;
-        let trainable = scheme.trainable(arch);
+        for (i, (update, p)) in updates.iter().zip(params).enumerate() {
+            let channels = p.bias.len();
+            if update.trains_weight() && update.weight_channels != channels {
+                return Err(ModelError::BadParams(format!(
+                    "layer {i} ({}): float32 training updates whole weight tensors, not {} of {channels} channels",
+                    arch.layers[i].name, update.weight_channels
+                )));
+            }
+        }
+        if updates.len() != params.len() {
+            return Err(ModelError::BadParams(format!(
+                "the update scheme has {} entries for {} layers",
+                updates.len(),
+                params.len()
+            )));
+        }
+        let updates = updates.to_vec();
         let velocity = if momentum != 0.0 {
-            trained_zeros(params, &trainable)
+            trained_zeros(params, &updates)
         } else {
             params.iter().map(|_| FloatLayer::default()).collect()
         };
         Ok(FloatTrainer {
             net,
-            trainable,
+            updates,
             momentum,
             velocity,
         })
@@ -342,12 +264,12 @@ impl<'a> FloatTrainer<'a> {
         labels: &[u16],
         lr: f32,
     ) -> f64 {
-        let (loss, grads) = batch_gradients(&self.net, params, input, labels, &self.trainable);
+        let (loss, grads) = batch_gradients(&self.net, params, input, labels, &self.updates);
         let grad_scale = 1.0 / labels.len() as f32;
         let momentum = self.momentum;
         let layers = params.iter_mut().zip(&grads).zip(&mut self.velocity);
-        for (((p, g), v), t) in layers.zip(&self.trainable) {
-            if t.weight {
+        for (((p, g), v), t) in layers.zip(&self.updates) {
+            if t.trains_weight() {
                 update::sgd(
                     &mut p.weight,
                     &g.weight,
@@ -381,7 +303,8 @@ pub fn train(
             "float training needs a float32 model; use --method fqt for an int8 model".into(),
         ));
     };
-    let mut trainer = FloatTrainer::new(&arch, params, cfg.scheme, cfg.momentum)?;
+    let updates = cfg.scheme.updates(&arch);
+    let mut trainer = FloatTrainer::new(&arch, params, &updates, cfg.momentum)?;
     let len = data.sample_len();
     let steps = data.len().div_ceil(cfg.batch.max(1));
     let total_steps = (steps * cfg.epochs).max(1);
@@ -422,7 +345,7 @@ pub fn batch_gradients(
     params: &[FloatLayer],
     input: &[f32],
     labels: &[u16],
-    trainable: &[Trainable],
+    updates: &[LayerUpdate],
 ) -> (f64, Vec<FloatLayer>) {
     let len = input.len() / labels.len().max(1);
     let per_sample: Vec<(f32, Vec<FloatLayer>)> = labels
@@ -430,13 +353,13 @@ pub fn batch_gradients(
         .zip(input.par_chunks(len.max(1)))
         .map(|(&label, sample)| {
             let tensors = net.forward(params, sample, 1);
-            let mut grads = trained_zeros(params, trainable);
-            let back = net.backward(params, &tensors, &[label], trainable, &mut grads);
+            let mut grads = trained_zeros(params, updates);
+            let back = net.backward(params, &tensors, &[label], updates, &mut grads);
             (back.loss as f32, grads)
         })
         .collect();
     let mut loss = 0.0f64;
-    let mut grads = trained_zeros(params, trainable);
+    let mut grads = trained_zeros(params, updates);
     for (sample_loss, sample_grads) in &per_sample {
         loss += *sample_loss as f64;
         for (acc, part) in grads.iter_mut().zip(sample_grads) {
@@ -453,12 +376,12 @@ fn add_assign(acc: &mut [f32], part: &[f32]) {
 }
 
 /// Zero gradient buffers for the trained parameters of `params` (empty for frozen ones).
-fn trained_zeros(params: &[FloatLayer], trainable: &[Trainable]) -> Vec<FloatLayer> {
+fn trained_zeros(params: &[FloatLayer], updates: &[LayerUpdate]) -> Vec<FloatLayer> {
     params
         .iter()
-        .zip(trainable)
+        .zip(updates)
         .map(|(p, t)| FloatLayer {
-            weight: if t.weight {
+            weight: if t.trains_weight() {
                 vec![0.0; p.weight.len()]
             } else {
                 Vec::new()

@@ -1,4 +1,4 @@
-//! Fully quantized training (Deutel et al. 2024, shared/methods.md section 1): 8-bit weights,
+//! Fully quantized training (Deutel et al., IEEE TCAD 2024): 8-bit weights,
 //! activations and error tensors with adaptive ranges, gradient standardization, mini-batch
 //! accumulation and dynamic partial gradient updates.
 //!
@@ -16,33 +16,27 @@
 //! layers furthest from the loss fall below a cosine similarity of 0.99 with the float ones
 //! under tracked ranges alone). [`ErrorRanges::Tracked`] is the paper's moving-average rule.
 
-use super::{cosine_lr, first_trained_layer, Trainable, UpdateScheme};
+use super::cosine_lr;
 use crate::data::Dataset;
 use crate::engine::float::{epoch_orders, zeros_like};
+use crate::model::scheme::first_trained_layer;
 use crate::model::{
-    numel, Architecture, FloatLayer, Geometry, LayerKind, Model, ModelError, Params, QuantState,
-    Shape,
+    Architecture, FloatLayer, LayerUpdate, Model, ModelError, Params, QuantLayer, QuantState,
+    ResolvedLayer, Shape, UpdateScheme,
 };
-use mcutrain_core::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
-/// The per-sample error unit and the error quantization rule, shared with the device
-/// executor.
-pub use mcutrain_core::plan::exec::{error_unit, quantize_error, scale_range, WrittenError};
-/// How error tensors get their quantization (a training option, stored in plan files).
-pub use mcutrain_core::plan::ErrorRanges;
-use mcutrain_core::quant::{QParams, RealRange};
+use mcutrain_core::layer::{QParameters, QWeights};
+use mcutrain_core::ops::{activation, add, loss, ChannelSet, WeightParts};
+/// Dynamic partial gradient updates (a training option, stored in plan headers).
+pub use mcutrain_core::plan::PartialUpdate;
+use mcutrain_core::plan::TrainConfig;
+/// How error tensors get their quantization, the per-sample error unit and the error
+/// quantization rule: the core's, shared with the device executor.
+pub use mcutrain_core::quant::{
+    error_unit, quantize_error, scale_range, ErrorRanges, WrittenError,
+};
+use mcutrain_core::quant::{QParams, QTensor, RealRange};
 use mcutrain_core::update::{self, FqtUpdateConfig, GradStats};
 use rayon::prelude::*;
-
-/// Dynamic partial gradient updates: per layer and sample, only the
-/// `k = max(floor((lambda_min + |e / e_max| (lambda_max - lambda_min)) N), 1)` output channels
-/// with the largest mean absolute error are back-propagated and updated.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PartialUpdate {
-    /// Smallest fraction of structures updated, in `(0, 1]`.
-    pub lambda_min: f32,
-    /// Largest fraction, in `[lambda_min, 1]`.
-    pub lambda_max: f32,
-}
 
 /// Hyper-parameters of fully quantized training.
 #[derive(Clone, Debug)]
@@ -90,10 +84,34 @@ impl Default for FqtConfig {
     }
 }
 
+/// Added to the gradient variance before the square root of the standardized update.
+pub const STATS_EPS: f32 = 1e-12;
+
+impl FqtConfig {
+    /// The plan-file hyper-parameters of this configuration (the same learning rate,
+    /// moving-average rates, partial updates and error ranges), so that a device trains as
+    /// the host twin does.
+    pub fn plan_config(&self) -> TrainConfig {
+        TrainConfig {
+            lr: self.lr,
+            activation_rate: self.activation_rate,
+            error_rate: self.error_rate,
+            weight_rate: self.weight_rate,
+            stats_rate: self.stats_rate,
+            eps: STATS_EPS,
+            partial: self.partial,
+            momentum: 0.0,
+            error_ranges: self.error_ranges,
+        }
+    }
+}
+
 /// An int8 model resolved for execution.
 pub struct QuantNet<'a> {
     arch: &'a Architecture,
     shapes: Vec<Shape>,
+    /// Per model tensor, the tensor whose activation tracker quantizes it.
+    range_owners: Vec<usize>,
 }
 
 /// An error tensor with the quantization it was written in.
@@ -131,36 +149,21 @@ impl<'a> QuantNet<'a> {
     pub fn new(arch: &'a Architecture) -> Result<Self, ModelError> {
         Ok(QuantNet {
             shapes: arch.shapes()?,
+            range_owners: arch.range_owners()?,
             arch,
         })
     }
 
-    fn geometry(&self, layer: usize, batch: usize) -> Geometry {
+    /// Layer `i` at `batch` samples.
+    fn layer(&self, i: usize, batch: usize) -> ResolvedLayer {
         self.arch
-            .geometry(layer, self.shapes[layer], batch)
+            .resolve(i, self.shapes[i], batch)
             .expect("geometries were validated by Architecture::shapes")
     }
 
-    /// Layers whose output keeps the codes and quantization of their input.
-    fn preserves_codes(kind: &LayerKind) -> bool {
-        matches!(
-            kind,
-            LayerKind::Activation(_) | LayerKind::MaxPool { .. } | LayerKind::Flatten
-        )
-    }
-
-    /// Index of the tensor whose range tracker quantizes tensor `t` (code-preserving layers
-    /// share their input's).
-    pub fn range_owner(&self, mut t: usize) -> usize {
-        while t > 0 && Self::preserves_codes(&self.arch.layers[t - 1].kind) {
-            t -= 1;
-        }
-        t
-    }
-
-    /// Quantization of activation tensor `t`.
+    /// Quantization of activation tensor `t` (code-preserving layers share their input's).
     pub fn activation_q(&self, state: &QuantState, t: usize) -> QParams {
-        state.activations[self.range_owner(t)].qparams()
+        state.activations[self.range_owners[t]].qparams()
     }
 
     /// Quantize float inputs with the input tensor's parameters.
@@ -181,66 +184,23 @@ impl<'a> QuantNet<'a> {
         let mut tensors: Vec<Vec<i8>> = Vec::with_capacity(n + 1);
         let mut ranges = vec![RealRange::EMPTY; n + 1];
         tensors.push(input);
-        for (i, layer) in self.arch.layers.iter().enumerate() {
-            let x = &tensors[i];
-            let in_q = self.activation_q(state, i);
-            let out_q = self.activation_q(state, i + 1);
-            let p = &state.layers[i];
-            let mut y = vec![0i8; batch * numel(self.shapes[i + 1])];
-            let range = match (&layer.kind, self.geometry(i, batch)) {
-                (
-                    LayerKind::Conv2d {
-                        activation: act, ..
-                    },
-                    Geometry::Conv(g),
-                ) => {
-                    let q = layer_params(in_q, p, out_q, *act);
-                    conv2d::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
-                }
-                (
-                    LayerKind::Linear {
-                        activation: act, ..
-                    },
-                    Geometry::Linear(g),
-                ) => {
-                    let q = layer_params(in_q, p, out_q, *act);
-                    linear::forward_q(&g, x, &p.weight, &p.bias, &q, &mut y)
-                }
-                (LayerKind::Activation(act), _) => {
-                    activation::forward_q(*act, x, in_q, &mut y);
-                    RealRange::EMPTY
-                }
-                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
-                    pool::avg_forward_q(&g, x, in_q, out_q, &mut y)
-                }
-                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
-                    pool::max_forward_q(&g, x, &mut y);
-                    RealRange::EMPTY
-                }
-                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    pool::global_avg_forward_q(
-                        &pool::GlobalPoolGeom {
-                            batch,
-                            channels,
-                            spatial,
-                        },
-                        x,
-                        in_q,
-                        out_q,
-                        &mut y,
-                    )
-                }
-                (LayerKind::Add { skip_from }, _) => {
-                    let skip_q = self.activation_q(state, skip_from + 1);
-                    add::forward_q(x, in_q, &tensors[skip_from + 1], skip_q, out_q, &mut y)
-                }
-                (LayerKind::Flatten, _) => {
-                    y.copy_from_slice(x);
-                    RealRange::EMPTY
-                }
-                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
+        for (i, p) in state.layers.iter().enumerate() {
+            let layer = self.layer(i, batch);
+            let op = layer.op();
+            let x = QTensor {
+                codes: &tensors[i],
+                q: self.activation_q(state, i),
             };
-            ranges[i + 1] = range;
+            let skip = match op.skip_from() {
+                Some(s) => QTensor {
+                    codes: &tensors[s + 1],
+                    q: self.activation_q(state, s + 1),
+                },
+                None => QTensor::EMPTY,
+            };
+            let mut y = vec![0i8; op.output_len()];
+            let out_q = self.activation_q(state, i + 1);
+            ranges[i + 1] = op.forward_q(x, skip, parameters(p), out_q, &mut y);
             tensors.push(y);
         }
         (tensors, ranges)
@@ -254,330 +214,18 @@ impl<'a> QuantNet<'a> {
         state: &QuantState,
         tensors: &[Vec<i8>],
         label: u16,
-        trainable: &[Trainable],
+        updates: &[LayerUpdate],
         partial: Option<(PartialUpdate, &[f32])>,
-        error_ranges_mode: ErrorRanges,
+        error_ranges: ErrorRanges,
     ) -> SampleGradients {
-        let n = self.arch.layers.len();
-        let mut errors: Vec<Option<QError>> = vec![None; n + 1];
-        let mut error_ranges = vec![RealRange::EMPTY; n + 1];
-        let mut selected: Vec<Option<Vec<u16>>> = vec![None; n];
-        let mut layer_errors = vec![0.0f32; n];
-        let mut grads: Vec<FloatLayer> = state
-            .layers
-            .iter()
-            .zip(trainable)
-            .map(|(p, t)| FloatLayer {
-                weight: vec![0.0; if t.weight { p.weight.len() } else { 0 }],
-                bias: vec![0.0; if t.bias { p.bias.len() } else { 0 }],
-            })
-            .collect();
-        // The loss gradient's exact range (a handful of values) fixes this sample's error
-        // unit; every error tracker holds ranges in that unit (see `error_unit`).
-        let logits_q = self.activation_q(state, n);
-        let mut out_err = vec![0i8; tensors[n].len()];
-        let classes = self.arch.classes;
-        let (_, loss_range) = loss::softmax_cross_entropy_q(
-            &tensors[n],
-            logits_q,
-            &[label],
-            classes,
-            QParams::from_range(-1.0, 1.0),
-            &mut out_err,
-        );
-        let unit = error_unit(loss_range);
-        // The first guess for an error of tensor `t`: its tracker in this sample's unit.
-        let err_q = |t: usize| {
-            let q = state.errors[t].qparams();
-            QParams {
-                scale: q.scale * unit,
-                zero_point: q.zero_point,
+        let mut pass = BackwardPass::new(self, state, tensors, updates, error_ranges);
+        let loss = pass.loss(label);
+        if let Some(lowest) = first_trained_layer(updates) {
+            for i in (lowest..self.arch.layers.len()).rev() {
+                pass.layer(i, lowest, partial);
             }
-        };
-        let (mut errors_written, mut errors_recomputed) = (0usize, 0usize);
-        let mut count = |written: WrittenError| {
-            errors_written += 1;
-            errors_recomputed += written.recomputed as usize;
-            written
-        };
-        let out_q = QParams::from_range(loss_range.min, loss_range.max);
-        let (loss, _) = loss::softmax_cross_entropy_q(
-            &tensors[n],
-            logits_q,
-            &[label],
-            classes,
-            out_q,
-            &mut out_err,
-        );
-        error_ranges[n] = scale_range(loss_range, 1.0 / unit);
-        errors[n] = Some(QError {
-            codes: out_err,
-            q: out_q,
-        });
-        let Some(lowest) = first_trained_layer(trainable) else {
-            return SampleGradients {
-                loss,
-                grads,
-                error_ranges,
-                selected,
-                layer_errors,
-                errors,
-                errors_written,
-                errors_recomputed,
-            };
-        };
-        for i in (lowest..n).rev() {
-            let Some(QError {
-                codes: mut err,
-                q: eq,
-            }) = errors[i + 1].take()
-            else {
-                continue;
-            };
-            let needs_input_err = i > lowest;
-            let x = &tensors[i];
-            let x_q = self.activation_q(state, i);
-            let layer = &self.arch.layers[i];
-            let p = &state.layers[i];
-            let mut contributions: Vec<(usize, QError, RealRange)> = Vec::new();
-            match (&layer.kind, self.geometry(i, 1)) {
-                (
-                    LayerKind::Conv2d {
-                        activation: act, ..
-                    }
-                    | LayerKind::Linear {
-                        activation: act, ..
-                    },
-                    geometry,
-                ) => {
-                    activation::backward_mask_q(
-                        *act,
-                        &tensors[i + 1],
-                        self.activation_q(state, i + 1),
-                        &mut err,
-                        eq,
-                    );
-                    let (channels_count, spatial) = match geometry {
-                        Geometry::Conv(g) => (g.out_channels, g.out_h() * g.out_w()),
-                        Geometry::Linear(g) => (g.out_features, 1),
-                        other => unreachable!("parametric layer resolved to {other:?}"),
-                    };
-                    if trainable[i].any() {
-                        let mut scores = vec![0.0f32; channels_count];
-                        update::structure_error_scores_q(
-                            &err,
-                            eq,
-                            1,
-                            channels_count,
-                            spatial,
-                            &mut scores,
-                        );
-                        layer_errors[i] = scores.iter().sum::<f32>() / channels_count as f32;
-                        if let Some((cfg, error_max)) = partial {
-                            let k = update::partial_update_count(
-                                cfg.lambda_min,
-                                cfg.lambda_max,
-                                layer_errors[i],
-                                error_max[i].max(layer_errors[i]),
-                                channels_count,
-                            );
-                            let mut picked = vec![0u16; k];
-                            let list = update::top_k_structures(&scores, k, &mut picked).to_vec();
-                            selected[i] = Some(list);
-                        }
-                    }
-                    let channels = match &selected[i] {
-                        Some(list) => ChannelSet::Subset(list),
-                        None => ChannelSet::All,
-                    };
-                    let mut input_err = vec![0i8; if needs_input_err { x.len() } else { 0 }];
-                    match geometry {
-                        Geometry::Conv(g) => {
-                            if trainable[i].weight {
-                                conv2d::weight_backward_q(
-                                    &g,
-                                    x,
-                                    x_q,
-                                    &err,
-                                    eq,
-                                    channels,
-                                    &mut grads[i].weight,
-                                );
-                            }
-                            if trainable[i].bias {
-                                conv2d::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
-                            }
-                        }
-                        Geometry::Linear(g) => {
-                            if trainable[i].weight {
-                                linear::weight_backward_q(
-                                    &g,
-                                    x,
-                                    x_q,
-                                    &err,
-                                    eq,
-                                    channels,
-                                    &mut grads[i].weight,
-                                );
-                            }
-                            if trainable[i].bias {
-                                linear::bias_backward_q(&g, &err, eq, channels, &mut grads[i].bias);
-                            }
-                        }
-                        _ => unreachable!(),
-                    }
-                    if needs_input_err {
-                        let (w, wq) = (&p.weight, &p.weight_q);
-                        let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
-                            let e = &mut input_err;
-                            match geometry {
-                                Geometry::Conv(g) => {
-                                    conv2d::input_backward_q(&g, w, wq, &err, eq, channels, q, e)
-                                }
-                                Geometry::Linear(g) => {
-                                    linear::input_backward_q(&g, w, wq, &err, eq, channels, q, e)
-                                }
-                                _ => unreachable!(),
-                            }
-                        }));
-                        contributions.push((
-                            i,
-                            QError {
-                                codes: input_err,
-                                q: written.q,
-                            },
-                            written.range,
-                        ));
-                    }
-                }
-                (LayerKind::Activation(act), _) => {
-                    activation::backward_mask_q(*act, &tensors[i + 1], x_q, &mut err, eq);
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: err.clone(),
-                            q: eq,
-                        },
-                        RealRange::EMPTY,
-                    ));
-                }
-                (LayerKind::AvgPool { .. }, Geometry::Pool(g)) => {
-                    let mut e = vec![0i8; x.len()];
-                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
-                        pool::avg_input_backward_q(&g, &err, eq, q, &mut e)
-                    }));
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: e,
-                            q: written.q,
-                        },
-                        written.range,
-                    ));
-                }
-                (LayerKind::MaxPool { .. }, Geometry::Pool(g)) => {
-                    let mut e = vec![0i8; x.len()];
-                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
-                        pool::max_input_backward_q(&g, x, &err, eq, q, &mut e)
-                    }));
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: e,
-                            q: written.q,
-                        },
-                        written.range,
-                    ));
-                }
-                (LayerKind::GlobalAvgPool, Geometry::Elementwise { channels, spatial }) => {
-                    let mut e = vec![0i8; x.len()];
-                    let g = pool::GlobalPoolGeom {
-                        batch: 1,
-                        channels,
-                        spatial,
-                    };
-                    let written = count(quantize_error(error_ranges_mode, err_q(i), |q| {
-                        pool::global_avg_input_backward_q(&g, &err, eq, q, &mut e)
-                    }));
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: e,
-                            q: written.q,
-                        },
-                        written.range,
-                    ));
-                }
-                (LayerKind::Add { skip_from }, _) => {
-                    contributions.push((
-                        skip_from + 1,
-                        QError {
-                            codes: err.clone(),
-                            q: eq,
-                        },
-                        RealRange::EMPTY,
-                    ));
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: err.clone(),
-                            q: eq,
-                        },
-                        RealRange::EMPTY,
-                    ));
-                }
-                (LayerKind::Flatten, _) => {
-                    contributions.push((
-                        i,
-                        QError {
-                            codes: err.clone(),
-                            q: eq,
-                        },
-                        RealRange::EMPTY,
-                    ));
-                }
-                (kind, g) => unreachable!("layer {kind:?} resolved to {g:?}"),
-            }
-            for (t, contribution, range) in contributions {
-                if t <= lowest {
-                    continue;
-                }
-                error_ranges[t] = error_ranges[t].merge(scale_range(range, 1.0 / unit));
-                errors[t] = Some(match errors[t].take() {
-                    None => contribution,
-                    Some(existing) => {
-                        let mut sum = vec![0i8; existing.codes.len()];
-                        let written = count(quantize_error(error_ranges_mode, err_q(t), |q| {
-                            add::forward_q(
-                                &existing.codes,
-                                existing.q,
-                                &contribution.codes,
-                                contribution.q,
-                                q,
-                                &mut sum,
-                            )
-                        }));
-                        let range = scale_range(written.range, 1.0 / unit);
-                        error_ranges[t] = error_ranges[t].merge(range);
-                        QError {
-                            codes: sum,
-                            q: written.q,
-                        }
-                    }
-                });
-            }
-            errors[i + 1] = Some(QError { codes: err, q: eq });
         }
-        SampleGradients {
-            loss,
-            grads,
-            error_ranges,
-            selected,
-            layer_errors,
-            errors,
-            errors_written,
-            errors_recomputed,
-        }
+        pass.finish(loss)
     }
 
     /// Predicted class of every sample of `data`.
@@ -600,29 +248,295 @@ impl<'a> QuantNet<'a> {
     }
 }
 
-/// The quantized-layer parameters of one conv/linear call.
-fn layer_params<'p>(
-    input: QParams,
-    p: &'p crate::model::QuantLayer,
-    output: QParams,
-    act: activation::Activation,
-) -> mcutrain_core::ops::arith::QLayerParams<'p> {
-    mcutrain_core::ops::arith::QLayerParams {
-        input,
-        weight: &p.weight_q,
+/// The 8-bit parameters of one layer as its kernels take them (none for a layer without).
+fn parameters(p: &QuantLayer) -> QParameters<'_> {
+    if p.bias.is_empty() {
+        return QParameters::NONE;
+    }
+    QParameters {
+        weight: QWeights {
+            codes: WeightParts::whole(&p.weight),
+            q: &p.weight_q,
+        },
+        bias: &p.bias,
         bias_scale: p.bias_scale,
-        output,
-        activation: act,
+    }
+}
+
+/// The backward pass of one sample in progress: the errors pending per model tensor and what
+/// the sample has produced so far.
+struct BackwardPass<'n, 'a> {
+    net: &'n QuantNet<'a>,
+    state: &'n QuantState,
+    tensors: &'n [Vec<i8>],
+    updates: &'n [LayerUpdate],
+    mode: ErrorRanges,
+    /// The sample's error unit (after [`Self::loss`]).
+    unit: f32,
+    errors: Vec<Option<QError>>,
+    error_ranges: Vec<RealRange>,
+    selected: Vec<Option<Vec<u16>>>,
+    layer_errors: Vec<f32>,
+    grads: Vec<FloatLayer>,
+    errors_written: usize,
+    errors_recomputed: usize,
+}
+
+impl<'n, 'a> BackwardPass<'n, 'a> {
+    fn new(
+        net: &'n QuantNet<'a>,
+        state: &'n QuantState,
+        tensors: &'n [Vec<i8>],
+        updates: &'n [LayerUpdate],
+        mode: ErrorRanges,
+    ) -> Self {
+        let n = net.arch.layers.len();
+        let grads = state
+            .layers
+            .iter()
+            .zip(updates)
+            .map(|(p, u)| FloatLayer {
+                weight: vec![0.0; if u.trains_weight() { p.weight.len() } else { 0 }],
+                bias: vec![0.0; if u.bias { p.bias.len() } else { 0 }],
+            })
+            .collect();
+        BackwardPass {
+            net,
+            state,
+            tensors,
+            updates,
+            mode,
+            unit: 1.0,
+            errors: vec![None; n + 1],
+            error_ranges: vec![RealRange::EMPTY; n + 1],
+            selected: vec![None; n],
+            layer_errors: vec![0.0; n],
+            grads,
+            errors_written: 0,
+            errors_recomputed: 0,
+        }
+    }
+
+    /// Softmax cross-entropy of the logits: the loss gradient's exact range (a handful of
+    /// values) fixes this sample's error unit, and the logits error is quantized with it;
+    /// every error tracker holds ranges in that unit (see [`error_unit`]).
+    fn loss(&mut self, label: u16) -> f32 {
+        let n = self.net.arch.layers.len();
+        let logits = &self.tensors[n];
+        let logits_q = self.net.activation_q(self.state, n);
+        let classes = self.net.arch.classes;
+        let mut out_err = vec![0i8; logits.len()];
+        let probe_q = QParams::from_range(-1.0, 1.0);
+        let (_, range) = loss::softmax_cross_entropy_q(
+            logits,
+            logits_q,
+            &[label],
+            classes,
+            probe_q,
+            &mut out_err,
+        );
+        self.unit = error_unit(range);
+        let out_q = QParams::from_range(range.min, range.max);
+        let (loss, _) =
+            loss::softmax_cross_entropy_q(logits, logits_q, &[label], classes, out_q, &mut out_err);
+        self.error_ranges[n] = scale_range(range, 1.0 / self.unit);
+        self.errors[n] = Some(QError {
+            codes: out_err,
+            q: out_q,
+        });
+        loss
+    }
+
+    /// Compute an error of model tensor `t` with `write`: first with its tracker's range in
+    /// this sample's unit, then as [`quantize_error`] decides; counted.
+    fn write_error(&mut self, t: usize, write: impl FnMut(QParams) -> RealRange) -> WrittenError {
+        let q = self.state.errors[t].qparams();
+        let tracked = QParams {
+            scale: q.scale * self.unit,
+            zero_point: q.zero_point,
+        };
+        let written = quantize_error(self.mode, tracked, write);
+        self.errors_written += 1;
+        self.errors_recomputed += written.recomputed as usize;
+        written
+    }
+
+    /// The backward of layer `i`: mask its output error, select its channels (partial
+    /// updates), add its gradients, and pass its input error (and an add's residual error)
+    /// down to the tensors above the lowest trained layer.
+    fn layer(&mut self, i: usize, lowest: usize, partial: Option<(PartialUpdate, &[f32])>) {
+        let Some(QError {
+            codes: mut err,
+            q: eq,
+        }) = self.errors[i + 1].take()
+        else {
+            return;
+        };
+        let layer = self.net.layer(i, 1);
+        let op = layer.op();
+        if let Some(clamp) = op.output_clamp() {
+            let out_q = self.net.activation_q(self.state, i + 1);
+            activation::backward_mask_q(clamp, &self.tensors[i + 1], out_q, &mut err, eq);
+        }
+        let error = QTensor { codes: &err, q: eq };
+        if self.updates[i].any() {
+            self.select_channels(i, &layer, error, partial);
+        }
+        let selected = self.selected[i].take();
+        let channels = match &selected {
+            Some(list) => ChannelSet::Subset(list),
+            None => ChannelSet::All,
+        };
+        self.gradients(i, &layer, error, channels);
+        // Contributions to the errors of the layer's inputs: (model tensor, error, real range
+        // of a computed one).
+        let mut contributions: Vec<(usize, QError, RealRange)> = Vec::new();
+        let passed = || QError {
+            codes: err.clone(),
+            q: eq,
+        };
+        if let Some(skip) = op.skip_from() {
+            contributions.push((skip + 1, passed(), RealRange::EMPTY));
+        }
+        if i > lowest {
+            match op.input_error() {
+                Some(kernel) => {
+                    let p = &self.state.layers[i];
+                    let weight = QWeights {
+                        codes: WeightParts::whole(&p.weight),
+                        q: &p.weight_q,
+                    };
+                    let x = QTensor {
+                        codes: &self.tensors[i],
+                        q: self.net.activation_q(self.state, i),
+                    };
+                    let mut input_err = vec![0i8; op.input_len()];
+                    let written = self.write_error(i, |q| {
+                        kernel.input_backward_q(x, weight, error, channels, q, &mut input_err)
+                    });
+                    let q = written.q;
+                    let codes = input_err;
+                    contributions.push((i, QError { codes, q }, written.range));
+                }
+                None => contributions.push((i, passed(), RealRange::EMPTY)),
+            }
+        }
+        for (t, contribution, range) in contributions {
+            if t > lowest {
+                self.contribute(t, contribution, range);
+            }
+        }
+        self.selected[i] = selected;
+        self.errors[i + 1] = Some(QError { codes: err, q: eq });
+    }
+
+    /// Score the channels of trained layer `i` by their mean absolute output error; with
+    /// partial updates keep the top `partial_update_count` of them for this sample.
+    fn select_channels(
+        &mut self,
+        i: usize,
+        layer: &ResolvedLayer,
+        error: QTensor,
+        partial: Option<(PartialUpdate, &[f32])>,
+    ) {
+        let Some(params) = layer.params() else {
+            return;
+        };
+        let channels = params.channels;
+        let [_, out_h, out_w] = layer.op().output_shape();
+        let mut scores = vec![0.0f32; channels];
+        update::structure_error_scores_q(
+            error.codes,
+            error.q,
+            1,
+            channels,
+            out_h * out_w,
+            &mut scores,
+        );
+        self.layer_errors[i] = scores.iter().sum::<f32>() / channels as f32;
+        if let Some((cfg, error_max)) = partial {
+            let k = update::partial_update_count(
+                cfg.lambda_min,
+                cfg.lambda_max,
+                self.layer_errors[i],
+                error_max[i].max(self.layer_errors[i]),
+                channels,
+            );
+            let mut picked = vec![0u16; k];
+            let list = update::top_k_structures(&scores, k, &mut picked).to_vec();
+            self.selected[i] = Some(list);
+        }
+    }
+
+    /// The weight and bias gradients of layer `i` that train, over `channels`.
+    fn gradients(&mut self, i: usize, layer: &ResolvedLayer, error: QTensor, channels: ChannelSet) {
+        let Some(kernels) = layer.op().parametric() else {
+            return;
+        };
+        let (update, grad) = (self.updates[i], &mut self.grads[i]);
+        if update.trains_weight() {
+            let x = QTensor {
+                codes: &self.tensors[i],
+                q: self.net.activation_q(self.state, i),
+            };
+            kernels.weight_backward_q(x, error, channels, &mut grad.weight);
+        }
+        if update.bias {
+            kernels.bias_backward_q(error, channels, &mut grad.bias);
+        }
+    }
+
+    /// Add a contribution (with the real range it was computed with, empty when passed
+    /// through) to the error of model tensor `t`: the first one is kept as it is, a second
+    /// one is summed into a new error written like every other.
+    fn contribute(&mut self, t: usize, contribution: QError, range: RealRange) {
+        let range = scale_range(range, 1.0 / self.unit);
+        self.error_ranges[t] = self.error_ranges[t].merge(range);
+        let sum = match self.errors[t].take() {
+            None => contribution,
+            Some(existing) => {
+                let mut sum = vec![0i8; existing.codes.len()];
+                let written = self.write_error(t, |q| {
+                    add::forward_q(
+                        &existing.codes,
+                        existing.q,
+                        &contribution.codes,
+                        contribution.q,
+                        q,
+                        &mut sum,
+                    )
+                });
+                let range = scale_range(written.range, 1.0 / self.unit);
+                self.error_ranges[t] = self.error_ranges[t].merge(range);
+                QError {
+                    codes: sum,
+                    q: written.q,
+                }
+            }
+        };
+        self.errors[t] = Some(sum);
+    }
+
+    fn finish(self, loss: f32) -> SampleGradients {
+        SampleGradients {
+            loss,
+            grads: self.grads,
+            error_ranges: self.error_ranges,
+            selected: self.selected,
+            layer_errors: self.layer_errors,
+            errors: self.errors,
+            errors_written: self.errors_written,
+            errors_recomputed: self.errors_recomputed,
+        }
     }
 }
 
 /// Training state that lives beside the model: gradient statistics and partial-update maxima.
 pub struct FqtTrainer {
-    trainable: Vec<Trainable>,
-    /// Per layer: output channels whose weights train (the first ones). A strict subset trains
-    /// under the layer's fixed quantization ([`update::fqt_update_weights_fixed`]), the rule
-    /// that lets a device keep only those channels in SRAM.
-    weight_channels: Vec<usize>,
+    /// Per layer, what trains. A strict subset of a layer's weight channels (the first ones)
+    /// trains under the layer's fixed quantization ([`update::fqt_update_weights_fixed`]), the
+    /// rule that lets a device keep only those channels in SRAM.
+    updates: Vec<LayerUpdate>,
     stats: Vec<Vec<GradStats>>,
     error_max: Vec<f32>,
     /// Learning rate of the next batch ([`FqtTrainer::train`] decays it from `cfg.lr`).
@@ -679,7 +593,7 @@ fn fraction(part: usize, whole: usize) -> f64 {
 impl FqtTrainer {
     /// A trainer for `model` under `cfg` (which trains `cfg.scheme`).
     pub fn new(model: &Model, cfg: FqtConfig) -> Result<Self, ModelError> {
-        let updates = crate::compile::scheme::from_update_scheme(&model.arch, cfg.scheme);
+        let updates = cfg.scheme.updates(&model.arch);
         Self::with_updates(model, cfg, &updates)
     }
 
@@ -690,7 +604,7 @@ impl FqtTrainer {
     pub fn with_updates(
         model: &Model,
         cfg: FqtConfig,
-        updates: &[crate::compile::LayerUpdate],
+        updates: &[LayerUpdate],
     ) -> Result<Self, ModelError> {
         let Params::Int8(state) = &model.params else {
             return Err(ModelError::BadParams(
@@ -729,14 +643,6 @@ impl FqtTrainer {
                 )));
             }
         }
-        let trainable = updates
-            .iter()
-            .map(|u| Trainable {
-                weight: u.weight_channels > 0,
-                bias: u.bias,
-            })
-            .collect();
-        let weight_channels = updates.iter().map(|u| u.weight_channels).collect();
         let stats = state
             .layers
             .iter()
@@ -746,8 +652,7 @@ impl FqtTrainer {
             error_max: vec![0.0; model.arch.layers.len()],
             lr: cfg.lr,
             stats,
-            trainable,
-            weight_channels,
+            updates: updates.to_vec(),
             cfg,
         })
     }
@@ -774,37 +679,61 @@ impl FqtTrainer {
                 let input = net.quantize_input(state, sample);
                 let (tensors, act_ranges) = net.forward(state, input, 1);
                 let mode = self.cfg.error_ranges;
-                let back = net.backward(state, &tensors, label, &self.trainable, partial, mode);
+                let back = net.backward(state, &tensors, label, &self.updates, partial, mode);
                 (back, act_ranges)
             })
             .collect();
-        let n = arch.layers.len();
-        let mut grads = zeros_like(&results[0].0.grads);
-        let mut touched: Vec<Vec<bool>> = state
-            .layers
-            .iter()
-            .map(|l| vec![false; l.bias.len()])
-            .collect();
-        let mut act_ranges = vec![RealRange::EMPTY; n + 1];
-        let mut err_ranges = vec![RealRange::EMPTY; n + 1];
-        let mut stats = BatchStats::default();
-        for (r, a) in &results {
+        let batch = self.fold_samples(state, &results);
+        self.update(state, &batch.grads, &batch.touched, samples.len());
+        for t in 1..=arch.layers.len() {
+            if net.range_owners[t] == t {
+                state.activations[t].observe(batch.act_ranges[t], self.cfg.activation_rate);
+            }
+            state.errors[t].observe(batch.err_ranges[t], self.cfg.error_rate);
+        }
+        batch.stats
+    }
+
+    /// The batch's gradient (the samples' summed in sample order), the channels any sample
+    /// touched per layer, the ranges seen, the statistics; folds each layer's largest mean
+    /// error into the partial-update maxima.
+    fn fold_samples(
+        &mut self,
+        state: &QuantState,
+        results: &[(SampleGradients, Vec<RealRange>)],
+    ) -> FoldedBatch {
+        let n = state.layers.len();
+        let mut batch = FoldedBatch {
+            grads: zeros_like(&results[0].0.grads),
+            touched: state
+                .layers
+                .iter()
+                .map(|l| vec![false; l.bias.len()])
+                .collect(),
+            act_ranges: vec![RealRange::EMPTY; n + 1],
+            err_ranges: vec![RealRange::EMPTY; n + 1],
+            stats: BatchStats::default(),
+        };
+        for (r, a) in results {
+            let stats = &mut batch.stats;
             stats.loss += r.loss as f64;
             stats.errors_written += r.errors_written;
             stats.errors_recomputed += r.errors_recomputed;
-            for (acc, g) in grads.iter_mut().zip(&r.grads) {
+            for (acc, g) in batch.grads.iter_mut().zip(&r.grads) {
                 acc.weight
                     .iter_mut()
                     .zip(&g.weight)
                     .for_each(|(a, b)| *a += b);
                 acc.bias.iter_mut().zip(&g.bias).for_each(|(a, b)| *a += b);
             }
-            for t in 0..=n {
-                act_ranges[t] = act_ranges[t].merge(a[t]);
-                err_ranges[t] = err_ranges[t].merge(r.error_ranges[t]);
+            for (seen, &range) in batch.act_ranges.iter_mut().zip(a) {
+                *seen = seen.merge(range);
             }
-            for (i, layer_touched) in touched.iter_mut().enumerate() {
-                if !self.trainable[i].any() {
+            for (seen, &range) in batch.err_ranges.iter_mut().zip(&r.error_ranges) {
+                *seen = seen.merge(range);
+            }
+            for (i, layer_touched) in batch.touched.iter_mut().enumerate() {
+                if !self.updates[i].any() {
                     continue;
                 }
                 stats.possible += layer_touched.len();
@@ -821,16 +750,30 @@ impl FqtTrainer {
                 self.error_max[i] = self.error_max[i].max(r.layer_errors[i]);
             }
         }
-        let grad_scale = 1.0 / samples.len() as f32;
+        batch
+    }
+
+    /// The FQT updates of every trained layer from the batch gradient `grads` of `samples`
+    /// samples, on the channels some sample `touched`: the standardized weight update with
+    /// range adaptation (or, for a strict subset of channels, under the fixed quantization)
+    /// and the bias update.
+    fn update(
+        &mut self,
+        state: &mut QuantState,
+        grads: &[FloatLayer],
+        touched: &[Vec<bool>],
+        samples: usize,
+    ) {
+        let grad_scale = 1.0 / samples as f32;
         let update_cfg = FqtUpdateConfig {
             lr: self.lr,
             stats_rate: self.cfg.stats_rate,
             range_rate: self.cfg.weight_rate,
-            eps: 1e-12,
+            eps: STATS_EPS,
         };
-        for i in 0..n {
-            let tr = self.trainable[i];
-            if !tr.any() {
+        for (i, layer) in state.layers.iter_mut().enumerate() {
+            let update = self.updates[i];
+            if !update.any() {
                 continue;
             }
             let list: Vec<u16> = touched[i]
@@ -840,10 +783,9 @@ impl FqtTrainer {
                 .map(|(c, _)| c as u16)
                 .collect();
             let channels = ChannelSet::Subset(&list);
-            let layer = &mut state.layers[i];
-            let trained = self.weight_channels[i];
-            if tr.weight && trained < layer.bias.len() {
-                let structure_len = layer.weight.len() / layer.bias.len();
+            let structure_len = layer.weight.len() / layer.bias.len().max(1);
+            let trained = update.weight_channels;
+            if update.trains_weight() && trained < layer.bias.len() {
                 let len = trained * structure_len;
                 update::fqt_update_weights_fixed(
                     &mut layer.weight[..len],
@@ -854,8 +796,7 @@ impl FqtTrainer {
                     &mut self.stats[i][..trained],
                     &update_cfg,
                 );
-            } else if tr.weight {
-                let structure_len = layer.weight.len() / layer.bias.len();
+            } else if update.trains_weight() {
                 update::fqt_update_weights(
                     &mut layer.weight,
                     &mut layer.weight_q[0],
@@ -867,7 +808,7 @@ impl FqtTrainer {
                     &update_cfg,
                 );
             }
-            if tr.bias {
+            if update.bias {
                 update::fqt_update_bias(
                     &mut layer.bias,
                     layer.bias_scale,
@@ -878,13 +819,6 @@ impl FqtTrainer {
                 );
             }
         }
-        for t in 1..=n {
-            if net.range_owner(t) == t {
-                state.activations[t].observe(act_ranges[t], self.cfg.activation_rate);
-            }
-            state.errors[t].observe(err_ranges[t], self.cfg.error_rate);
-        }
-        stats
     }
 
     /// Train `model` on `data` for the configured epochs, with the learning rate decayed from
@@ -917,4 +851,14 @@ impl FqtTrainer {
         }
         out
     }
+}
+
+/// What the samples of one batch produced, summed in sample order.
+struct FoldedBatch {
+    grads: Vec<FloatLayer>,
+    /// Per layer, the channels some sample computed a gradient for.
+    touched: Vec<Vec<bool>>,
+    act_ranges: Vec<RealRange>,
+    err_ranges: Vec<RealRange>,
+    stats: BatchStats,
 }

@@ -35,18 +35,14 @@
 //! | int8 tensor ranges | activation ranges: count u32, range records; error ranges: count u32, range records |
 //!
 //! A range record ([`RangeEma`]) is min f32, max f32, initialized u8 (0 or 1), 3 zero bytes.
-//! The activation byte is 0 none, 1 ReLU, 2 ReLU6. Layer kinds:
-//!
-//! | Tag | Kind | u32 fields | Activation byte |
-//! |-----|------|------------|-----------------|
-//! | 0 | [`LayerKind::Conv2d`] | out channels, kernel h, kernel w, stride h, stride w, padding h, padding w, groups | yes |
-//! | 1 | [`LayerKind::Linear`] | out features | yes |
-//! | 2 | [`LayerKind::Activation`] | none | yes |
-//! | 3 | [`LayerKind::AvgPool`] | kernel h, kernel w, stride h, stride w, padding h, padding w | no |
-//! | 4 | [`LayerKind::MaxPool`] | kernel h, kernel w, stride h, stride w, padding h, padding w | no |
-//! | 5 | [`LayerKind::GlobalAvgPool`] | none | no |
-//! | 6 | [`LayerKind::Add`] | skip from | no |
-//! | 7 | [`LayerKind::Flatten`] | none | no |
+//! The activation byte is 0 none, 1 ReLU, 2 ReLU6. A layer's kind tag, its `u32` fields and
+//! whether an activation byte follows are the layer contract's
+//! ([`mcutrain_core::layer::KINDS`], fields in the order of
+//! [`mcutrain_core::layer::LayerKind::fields`]): tag 0 conv2d (out channels, kernel h, kernel w,
+//! stride h, stride w, padding h, padding w, groups; activation), 1 linear (out features;
+//! activation), 2 activation (activation), 3 avgpool and 4 maxpool (kernel h, kernel w, stride h,
+//! stride w, padding h, padding w), 5 globalavgpool, 6 add (skip from), 7 flatten; a new
+//! operator adds its row there.
 //!
 //! Limits, checked before anything is allocated: at most [`MAX_LAYERS`] layers, names of at
 //! most [`MAX_NAME_BYTES`] bytes, and at most [`MAX_ELEMENTS`] elements in any stored array,
@@ -57,12 +53,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use mcutrain_core::checksum::{crc32, crc32_update};
+use mcutrain_core::codec;
+use mcutrain_core::layer::KINDS;
 use mcutrain_core::ops::activation::Activation;
 use mcutrain_core::quant::{QParams, RangeEma};
 
 use super::{
     Architecture, FloatLayer, Layer, LayerKind, Model, ModelError, Params, QuantLayer, QuantState,
-    Shape,
 };
 
 /// The first 8 bytes of every model file.
@@ -80,15 +77,6 @@ pub const MAX_ELEMENTS: usize = 1 << 28;
 
 const PRECISION_FLOAT32: u16 = 0;
 const PRECISION_INT8: u16 = 1;
-
-const KIND_CONV2D: u8 = 0;
-const KIND_LINEAR: u8 = 1;
-const KIND_ACTIVATION: u8 = 2;
-const KIND_AVGPOOL: u8 = 3;
-const KIND_MAXPOOL: u8 = 4;
-const KIND_GLOBALAVGPOOL: u8 = 5;
-const KIND_ADD: u8 = 6;
-const KIND_FLATTEN: u8 = 7;
 
 /// Size of a range record: min f32, max f32, initialized u8, 3 zero bytes.
 const RANGE_RECORD_LEN: usize = 12;
@@ -345,11 +333,6 @@ impl Writer {
         Ok(())
     }
 
-    fn pair(&mut self, (first, second): (usize, usize)) -> Result<(), String> {
-        self.dim(first)?;
-        self.dim(second)
-    }
-
     /// The element count of the array that follows.
     fn count(&mut self, len: usize, what: &str) -> Result<(), String> {
         if len > MAX_ELEMENTS {
@@ -406,61 +389,13 @@ fn write_layer(w: &mut Writer, layer: &Layer) -> Result<(), String> {
     }
     w.u16(name.len() as u16);
     w.bytes.extend_from_slice(name);
-    match layer.kind {
-        LayerKind::Conv2d {
-            out_channels,
-            kernel,
-            stride,
-            padding,
-            groups,
-            activation,
-        } => {
-            w.u8(KIND_CONV2D);
-            w.dim(out_channels)?;
-            w.pair(kernel)?;
-            w.pair(stride)?;
-            w.pair(padding)?;
-            w.dim(groups)?;
-            w.activation(activation);
-        }
-        LayerKind::Linear {
-            out_features,
-            activation,
-        } => {
-            w.u8(KIND_LINEAR);
-            w.dim(out_features)?;
-            w.activation(activation);
-        }
-        LayerKind::Activation(activation) => {
-            w.u8(KIND_ACTIVATION);
-            w.activation(activation);
-        }
-        LayerKind::AvgPool {
-            kernel,
-            stride,
-            padding,
-        } => {
-            w.u8(KIND_AVGPOOL);
-            [kernel, stride, padding]
-                .into_iter()
-                .try_for_each(|p| w.pair(p))?;
-        }
-        LayerKind::MaxPool {
-            kernel,
-            stride,
-            padding,
-        } => {
-            w.u8(KIND_MAXPOOL);
-            [kernel, stride, padding]
-                .into_iter()
-                .try_for_each(|p| w.pair(p))?;
-        }
-        LayerKind::GlobalAvgPool => w.u8(KIND_GLOBALAVGPOOL),
-        LayerKind::Add { skip_from } => {
-            w.u8(KIND_ADD);
-            w.dim(skip_from)?;
-        }
-        LayerKind::Flatten => w.u8(KIND_FLATTEN),
+    let fields = layer.kind.fields();
+    w.u8(fields.tag);
+    for &field in fields.used() {
+        w.dim(field)?;
+    }
+    if let Some(activation) = fields.activation {
+        w.activation(activation);
     }
     Ok(())
 }
@@ -508,7 +443,7 @@ fn decode(bytes: &[u8], file: &Path) -> Result<Model, FormatError> {
     } else {
         Params::Float(r.list("parameter records", FLOAT_RECORD_MIN_LEN, read_float_layer)?)
     };
-    let unread = payload.len() - r.pos;
+    let unread = payload.len() - r.pos();
     if unread != 0 {
         return Err(r.corrupt(format!("{unread} unused bytes at the end of the payload")));
     }
@@ -584,21 +519,25 @@ fn check_header<'a>(bytes: &'a [u8], file: &Path) -> Result<(bool, &'a [u8]), Fo
     }
 }
 
-/// Little-endian reader over a checksummed payload; running out of bytes means the payload is
-/// malformed ([`FormatError::Corrupt`]).
+/// The core's little-endian reader ([`codec::Reader`]) over a checksummed payload, with the
+/// file's errors: running out of bytes means the payload is malformed
+/// ([`FormatError::Corrupt`]), and every message names the byte and what was being read.
 struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+    bytes: codec::Reader<'a>,
     file: &'a Path,
 }
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8], file: &'a Path) -> Self {
         Reader {
-            bytes,
-            pos: 0,
+            bytes: codec::Reader::new(bytes),
             file,
         }
+    }
+
+    /// The current byte offset in the payload.
+    fn pos(&self) -> usize {
+        self.bytes.position()
     }
 
     fn corrupt(&self, problem: String) -> FormatError {
@@ -608,55 +547,44 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], FormatError> {
-        let end = self
-            .pos
-            .checked_add(len)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or_else(|| {
-                self.corrupt(format!(
-                    "the payload ends inside {what} (at byte {})",
-                    self.pos
-                ))
-            })?;
-        let taken = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(taken)
+    /// `read` of the core reader, or the error that the payload ends inside `what`.
+    fn field<T>(
+        &mut self,
+        what: &str,
+        read: impl FnOnce(&mut codec::Reader<'a>) -> Option<T>,
+    ) -> Result<T, FormatError> {
+        let at = self.pos();
+        read(&mut self.bytes)
+            .ok_or_else(|| self.corrupt(format!("the payload ends inside {what} (at byte {at})")))
     }
 
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], FormatError> {
-        let mut array = [0; N];
-        array.copy_from_slice(self.take(N, what)?);
-        Ok(array)
+    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], FormatError> {
+        self.field(what, |r| r.take(len))
     }
 
     fn u8(&mut self, what: &str) -> Result<u8, FormatError> {
-        Ok(self.array::<1>(what)?[0])
+        self.field(what, codec::Reader::u8)
     }
 
     fn u16(&mut self, what: &str) -> Result<u16, FormatError> {
-        self.array(what).map(u16::from_le_bytes)
+        self.field(what, codec::Reader::u16)
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, FormatError> {
-        self.array(what).map(u32::from_le_bytes)
+        self.field(what, codec::Reader::u32)
     }
 
     fn i32(&mut self, what: &str) -> Result<i32, FormatError> {
-        self.array(what).map(i32::from_le_bytes)
+        self.field(what, codec::Reader::i32)
     }
 
     fn f32(&mut self, what: &str) -> Result<f32, FormatError> {
-        self.array(what).map(f32::from_le_bytes)
+        self.field(what, codec::Reader::f32)
     }
 
     /// A shape or layer field.
     fn dim(&mut self, what: &str) -> Result<usize, FormatError> {
         self.u32(what).map(|v| v as usize)
-    }
-
-    fn pair(&mut self, what: &str) -> Result<(usize, usize), FormatError> {
-        Ok((self.dim(what)?, self.dim(what)?))
     }
 
     /// An element count, checked against [`MAX_ELEMENTS`] and the bytes left before any
@@ -668,16 +596,16 @@ impl<'a> Reader<'a> {
                 file: self.file.to_path_buf(),
                 problem: format!(
                     "{count} {what} at byte {}, more than {MAX_ELEMENTS}",
-                    self.pos
+                    self.pos()
                 ),
             });
         }
-        let left = self.bytes.len() - self.pos;
+        let left = self.bytes.remaining();
         let needed = count.saturating_mul(element_len);
         if needed > left {
             return Err(self.corrupt(format!(
                 "{count} {what} need {needed} bytes but {left} are left (at byte {})",
-                self.pos
+                self.pos()
             )));
         }
         Ok(count)
@@ -696,7 +624,7 @@ impl<'a> Reader<'a> {
 
     /// Zero bytes up to a multiple of 4.
     fn padding(&mut self) -> Result<(), FormatError> {
-        let at = self.pos;
+        let at = self.pos();
         if self.take(pad_len(at), "padding")?.iter().any(|&b| b != 0) {
             return Err(self.corrupt(format!("non-zero padding at byte {at}")));
         }
@@ -710,7 +638,7 @@ impl<'a> Reader<'a> {
             2 => Ok(Activation::Relu6),
             other => Err(self.corrupt(format!(
                 "unknown activation {other} at byte {}",
-                self.pos - 1
+                self.pos() - 1
             ))),
         }
     }
@@ -724,7 +652,7 @@ impl<'a> Reader<'a> {
             other => {
                 return Err(self.corrupt(format!(
                     "range flag {other} at byte {} is neither 0 nor 1",
-                    self.pos - 1
+                    self.pos() - 1
                 )))
             }
         };
@@ -772,7 +700,7 @@ fn read_layer(r: &mut Reader, index: usize) -> Result<Layer, FormatError> {
             ),
         });
     }
-    let name_at = r.pos;
+    let name_at = r.pos();
     let name = std::str::from_utf8(r.take(name_len, "a layer name")?)
         .map_err(|_| {
             r.corrupt(format!(
@@ -780,37 +708,23 @@ fn read_layer(r: &mut Reader, index: usize) -> Result<Layer, FormatError> {
             ))
         })?
         .to_owned();
-    let kind = match r.u8("a layer kind")? {
-        KIND_CONV2D => LayerKind::Conv2d {
-            out_channels: r.dim("a convolution")?,
-            kernel: r.pair("a convolution")?,
-            stride: r.pair("a convolution")?,
-            padding: r.pair("a convolution")?,
-            groups: r.dim("a convolution")?,
-            activation: r.activation()?,
-        },
-        KIND_LINEAR => LayerKind::Linear {
-            out_features: r.dim("a linear layer")?,
-            activation: r.activation()?,
-        },
-        KIND_ACTIVATION => LayerKind::Activation(r.activation()?),
-        KIND_AVGPOOL => LayerKind::AvgPool {
-            kernel: r.pair("a pooling layer")?,
-            stride: r.pair("a pooling layer")?,
-            padding: r.pair("a pooling layer")?,
-        },
-        KIND_MAXPOOL => LayerKind::MaxPool {
-            kernel: r.pair("a pooling layer")?,
-            stride: r.pair("a pooling layer")?,
-            padding: r.pair("a pooling layer")?,
-        },
-        KIND_GLOBALAVGPOOL => LayerKind::GlobalAvgPool,
-        KIND_ADD => LayerKind::Add {
-            skip_from: r.dim("an add layer")?,
-        },
-        KIND_FLATTEN => LayerKind::Flatten,
-        other => return Err(r.corrupt(format!("layer {index} ({name}) has unknown kind {other}"))),
+    let tag = r.u8("a layer kind")?;
+    let spec = KINDS.get(tag as usize).ok_or_else(|| {
+        r.corrupt(format!(
+            "layer {index} ({name}) has unknown kind {tag}; this mcutrain knows {}",
+            KINDS.len()
+        ))
+    })?;
+    let what = format!("layer {index} ({name})");
+    let fields = (0..spec.fields)
+        .map(|_| r.dim(&what))
+        .collect::<Result<Vec<_>, _>>()?;
+    let activation = match spec.activation {
+        true => Some(r.activation()?),
+        false => None,
     };
+    let kind = LayerKind::from_fields(tag, &fields, activation)
+        .ok_or_else(|| r.corrupt(format!("{what}: the fields of kind {tag} do not decode")))?;
     Ok(Layer { name, kind })
 }
 
@@ -843,65 +757,37 @@ fn read_quant_layer(r: &mut Reader) -> Result<QuantLayer, FormatError> {
 // ---------------------------------------------------------------------------------------------
 // Size limits
 
-/// Refuse architectures whose per-sample tensors or weight tensors could exceed
-/// [`MAX_ELEMENTS`], so that validating them afterwards cannot overflow. An upper bound of
-/// every tensor's shape is propagated with checked arithmetic: a convolution or pooling output
-/// is at most its padded input (`(h + 2p - k) / s + 1 <= h + 2p` for `k, s >= 1`).
+/// Refuse architectures whose per-sample tensors or weight tensors exceed [`MAX_ELEMENTS`],
+/// so that validating them afterwards works on sizes that fit. Each layer is resolved through
+/// the layer contract, whose geometries check their own size arithmetic; a layer that does not
+/// resolve stops the walk here and is reported by [`Model::validate`].
 fn check_sizes(arch: &Architecture) -> Result<(), String> {
-    fn elements(dims: &[usize]) -> Option<usize> {
+    let elements = |dims: &[usize]| {
         dims.iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .filter(|&n| n <= MAX_ELEMENTS)
-    }
-    fn padded(shape: Shape, channels: usize, padding: (usize, usize)) -> Option<Shape> {
-        Some([
-            channels,
-            shape[1].checked_add(padding.0.checked_mul(2)?)?,
-            shape[2].checked_add(padding.1.checked_mul(2)?)?,
-        ])
-    }
-    let mut bound = arch.input;
-    elements(&bound).ok_or_else(|| format!("the input shape {bound:?} is too large"))?;
+    };
+    let mut shape = arch.input;
+    elements(&shape).ok_or_else(|| format!("the input shape {shape:?} is too large"))?;
     for (index, layer) in arch.layers.iter().enumerate() {
-        let [c, h, w] = bound;
-        let (next, weight) = match layer.kind {
-            LayerKind::Conv2d {
-                out_channels,
-                kernel,
-                padding,
-                groups,
-                ..
-            } => {
-                let in_per_group = c.checked_div(groups).unwrap_or(c);
-                (
-                    padded(bound, out_channels, padding),
-                    [out_channels, in_per_group, kernel.0, kernel.1],
-                )
-            }
-            LayerKind::Linear { out_features, .. } => {
-                (Some([out_features, 1, 1]), [out_features, c, h, w])
-            }
-            LayerKind::AvgPool { padding, .. } | LayerKind::MaxPool { padding, .. } => {
-                (padded(bound, c, padding), [0; 4])
-            }
-            LayerKind::GlobalAvgPool => (Some([c, 1, 1]), [0; 4]),
-            LayerKind::Flatten => (Some([c * h * w, 1, 1]), [0; 4]),
-            LayerKind::Activation(_) | LayerKind::Add { .. } => (Some(bound), [0; 4]),
+        let Ok(resolved) = layer.kind.resolve(shape, 1) else {
+            return Ok(());
         };
-        bound = next
-            .filter(|shape| elements(shape).is_some())
-            .ok_or_else(|| {
-                format!(
-                    "layer {index} ({}) may output more than {MAX_ELEMENTS} elements",
-                    layer.name
-                )
-            })?;
-        elements(&weight).ok_or_else(|| {
+        shape = resolved.op().output_shape();
+        elements(&shape).ok_or_else(|| {
             format!(
-                "layer {index} ({}) has more than {MAX_ELEMENTS} weights",
+                "layer {index} ({}) outputs more than {MAX_ELEMENTS} elements",
                 layer.name
             )
         })?;
+        if let Some(params) = resolved.params() {
+            elements(&[params.channels, params.structure]).ok_or_else(|| {
+                format!(
+                    "layer {index} ({}) has more than {MAX_ELEMENTS} weights",
+                    layer.name
+                )
+            })?;
+        }
     }
     Ok(())
 }

@@ -7,102 +7,16 @@
 //! while keeping shapes and lifetimes trivial to derive.
 
 pub mod format;
+pub mod scheme;
 pub mod zoo;
 
-use mcutrain_core::ops::activation::Activation;
-use mcutrain_core::ops::conv2d::Conv2dGeom;
-use mcutrain_core::ops::linear::LinearGeom;
-use mcutrain_core::ops::pool::PoolGeom;
+/// A layer resolved against its input: the operator with its geometry (the layer contract of
+/// `mcutrain-core`).
+pub use mcutrain_core::layer::Layer as ResolvedLayer;
+pub use mcutrain_core::layer::{numel, LayerKind, Shape};
+pub use scheme::{LayerUpdate, UpdateScheme};
+
 use mcutrain_core::quant::{QParams, RangeEma};
-
-/// Shape of one sample of a tensor: `[channels, height, width]` (a flat vector is `[n, 1, 1]`).
-pub type Shape = [usize; 3];
-
-/// Number of elements of a per-sample shape.
-pub fn numel(shape: Shape) -> usize {
-    shape[0] * shape[1] * shape[2]
-}
-
-/// One operator of the model.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LayerKind {
-    /// 2-D convolution (1-D when the input height and the kernel height are 1), with a fused
-    /// activation; `groups == in_channels == out_channels` is a depthwise convolution.
-    Conv2d {
-        /// Output channels.
-        out_channels: usize,
-        /// Kernel `(height, width)`.
-        kernel: (usize, usize),
-        /// Stride `(height, width)`.
-        stride: (usize, usize),
-        /// Zero padding `(height, width)` on each side.
-        padding: (usize, usize),
-        /// Channel groups.
-        groups: usize,
-        /// Fused activation.
-        activation: Activation,
-    },
-    /// Fully connected layer over the flattened input, with a fused activation.
-    Linear {
-        /// Output features.
-        out_features: usize,
-        /// Fused activation.
-        activation: Activation,
-    },
-    /// A standalone ReLU or ReLU6.
-    Activation(Activation),
-    /// Average pooling (padding excluded from the mean, see the core operator).
-    AvgPool {
-        /// Window `(height, width)`.
-        kernel: (usize, usize),
-        /// Stride `(height, width)`.
-        stride: (usize, usize),
-        /// Padding `(height, width)`.
-        padding: (usize, usize),
-    },
-    /// Max pooling.
-    MaxPool {
-        /// Window `(height, width)`.
-        kernel: (usize, usize),
-        /// Stride `(height, width)`.
-        stride: (usize, usize),
-        /// Padding `(height, width)`.
-        padding: (usize, usize),
-    },
-    /// Mean over height and width: `[c, h, w] -> [c, 1, 1]`.
-    GlobalAvgPool,
-    /// Element-wise sum of the previous tensor and the output of layer `skip_from`.
-    Add {
-        /// Index of the earlier layer whose output is added.
-        skip_from: usize,
-    },
-    /// `[c, h, w] -> [c * h * w, 1, 1]`; no data moves.
-    Flatten,
-}
-
-impl LayerKind {
-    /// True for layers with a weight tensor and a bias.
-    pub fn has_params(&self) -> bool {
-        matches!(self, LayerKind::Conv2d { .. } | LayerKind::Linear { .. })
-    }
-
-    /// Short operator name used in reports.
-    pub fn op_name(&self) -> &'static str {
-        match self {
-            LayerKind::Conv2d { groups, .. } if *groups > 1 => "conv2d(grouped)",
-            LayerKind::Conv2d { .. } => "conv2d",
-            LayerKind::Linear { .. } => "linear",
-            LayerKind::Activation(Activation::Relu) => "relu",
-            LayerKind::Activation(Activation::Relu6) => "relu6",
-            LayerKind::Activation(Activation::None) => "identity",
-            LayerKind::AvgPool { .. } => "avgpool",
-            LayerKind::MaxPool { .. } => "maxpool",
-            LayerKind::GlobalAvgPool => "globalavgpool",
-            LayerKind::Add { .. } => "add",
-            LayerKind::Flatten => "flatten",
-        }
-    }
-}
 
 /// A named layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,27 +65,10 @@ pub enum ModelError {
     BadParams(String),
 }
 
-/// Geometry of one layer, resolved against its input shape, for a batch of `batch` samples.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Geometry {
-    /// Convolution.
-    Conv(Conv2dGeom),
-    /// Fully connected.
-    Linear(LinearGeom),
-    /// Average or max pooling.
-    Pool(PoolGeom),
-    /// Layers that need only the element count per sample (activation, add, flatten) or the
-    /// channel/spatial split (global average pooling).
-    Elementwise {
-        /// Channels per sample.
-        channels: usize,
-        /// Height * width per sample.
-        spatial: usize,
-    },
-}
-
 impl Architecture {
-    /// Per-sample shape of every tensor (`layers.len() + 1` entries), validating each layer.
+    /// Per-sample shape of every tensor (`layers.len() + 1` entries), validating each layer:
+    /// its geometry against its input, and an add's residual input (an earlier tensor of the
+    /// same shape).
     pub fn shapes(&self) -> Result<Vec<Shape>, ModelError> {
         let mut shapes = vec![self.input];
         if numel(self.input) == 0 {
@@ -188,39 +85,21 @@ impl Architecture {
                 name: layer.name.clone(),
                 problem,
             };
-            let out = match &layer.kind {
-                LayerKind::Conv2d { .. }
-                | LayerKind::AvgPool { .. }
-                | LayerKind::MaxPool { .. } => {
-                    match self.geometry(index, input, 1).map_err(&bad)? {
-                        Geometry::Conv(g) => [g.out_channels, g.out_h(), g.out_w()],
-                        Geometry::Pool(g) => [g.channels, g.out_h(), g.out_w()],
-                        _ => unreachable!("conv and pool layers resolve to their geometry"),
-                    }
+            let resolved = self.resolve(index, input, 1).map_err(&bad)?;
+            if let Some(skip_from) = layer.kind.skip_from() {
+                if skip_from >= index {
+                    return Err(bad(format!(
+                        "adds the output of layer {skip_from}, which does not come before it"
+                    )));
                 }
-                LayerKind::Linear { out_features, .. } => {
-                    self.geometry(index, input, 1).map_err(&bad)?;
-                    [*out_features, 1, 1]
+                let skip = shapes[skip_from + 1];
+                if skip != input {
+                    return Err(bad(format!(
+                        "adds shape {skip:?} (layer {skip_from}) to shape {input:?}; the shapes must be equal"
+                    )));
                 }
-                LayerKind::Activation(_) => input,
-                LayerKind::GlobalAvgPool => [input[0], 1, 1],
-                LayerKind::Flatten => [numel(input), 1, 1],
-                LayerKind::Add { skip_from } => {
-                    if *skip_from >= index {
-                        return Err(bad(format!(
-                            "adds the output of layer {skip_from}, which does not come before it"
-                        )));
-                    }
-                    let skip = shapes[skip_from + 1];
-                    if skip != input {
-                        return Err(bad(format!(
-                            "adds shape {skip:?} (layer {skip_from}) to shape {input:?}; the shapes must be equal"
-                        )));
-                    }
-                    input
-                }
-            };
-            shapes.push(out);
+            }
+            shapes.push(resolved.op().output_shape());
         }
         let last = *shapes.last().expect("shapes holds the input");
         if last != [self.classes, 1, 1] {
@@ -232,87 +111,41 @@ impl Architecture {
         Ok(shapes)
     }
 
-    /// The core-operator geometry of layer `index` applied to a per-sample `input` shape.
-    pub fn geometry(&self, index: usize, input: Shape, batch: usize) -> Result<Geometry, String> {
-        let [c, h, w] = input;
-        let geometry = match &self.layers[index].kind {
-            LayerKind::Conv2d {
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                groups,
-                ..
-            } => Geometry::Conv(Conv2dGeom {
-                batch,
-                in_channels: c,
-                in_h: h,
-                in_w: w,
-                out_channels: *out_channels,
-                kernel_h: kernel.0,
-                kernel_w: kernel.1,
-                stride_h: stride.0,
-                stride_w: stride.1,
-                pad_h: padding.0,
-                pad_w: padding.1,
-                groups: *groups,
-            }),
-            LayerKind::Linear { out_features, .. } => Geometry::Linear(LinearGeom {
-                batch,
-                in_features: c * h * w,
-                out_features: *out_features,
-            }),
-            LayerKind::AvgPool {
-                kernel,
-                stride,
-                padding,
-            }
-            | LayerKind::MaxPool {
-                kernel,
-                stride,
-                padding,
-            } => Geometry::Pool(PoolGeom {
-                batch,
-                channels: c,
-                in_h: h,
-                in_w: w,
-                kernel_h: kernel.0,
-                kernel_w: kernel.1,
-                stride_h: stride.0,
-                stride_w: stride.1,
-                pad_h: padding.0,
-                pad_w: padding.1,
-            }),
-            _ => Geometry::Elementwise {
-                channels: c,
-                spatial: h * w,
-            },
-        };
-        let check = match &geometry {
-            Geometry::Conv(g) => g.validate(),
-            Geometry::Linear(g) => g.validate(),
-            Geometry::Pool(g) => g.validate(),
-            Geometry::Elementwise { .. } => Ok(()),
-        };
-        check.map_err(|e| format!("{e} (input shape {input:?})"))?;
-        Ok(geometry)
+    /// Layer `index` applied to `batch` samples of the per-sample shape `input` (its geometry
+    /// validated; the message says what does not fit).
+    pub fn resolve(
+        &self,
+        index: usize,
+        input: Shape,
+        batch: usize,
+    ) -> Result<ResolvedLayer, String> {
+        self.layers[index]
+            .kind
+            .resolve(input, batch)
+            .map_err(|e| format!("{e} (input shape {input:?})"))
+    }
+
+    /// Every layer resolved at batch `batch`, validating the architecture.
+    pub fn resolved(&self, batch: usize) -> Result<Vec<ResolvedLayer>, ModelError> {
+        let shapes = self.shapes()?;
+        (0..self.layers.len())
+            .map(|i| {
+                self.resolve(i, shapes[i], batch)
+                    .map_err(|problem| ModelError::BadLayer {
+                        index: i,
+                        name: self.layers[i].name.clone(),
+                        problem,
+                    })
+            })
+            .collect()
     }
 
     /// `(weight length, bias length)` of every layer (zeros for layers without parameters).
     pub fn param_lens(&self) -> Result<Vec<(usize, usize)>, ModelError> {
-        let shapes = self.shapes()?;
         Ok(self
-            .layers
+            .resolved(1)?
             .iter()
-            .enumerate()
-            .map(|(i, layer)| match self.geometry(i, shapes[i], 1) {
-                Ok(Geometry::Conv(g)) => (g.weight_len(), g.out_channels),
-                Ok(Geometry::Linear(g)) => (g.in_features * g.out_features, g.out_features),
-                _ => {
-                    debug_assert!(!layer.kind.has_params());
-                    (0, 0)
-                }
-            })
+            .map(|l| l.params().map_or((0, 0), |p| (p.weight_len(), p.channels)))
             .collect())
     }
 
@@ -323,14 +156,34 @@ impl Architecture {
 
     /// Multiply-accumulates of one forward pass of one sample.
     pub fn forward_macs(&self) -> Result<usize, ModelError> {
-        let shapes = self.shapes()?;
-        Ok((0..self.layers.len())
-            .map(|i| match self.geometry(i, shapes[i], 1) {
-                Ok(Geometry::Conv(g)) => g.macs(),
-                Ok(Geometry::Linear(g)) => g.macs(),
-                _ => 0,
-            })
-            .sum())
+        Ok(self.resolved(1)?.iter().map(|l| l.op().macs()).sum())
+    }
+
+    /// The layers that read model tensor `t`: layer `t`, and every add whose residual input
+    /// it is (tensor `i + 1` is the output of layer `i`).
+    pub fn consumers(&self, t: usize) -> Vec<usize> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| *i == t || l.kind.skip_from().is_some_and(|s| s + 1 == t))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The model tensor whose activation range quantizes each tensor (`layers.len() + 1`
+    /// entries): a layer that keeps its input's codes (activation, max pooling, flatten)
+    /// shares its input's.
+    pub fn range_owners(&self) -> Result<Vec<usize>, ModelError> {
+        let mut owners = vec![0];
+        for (i, layer) in self.resolved(1)?.iter().enumerate() {
+            let t = i + 1;
+            owners.push(if layer.op().preserves_codes() {
+                owners[i]
+            } else {
+                t
+            });
+        }
+        Ok(owners)
     }
 }
 

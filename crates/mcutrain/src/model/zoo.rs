@@ -1,4 +1,4 @@
-//! Reference architectures of the named workloads (shared/workloads.md) and their seeded
+//! Reference architectures of the named workloads (`workloads/`) and their seeded
 //! initialisation.
 
 use super::{Architecture, FloatLayer, Layer, LayerKind, Model, ModelError, Params, Shape};
@@ -194,6 +194,18 @@ pub fn mlp(input: Shape, classes: usize) -> Architecture {
     }
 }
 
+/// The reference architectures of the named workloads, by name ([`REFERENCES`]).
+pub fn reference(name: &str) -> Option<Architecture> {
+    match name {
+        "fashion-shift" => Some(fashion_shift_backbone()),
+        "mbv2-w035-r128" => Some(mbv2_w035_r128()),
+        _ => None,
+    }
+}
+
+/// Names accepted by [`reference`].
+pub const REFERENCES: &[&str] = &["fashion-shift", "mbv2-w035-r128"];
+
 /// Names accepted by [`by_name`].
 pub const ARCHITECTURES: &[&str] = &["fashion-shift", "cnn1d", "mlp"];
 
@@ -222,7 +234,7 @@ pub fn by_name(name: &str, input: Shape, classes: usize) -> Result<Architecture,
     }
 }
 
-/// `mbv2-w035-r128` (shared/workloads.md): MobileNetV2 at width multiplier 0.35 for 3x128x128
+/// `mbv2-w035-r128`: MobileNetV2 at width multiplier 0.35 for 3x128x128
 /// inputs and 2 classes, the model of the 256KB paper's memory figures. The standard block
 /// table `(t, c, n, s)` = (1,16,1,1), (6,24,2,2), (6,32,3,2), (6,64,4,2), (6,96,3,1),
 /// (6,160,3,2), (6,320,1,1) with channels `make_divisible(c * 0.35, 8)` as in the

@@ -5,8 +5,8 @@ use crate::common::random_arch;
 use mcutrain::compile::plan_file::AlignedBytes;
 use mcutrain::compile::{Placement, TrainingPlan};
 use mcutrain::data::{fashion_mnist, Dataset, Split, FASHION_MNIST_DIR};
-use mcutrain::engine::UpdateScheme;
 use mcutrain::model::Architecture;
+use mcutrain::model::UpdateScheme;
 use mcutrain_core::checksum::crc32;
 use mcutrain_core::plan::exec::{self, InputElement, SampleRun};
 use mcutrain_core::plan::{
@@ -290,9 +290,10 @@ pub fn check_truncations_and_bit_flips(
         }
     }
     let mut future = bytes.to_vec();
-    future[4] = 2;
+    let other = mcutrain_core::plan::VERSION + 1;
+    future[4..6].copy_from_slice(&other.to_le_bytes());
     reseal(&mut future);
-    assert_eq!(accepts(&future), Err(PlanError::UnsupportedVersion(2)));
+    assert_eq!(accepts(&future), Err(PlanError::UnsupportedVersion(other)));
     let mut shifted = vec![0u8; bytes.len() + 1];
     shifted[1..].copy_from_slice(bytes);
     let shifted = AlignedBytes::copy_of(&shifted);

@@ -2,7 +2,7 @@
 // Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
-use mcutrain::compile::{scheme, LayerUpdate};
+use mcutrain::compile::LayerUpdate;
 use mcutrain::model::{zoo, Architecture, Layer, LayerKind, ModelError};
 use mcutrain_core::ops::activation::Activation;
 
@@ -62,8 +62,7 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
                     stride: (1, 1),
                     padding: (1, 1),
                 },
-            ][act as usize % 4]
-                .clone(),
+            ][act as usize % 4],
             _ => LayerKind::AvgPool {
                 kernel: (2, 2),
                 stride: (2, 2),
@@ -131,5 +130,6 @@ pub fn random_updates(arch: &Architecture, picks: &[(u8, bool)]) -> Vec<LayerUpd
             })
         })
         .collect();
-    scheme::from_json(arch, &format!("[{}]", text.join(",")), "random").expect("a valid scheme")
+    mcutrain::model::scheme::from_json(arch, &format!("[{}]", text.join(",")), "random")
+        .expect("a valid scheme")
 }

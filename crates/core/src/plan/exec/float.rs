@@ -1,16 +1,15 @@
 //! The float32 steps of the plan executor: the kernels that [`SampleRun::step`] calls for a
 //! float32 plan. The step walk, the batch bookkeeping, the learning rate, loading the input
 //! and the operand resolution (arena spans, frozen parameters in flash, disjoint borrows) are
-//! the int8 executor's (see the parent module).
+//! the parent module's.
 //!
-//! Each step calls the float kernel the host float engine (`engine::float` of the `mcutrain`
-//! crate) calls for one sample, at batch-1 geometry and with the same operands, so both get the
-//! same bits:
-//! - forward: `conv2d::forward` / `linear::forward` then the fused activation clamp
-//!   ([`activation::forward_in_place`]), the pooling, add and activation forwards;
+//! Each step calls the float kernel of its layer's operator ([`crate::layer::Operator`]) that
+//! the host float engine (`engine::float` of the `mcutrain` crate) calls for one sample, at
+//! batch-1 geometry and with the same operands, so both get the same bits:
+//! - forward: the operator's forward (the fused activation clamp included);
 //! - loss: `softmax_cross_entropy` of the sample, `e = softmax(l) - onehot(label)`;
 //! - mask: `e = 0` where the output sits at a ReLU/ReLU6 bound ([`activation::backward`]);
-//! - input error, error sums: the float backward kernels, `e = e_1 + e_2`;
+//! - input error, error sums: the operator's input-error kernel, `e = e_1 + e_2`;
 //! - gradients: `g += kernel's batch-1 sum` (`g` zeroed at the start of each batch; at batch 1
 //!   before every sample), so a batch's gradient is `((0 + g_0) + g_1) + ...` in sample order;
 //! - updates (last sample of a batch): [`update::sgd`] with the arena's learning rate, the
@@ -21,13 +20,13 @@
 //! Memory: nothing beyond the planned tensors (`4 * numel` bytes per activation and error,
 //! `4 *` parameters per trained weight, gradient and velocity) and the 8-byte state header.
 
-use super::read_f32;
-use super::{
-    arena_span, mask_operands, samples_this_batch, two_reads_one_write, SampleRun, LEARNING_RATE_AT,
-};
-use crate::ops::{activation, add, conv2d, linear, loss, pool, ChannelSet};
+use super::state::{read_f32, samples_this_batch, LEARNING_RATE_AT};
+use super::{arena_span, mask_operands, two_reads_one_write, SampleRun};
+use crate::layer::FloatParams;
+use crate::ops::{activation, add, loss, ChannelSet};
+use crate::plan::operands::{layer_step, Operand};
 use crate::plan::typed::{split_disjoint, words, words_mut, Span};
-use crate::plan::{Geometry, LayerKind, PlanView, StepOp, StepRecord, NONE};
+use crate::plan::{PlanView, StepOp, StepRecord, NONE};
 use crate::update;
 
 /// The arena span of the first `count` `f32` values of tensor `id` (empty for [`NONE`]).
@@ -56,10 +55,10 @@ impl SampleRun<'_, '_, '_> {
             StepOp::ActivationMask => {
                 let view = self.view;
                 let i = step.layer as usize;
+                let clamp = view.resolve(i)?.op().output_clamp()?;
                 let bytes = view.numel(i + 1)? * 4;
                 let [output, masked] = mask_operands(view, step, tensors, bytes, bytes)?;
-                let act = view.layer(i)?.activation;
-                activation::backward(act, words::<f32>(output)?, words_mut::<f32>(masked)?);
+                activation::backward(clamp, words::<f32>(output)?, words_mut::<f32>(masked)?);
                 Some(())
             }
             StepOp::InputError => self.float_input_error(step, tensors),
@@ -83,46 +82,45 @@ impl SampleRun<'_, '_, '_> {
         }
     }
 
-    /// Forward of one layer at batch 1; a convolution or fully connected layer clamps its
-    /// output to its fused activation.
+    /// Forward of one layer at batch 1 through its operator.
     fn float_forward(&self, step: &StepRecord, tensors: &mut [u8]) -> Option<()> {
         let view = self.view;
         let i = step.layer as usize;
         let layer = view.layer(i)?;
-        let geometry = view.geometry(i)?;
-        let x = floats(view, step.reads[0], view.numel(i)?)?;
-        let y = floats(view, step.writes[0], view.numel(i + 1)?)?;
-        if let Some((channels, structure)) = geometry.params() {
-            let weight = self.param(step.reads[1], channels * structure * 4)?;
-            let bias = self.param(step.reads[2], channels * 4)?;
-            let [x, w, b, y] = split_disjoint(tensors, [x, weight.span(), bias.span(), y])?;
-            let (x, y) = (words::<f32>(x)?, words_mut::<f32>(y)?);
-            let (w, b) = (words(weight.bytes(w))?, words(bias.bytes(b))?);
-            match geometry {
-                Geometry::Conv(g) => conv2d::forward(&g, x, w, b, y),
-                Geometry::Linear(g) => linear::forward(&g, x, w, b, y),
-                _ => return None,
-            }
-            activation::forward_in_place(layer.activation, y);
-            return Some(());
-        }
-        if layer.kind == LayerKind::Add {
-            let skip = floats(view, step.reads[1], view.numel(i + 1)?)?;
-            let (x, skip, y) = two_reads_one_write(tensors, x, skip, y)?;
-            add::forward(words(x)?, words(skip)?, words_mut(y)?);
-            return Some(());
-        }
-        let [x, y] = split_disjoint(tensors, [x, y])?;
-        let (x, y) = (words::<f32>(x)?, words_mut::<f32>(y)?);
-        match (layer.kind, geometry) {
-            (LayerKind::Activation, _) => activation::forward(layer.activation, x, y),
-            (LayerKind::AvgPool, Geometry::Pool(g)) => pool::avg_forward(&g, x, y),
-            (LayerKind::MaxPool, Geometry::Pool(g)) => pool::max_forward(&g, x, y),
-            (LayerKind::GlobalAvgPool, Geometry::GlobalPool(g)) => {
-                pool::global_avg_forward(&g, x, y)
-            }
-            _ => return None,
-        }
+        let resolved = view.resolve(i)?;
+        let op = resolved.op();
+        let operands = layer_step(StepOp::Forward, op, view.training(i)?)?;
+        let x = floats(view, step.reads[0], op.input_len())?;
+        let y = floats(view, step.writes[0], op.output_len())?;
+        let skip = match operands.read_at(Operand::Skip) {
+            Some(at) => floats(view, step.read(at), op.output_len())?,
+            None => Span::EMPTY,
+        };
+        let (weight, bias) = match resolved.params() {
+            Some(p) => (
+                Some(self.weights(&layer, p.channels, p.structure)?.0),
+                Some(self.param(layer.bias_tensor, p.channels * 4)?),
+            ),
+            None => (None, None),
+        };
+        let span = |source: Option<super::Source>| source.map_or(Span::EMPTY, |s| s.span());
+        // An add may read one tensor by both paths.
+        let same = skip == x && skip != Span::EMPTY;
+        let spans = [
+            x,
+            if same { Span::EMPTY } else { skip },
+            span(weight),
+            span(bias),
+            y,
+        ];
+        let [x, skip, w, b, y] = split_disjoint(tensors, spans)?;
+        let x: &[u8] = x;
+        let skip: &[u8] = if same { x } else { skip };
+        let params = FloatParams {
+            weight: weight.map_or(Some(&[][..]), |s| words(s.bytes(w)))?,
+            bias: bias.map_or(Some(&[][..]), |s| words(s.bytes(b)))?,
+        };
+        op.forward(words(x)?, words(skip)?, params, words_mut(y)?);
         Some(())
     }
 
@@ -144,37 +142,25 @@ impl SampleRun<'_, '_, '_> {
         let view = self.view;
         let i = step.layer as usize;
         let layer = view.layer(i)?;
-        let geometry = view.geometry(i)?;
-        let (in_len, out_len) = (view.numel(i)?, view.numel(i + 1)?);
-        let part = floats(view, step.writes[0], in_len)?;
-        let reads_input = layer.kind == LayerKind::MaxPool || geometry.params().is_some();
-        let error = floats(view, step.reads[usize::from(reads_input)], out_len)?;
-        if let Some((channels, structure)) = geometry.params() {
-            let weight = self.param(step.reads[0], channels * structure * 4)?;
-            let [w, e, p] = split_disjoint(tensors, [weight.span(), error, part])?;
-            let (w, e, p) = (words(weight.bytes(w))?, words(e)?, words_mut(p)?);
-            match geometry {
-                Geometry::Conv(g) => conv2d::input_backward(&g, w, e, ChannelSet::All, p),
-                Geometry::Linear(g) => linear::input_backward(&g, w, e, ChannelSet::All, p),
-                _ => return None,
-            }
-            return Some(());
-        }
-        let x = if layer.kind == LayerKind::MaxPool {
-            floats(view, step.reads[0], in_len)?
-        } else {
-            Span::EMPTY
+        let resolved = view.resolve(i)?;
+        let op = resolved.op();
+        let kernel = op.input_error()?;
+        let operands = layer_step(StepOp::InputError, op, view.training(i)?)?;
+        let part = floats(view, step.writes[0], op.input_len())?;
+        let error_at = operands.read_at(Operand::OutputError)?;
+        let error = floats(view, step.read(error_at), op.output_len())?;
+        let x = match operands.read_at(Operand::Input) {
+            Some(at) => floats(view, step.read(at), op.input_len())?,
+            None => Span::EMPTY,
         };
-        let [x, e, p] = split_disjoint(tensors, [x, error, part])?;
-        let (x, e, p) = (words::<f32>(x)?, words::<f32>(e)?, words_mut::<f32>(p)?);
-        match (layer.kind, geometry) {
-            (LayerKind::MaxPool, Geometry::Pool(g)) => pool::max_input_backward(&g, x, e, p),
-            (LayerKind::AvgPool, Geometry::Pool(g)) => pool::avg_input_backward(&g, e, p),
-            (LayerKind::GlobalAvgPool, Geometry::GlobalPool(g)) => {
-                pool::global_avg_input_backward(&g, e, p)
-            }
-            _ => return None,
-        }
+        let weight = match resolved.params() {
+            Some(p) => Some(self.weights(&layer, p.channels, p.structure)?.0),
+            None => None,
+        };
+        let w_span = weight.map_or(Span::EMPTY, |s| s.span());
+        let [w, x, e, p] = split_disjoint(tensors, [w_span, x, error, part])?;
+        let w = weight.map_or(Some(&[][..]), |s| words(s.bytes(w)))?;
+        kernel.input_backward(words(x)?, w, words(e)?, ChannelSet::All, words_mut(p)?);
         Some(())
     }
 
@@ -183,16 +169,19 @@ impl SampleRun<'_, '_, '_> {
     fn float_gradient(&self, step: &StepRecord, tensors: &mut [u8]) -> Option<()> {
         let view = self.view;
         let i = step.layer as usize;
-        let geometry = view.geometry(i)?;
-        let (channels, structure) = geometry.params()?;
+        let resolved = view.resolve(i)?;
+        let op = resolved.op();
+        let params = resolved.params()?;
         let is_weight = step.op == StepOp::WeightGrad;
-        let out_len = view.numel(i + 1)?;
-        let error = floats(view, step.reads[usize::from(is_weight)], out_len)?;
-        let (input, grad_len) = if is_weight {
-            let input = floats(view, step.reads[0], view.numel(i)?)?;
-            (input, channels * structure)
-        } else {
-            (Span::EMPTY, channels)
+        let operands = layer_step(step.op, op, view.training(i)?)?;
+        let error_at = operands.read_at(Operand::OutputError)?;
+        let error = floats(view, step.read(error_at), op.output_len())?;
+        let (input, grad_len) = match operands.read_at(Operand::Input) {
+            Some(at) => (
+                floats(view, step.read(at), op.input_len())?,
+                params.weight_len(),
+            ),
+            None => (Span::EMPTY, params.channels),
         };
         let grad = floats(view, step.writes[0], grad_len)?;
         let [x, e, grad] = split_disjoint(tensors, [input, error, grad])?;
@@ -200,12 +189,11 @@ impl SampleRun<'_, '_, '_> {
         if view.header().batch == 1 {
             grad.fill(0.0);
         }
-        match (geometry, is_weight) {
-            (Geometry::Conv(g), true) => conv2d::weight_backward(&g, x, e, ChannelSet::All, grad),
-            (Geometry::Linear(g), true) => linear::weight_backward(&g, x, e, ChannelSet::All, grad),
-            (Geometry::Conv(g), false) => conv2d::bias_backward(&g, e, ChannelSet::All, grad),
-            (Geometry::Linear(g), false) => linear::bias_backward(&g, e, ChannelSet::All, grad),
-            _ => return None,
+        let kernels = op.parametric()?;
+        if is_weight {
+            kernels.weight_backward(x, e, ChannelSet::All, grad);
+        } else {
+            kernels.bias_backward(e, ChannelSet::All, grad);
         }
         Some(())
     }
@@ -221,11 +209,11 @@ impl SampleRun<'_, '_, '_> {
         batch: f32,
     ) -> Option<()> {
         let view = self.view;
-        let (channels, structure) = view.geometry(step.layer as usize)?.params()?;
+        let params = view.resolve(step.layer as usize)?.params()?;
         let len = if step.op == StepOp::WeightUpdate {
-            channels * structure
+            params.weight_len()
         } else {
-            channels
+            params.channels
         };
         let spans = [step.reads[0], step.reads[1], step.reads[2]].map(|id| floats(view, id, len));
         let [grad, param, velocity] = split_disjoint(tensors, [spans[0]?, spans[1]?, spans[2]?])?;

@@ -1,18 +1,87 @@
-//! Update schemes resolved per layer: which output channels' weights and whether the bias of
-//! each layer are trained.
+//! Update schemes: which parameters of each layer train ([`LayerUpdate`], the one description
+//! the engines, the compiler and the device use).
 //!
 //! Sources: an [`UpdateScheme`] (`all`, `last:K`, `bias:K`), or a scheme file in the sparse
-//! update style of Lin et al. (shared/methods.md section 2): JSON, either a list of entries or
+//! update style of Lin et al. ("On-Device Training Under 256KB Memory", NeurIPS 2022): JSON, either a list of entries or
 //! an object `{"description": "...", "layers": [entries]}`, each entry
 //! `{"layer": "block17.expand", "weight": "1/4", "bias": true}`. `weight` is the ratio of
 //! output channels whose weights train, one of `0`, `1/8`, `1/4`, `1/2`, `1` (a number or a
 //! string; default 0), and `bias` defaults to false. The first `ceil(ratio * out_channels)`
 //! channels train. Layers the file does not name are frozen.
 
-use crate::engine::UpdateScheme;
-use crate::model::{Architecture, Geometry};
+use super::Architecture;
 use serde::Deserialize;
 use std::path::Path;
+
+/// Which parameters a training run updates, by layer position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateScheme {
+    /// Every weight and bias.
+    All,
+    /// Weights and biases of the last `k` layers that have parameters.
+    LastLayers(usize),
+    /// Only the biases of the last `k` layers that have parameters.
+    BiasOnly(usize),
+}
+
+impl std::str::FromStr for UpdateScheme {
+    type Err = String;
+    /// `all`, `last:K` or `bias:K`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "update scheme '{s}' is not one of: all, last:K, bias:K (K a positive layer count)"
+            )
+        };
+        if s == "all" {
+            return Ok(UpdateScheme::All);
+        }
+        let (kind, k) = s.split_once(':').ok_or_else(bad)?;
+        let k: usize = k.parse().map_err(|_| bad())?;
+        if k == 0 {
+            return Err(bad());
+        }
+        match kind {
+            "last" => Ok(UpdateScheme::LastLayers(k)),
+            "bias" => Ok(UpdateScheme::BiasOnly(k)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for UpdateScheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpdateScheme::All => write!(f, "all"),
+            UpdateScheme::LastLayers(k) => write!(f, "last:{k}"),
+            UpdateScheme::BiasOnly(k) => write!(f, "bias:{k}"),
+        }
+    }
+}
+
+impl UpdateScheme {
+    /// What each layer of `arch` trains under this scheme (every output channel of a trained
+    /// weight).
+    pub fn updates(self, arch: &Architecture) -> Vec<LayerUpdate> {
+        let channels = output_channels(arch);
+        let with_params: Vec<usize> = (0..arch.layers.len())
+            .filter(|&i| channels[i] > 0)
+            .collect();
+        let (k, weight) = match self {
+            UpdateScheme::All => (with_params.len(), true),
+            UpdateScheme::LastLayers(k) => (k, true),
+            UpdateScheme::BiasOnly(k) => (k, false),
+        };
+        let mut out = vec![LayerUpdate::default(); arch.layers.len()];
+        for &i in with_params.iter().rev().take(k) {
+            out[i] = LayerUpdate {
+                weight_channels: if weight { channels[i] } else { 0 },
+                bias: true,
+            };
+        }
+        out
+    }
+}
 
 /// What one layer trains.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,6 +98,17 @@ impl LayerUpdate {
     pub fn any(self) -> bool {
         self.weight_channels > 0 || self.bias
     }
+
+    /// True when some weights train.
+    pub fn trains_weight(self) -> bool {
+        self.weight_channels > 0
+    }
+}
+
+/// Index of the first layer that trains anything; errors are propagated down to its output
+/// and no further (`None` when nothing trains).
+pub fn first_trained_layer(updates: &[LayerUpdate]) -> Option<usize> {
+    updates.iter().position(|u| u.any())
 }
 
 /// Why a scheme does not fit a model.
@@ -60,20 +140,6 @@ pub enum SchemeError {
     /// A layer named twice.
     #[error("the scheme names layer '{0}' twice")]
     Repeated(String),
-}
-
-/// Per-layer updates of `scheme` on `arch` (all output channels of a trained weight).
-pub fn from_update_scheme(arch: &Architecture, scheme: UpdateScheme) -> Vec<LayerUpdate> {
-    let out_channels = output_channels(arch);
-    scheme
-        .trainable(arch)
-        .iter()
-        .zip(out_channels)
-        .map(|(t, channels)| LayerUpdate {
-            weight_channels: if t.weight { channels } else { 0 },
-            bias: t.bias,
-        })
-        .collect()
 }
 
 /// A weight ratio as written in a scheme file.
@@ -178,16 +244,16 @@ fn ratio_eighths(ratio: &RatioText) -> Option<usize> {
         .find(|&e| (value * 8.0 - e as f64).abs() < 1e-9)
 }
 
-/// Output channels (structures) of every layer, 0 for layers without parameters.
+/// Output channels (structures) of every layer, 0 for layers without parameters (and for
+/// every layer of an invalid architecture, which the compiler and the engines refuse).
 fn output_channels(arch: &Architecture) -> Vec<usize> {
-    let shapes = arch.shapes().unwrap_or_default();
-    (0..arch.layers.len())
-        .map(|i| match shapes.get(i).map(|&s| arch.geometry(i, s, 1)) {
-            Some(Ok(Geometry::Conv(g))) => g.out_channels,
-            Some(Ok(Geometry::Linear(g))) => g.out_features,
-            _ => 0,
-        })
-        .collect()
+    match arch.resolved(1) {
+        Ok(layers) => layers
+            .iter()
+            .map(|l| l.params().map_or(0, |p| p.channels))
+            .collect(),
+        Err(_) => vec![0; arch.layers.len()],
+    }
 }
 
 #[cfg(test)]
@@ -260,12 +326,12 @@ mod tests {
     }
 
     #[test]
-    fn update_scheme_matches_trainable() {
+    fn update_schemes_resolve_per_layer() {
         let arch = zoo::fashion_shift_backbone();
-        let u = from_update_scheme(&arch, UpdateScheme::BiasOnly(2));
+        let u = UpdateScheme::BiasOnly(2).updates(&arch);
         assert_eq!(u.iter().filter(|l| l.bias).count(), 2);
         assert!(u.iter().all(|l| l.weight_channels == 0));
-        let all = from_update_scheme(&arch, UpdateScheme::All);
+        let all = UpdateScheme::All.updates(&arch);
         let with_params = arch.layers.iter().filter(|l| l.kind.has_params()).count();
         assert_eq!(
             all.iter()
