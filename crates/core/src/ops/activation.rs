@@ -227,6 +227,7 @@ impl Operator for ActivationLayer {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::ops::contract::check_float_backward_matches_finite_differences;
     use proptest::prelude::*;
     use std::vec::Vec;
 
@@ -296,6 +297,21 @@ mod tests {
                 let tol = 1e-3 * fd.abs().max(got.abs()).max(1e-6);
                 assert!((fd - got).abs() <= tol, "{act:?} x={xi} fd={fd} got={got}");
             }
+        }
+    }
+
+    /// The standalone layer through the layer contract: its output error, masked by its clamp,
+    /// is its input error.
+    #[test]
+    fn layer_matches_finite_differences_through_the_contract() {
+        for (seed, activation) in ALL.into_iter().enumerate() {
+            let layer = ActivationLayer {
+                activation,
+                shape: [3, 4, 5],
+                batch: 2,
+            };
+            let identity = |x: &[f64], _: &[f64], _: &[f64], _: &[f64]| x.to_vec();
+            check_float_backward_matches_finite_differences(&layer, &identity, seed as u64);
         }
     }
 

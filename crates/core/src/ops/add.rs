@@ -114,6 +114,7 @@ impl Operator for AddLayer {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::ops::contract::check_float_backward_matches_finite_differences;
     use proptest::prelude::*;
     use std::vec::Vec;
 
@@ -126,6 +127,20 @@ mod tests {
         let mut y = [0.0f32; 3];
         forward(&[1.0, -2.0, 0.5], &[0.25, 2.0, -1.5], &mut y);
         assert_eq!(y, [1.25, 0.0, -1.0]);
+    }
+
+    /// Through the layer contract: both inputs get the output error.
+    #[test]
+    fn layer_matches_finite_differences_through_the_contract() {
+        let layer = AddLayer {
+            skip_from: 0,
+            shape: [2, 3, 4],
+            batch: 2,
+        };
+        let sum = |x: &[f64], skip: &[f64], _: &[f64], _: &[f64]| -> Vec<f64> {
+            x.iter().zip(skip).map(|(a, b)| a + b).collect()
+        };
+        check_float_backward_matches_finite_differences(&layer, &sum, 5);
     }
 
     #[test]

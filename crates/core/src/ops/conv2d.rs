@@ -1055,24 +1055,22 @@ impl Parametric for Conv2dLayer {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     extern crate std;
 
     use super::*;
     use crate::ops::activation::Activation;
-    use crate::ops::arith::{channel_qparams, ScaleRatios};
+    use crate::ops::contract::{
+        abs, activations, assert_close, check_channel_subset_restricts_the_full_result,
+        check_equal_channel_scales_are_the_per_tensor_form,
+        check_float_backward_matches_finite_differences, check_forward_q_matches_float_forward,
+        check_gradient_q_matches_float, check_input_backward_q_matches_float,
+        check_weight_parts_give_the_whole_tensor_result, codes, floats, zero_point,
+    };
     use crate::rng::Rng;
     use proptest::prelude::*;
     use std::vec;
     use std::vec::Vec;
-
-    impl Acc for f64 {}
-
-    impl Term<f64> for f64 {
-        fn term(self, _zero: f64) -> f64 {
-            self
-        }
-    }
 
     /// Standard, depthwise (any kernel and 3x3), grouped and pointwise shapes; each may be 1-D.
     fn geometry() -> impl Strategy<Value = Conv2dGeom> {
@@ -1119,50 +1117,16 @@ pub(crate) mod tests {
         )
     }
 
-    pub(crate) fn floats(rng: &mut Rng, len: usize) -> Vec<f32> {
-        (0..len).map(|_| 2.0 * rng.next_f32() - 1.0).collect()
-    }
-
-    pub(crate) fn codes(rng: &mut Rng, len: usize) -> Vec<i8> {
-        (0..len)
-            .map(|_| (rng.below(256) as i32 - 128) as i8)
-            .collect()
-    }
-
-    pub(crate) fn zero_point(rng: &mut Rng) -> i32 {
-        rng.below(61) as i32 - 30
-    }
-
-    pub(crate) fn abs(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|x| x.abs()).collect()
-    }
-
-    pub(crate) fn dequantize(codes: &[i8], q: QParams) -> Vec<f32> {
-        codes.iter().map(|&c| q.dequantize(c)).collect()
-    }
-
-    /// Dequantized weights with per-channel (or per-tensor) qparams.
-    fn dequantize_weights(g: &Conv2dGeom, w: &[i8], wq: &[QParams]) -> Vec<f32> {
-        let taps = g.taps();
-        (0..w.len())
-            .map(|k| channel_qparams(wq, k / taps).dequantize(w[k]))
-            .collect()
-    }
-
-    pub(crate) fn assert_close(got: &[f32], want: &[f32], magnitude: &[f32], rel: f32) {
-        assert_eq!(got.len(), want.len());
-        for k in 0..got.len() {
-            let tol = rel * magnitude[k] + 1e-30;
-            assert!(
-                (got[k] - want[k]).abs() <= tol,
-                "at {k}: {} vs {}",
-                got[k],
-                want[k]
-            );
-        }
+    fn layer(geom: Conv2dGeom, activation: Activation) -> Conv2dLayer {
+        Conv2dLayer { geom, activation }
     }
 
     // -- Reference kernels: the plain loops over every (output, tap) pair. ------------------
+
+    /// The plain-loop forward in `f64`, as the contract checks take it.
+    fn reference(g: Conv2dGeom) -> impl Fn(&[f64], &[f64], &[f64], &[f64]) -> Vec<f64> {
+        move |x, _skip, w, b| ref_forward(&g, x, 0.0, w, &|_| 0.0, &|o| b[o])
+    }
 
     /// Calls `f(input index, weight index, output index)` for every non-padded tap of every
     /// output, in the order `n, o, oh, ow, i, kh, kw`.
@@ -1223,14 +1187,11 @@ pub(crate) mod tests {
         e: &[X],
         ze: A,
         wterm: &dyn Fn(usize, X) -> A,
-        selected: &dyn Fn(usize) -> bool,
     ) -> Vec<A> {
         let mut ex = vec![A::default(); g.input_len()];
         let taps = g.taps();
         for_each_tap(g, |xi, wi, yi| {
-            if selected(wi / taps) {
-                ex[xi] += wterm(wi / taps, w[wi]) * e[yi].term(ze);
-            }
+            ex[xi] += wterm(wi / taps, w[wi]) * e[yi].term(ze)
         });
         ex
     }
@@ -1441,93 +1402,15 @@ pub(crate) mod tests {
         assert_eq!(range, RealRange { min: 0.0, max: 3.5 });
     }
 
-    #[test]
-    fn per_channel_qparams_with_one_scale_are_the_exact_form() {
-        let g = Conv2dGeom {
-            batch: 2,
-            in_channels: 3,
-            in_h: 5,
-            in_w: 4,
-            out_channels: 4,
-            kernel_h: 3,
-            kernel_w: 3,
-            stride_h: 1,
-            stride_w: 2,
-            pad_h: 1,
-            pad_w: 1,
-            groups: 1,
-        };
-        let mut rng = Rng::new(3);
-        let (w, e) = (
-            codes(&mut rng, g.weight_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let one = QParams {
-            scale: 0.013,
-            zero_point: 0,
-        };
-        let (eq, exq) = (
-            QParams::from_range(-1.0, 0.7),
-            QParams::from_range(-2.0, 2.5),
-        );
-        let mut per_tensor = vec![0i8; g.input_len()];
-        let mut per_channel = vec![0i8; g.input_len()];
-        let all = ChannelSet::All;
-        let r1 = input_backward_q(&g, &w, &[one], &e, eq, all, exq, &mut per_tensor);
-        let r4 = input_backward_q(&g, &w, &[one; 4], &e, eq, all, exq, &mut per_channel);
-        assert_eq!(per_tensor, per_channel);
-        assert_eq!(r1, r4);
-    }
-
     // -- Property tests. -------------------------------------------------------------------
 
     proptest! {
-        /// Weights split into two parts at any output channel give the same input error.
         #[test]
         fn weight_parts_give_the_whole_tensor_result(
             g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
         ) {
-            let mut rng = Rng::new(seed);
-            let (w, e) = (codes(&mut rng, g.weight_len()), codes(&mut rng, g.output_len()));
-            let wq = QParams { scale: 0.02, zero_point: zero_point(&mut rng) };
-            let (eq, exq) = (QParams::from_range(-1.0, 0.7), QParams::from_range(-2.0, 2.5));
-            let channels: Vec<u16> = (0..g.out_channels as u16).filter(|_| rng.below(3) > 0).collect();
-            let at = split.index(g.out_channels + 1) * g.taps();
-            let parts = WeightParts { head: &w[..at], tail: &w[at..] };
-            for set in [ChannelSet::All, ChannelSet::Subset(&channels)] {
-                let mut whole = vec![0i8; g.input_len()];
-                let mut split = vec![1i8; g.input_len()];
-                let r1 = input_backward_q(&g, &w, &[wq], &e, eq, set, exq, &mut whole);
-                let r2 = input_backward_parts_q(&g, parts, &[wq], &e, eq, set, exq, &mut split);
-                prop_assert_eq!(&whole, &split);
-                prop_assert_eq!(r1, r2);
-            }
-            let x = codes(&mut rng, g.input_len());
-            let q = QLayerParams {
-                input: QParams { scale: 0.03, zero_point: zero_point(&mut rng) },
-                weight: &[wq],
-                bias_scale: 0.0005,
-                output: QParams::from_range(-3.0, 4.0),
-                activation: Activation::Relu,
-            };
-            let bias: Vec<i32> = (0..g.out_channels).map(|_| rng.below(2001) as i32 - 1000).collect();
-            let (mut whole, mut split) = (vec![0i8; g.output_len()], vec![1i8; g.output_len()]);
-            let r1 = forward_q(&g, &x, &w, &bias, &q, &mut whole);
-            let r2 = forward_parts_q(&g, &x, parts, &bias, &q, &mut split);
-            prop_assert_eq!(&whole, &split);
-            prop_assert_eq!(r1, r2);
-            // The weight gradient of the first channels alone is a prefix of the whole one.
-            let channels = at / g.taps();
-            if let (1, Some(prefix)) = (g.batch, g.output_prefix(channels)) {
-                let (xq, eq) = (q.input, QParams::from_range(-1.0, 0.7));
-                let mut full = vec![0.0f32; g.weight_len()];
-                weight_backward_q(&g, &x, xq, &e, eq, ChannelSet::All, &mut full);
-                let mut part = vec![0.0f32; prefix.weight_len()];
-                let (x_part, e_part) = (&x[..prefix.input_len()], &e[..prefix.output_len()]);
-                weight_backward_q(&prefix, x_part, xq, e_part, eq, ChannelSet::All, &mut part);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                prop_assert_eq!(bits(&part), bits(&full[..at]));
-            }
+            let layer = layer(g, Activation::Relu);
+            check_weight_parts_give_the_whole_tensor_result(&layer, seed, split);
         }
 
         #[test]
@@ -1536,13 +1419,21 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn float_backward_matches_finite_differences(g in geometry(), seed in any::<u64>()) {
-            check_float_backward_matches_finite_differences(g, seed);
+        fn float_backward_matches_finite_differences(
+            g in geometry(), activation in activations(), seed in any::<u64>(),
+        ) {
+            let layer = layer(g, activation);
+            check_float_backward_matches_finite_differences(&layer, &reference(g), seed);
         }
 
         #[test]
         fn channel_subset_restricts_the_full_result(g in geometry(), seed in any::<u64>()) {
-            check_channel_subset_restricts_the_full_result(g, seed);
+            check_channel_subset_restricts_the_full_result(&layer(g, Activation::None), seed);
+        }
+
+        #[test]
+        fn equal_channel_scales_are_the_per_tensor_form(g in geometry(), seed in any::<u64>()) {
+            check_equal_channel_scales_are_the_per_tensor_form(&layer(g, Activation::None), seed);
         }
 
         #[test]
@@ -1550,10 +1441,11 @@ pub(crate) mod tests {
             g in geometry(),
             seed in any::<u64>(),
             per_channel in any::<bool>(),
-            act in 0usize..3,
+            activation in activations(),
             bias_ratio in prop_oneof![Just(1.0f32), 0.1f32..3.0],
         ) {
-            check_forward_q_matches_float_forward(g, seed, per_channel, act, bias_ratio);
+            let layer = layer(g, activation);
+            check_forward_q_matches_float_forward(&layer, &reference(g), seed, per_channel, bias_ratio);
         }
 
         #[test]
@@ -1562,12 +1454,13 @@ pub(crate) mod tests {
             seed in any::<u64>(),
             per_channel in any::<bool>(),
         ) {
-            check_input_backward_q_matches_float(g, seed, per_channel);
+            let terms = g.out_per_group() * g.kernel_h * g.kernel_w;
+            check_input_backward_q_matches_float(&layer(g, Activation::None), seed, per_channel, terms);
         }
 
         #[test]
         fn gradient_q_matches_float(g in geometry(), seed in any::<u64>()) {
-            check_gradient_q_matches_float(g, seed);
+            check_gradient_q_matches_float(&layer(g, Activation::None), seed);
         }
     }
 
@@ -1593,9 +1486,8 @@ pub(crate) mod tests {
         forward(&g, &x, &w, &b, &mut y);
         assert_close(&y, &want, &mag, 1e-5);
 
-        let all = |_: usize| true;
-        let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v, &all);
-        let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v, &all);
+        let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v);
+        let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v);
         for general in [false, true] {
             let got = input_error_accs(&g, &w, &e, 0.0, &|_| (0.0, 1.0), general);
             assert_close(&got, &want, &mag, 1e-5);
@@ -1625,15 +1517,10 @@ pub(crate) mod tests {
             let got = forward_accs(&g, &xq, zx, &wq, &|o| zw[o], &|o| init[o], general);
             assert_eq!(&got, &want);
         }
-        let want = ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]), &all);
-        let want64 = ref_input_error(
-            &g,
-            &wq,
-            &eq,
-            ze as i64,
-            &|o, v| v.term(zw[o] as i64) * factor[o],
-            &all,
-        );
+        let want = ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]));
+        let want64 = ref_input_error(&g, &wq, &eq, ze as i64, &|o, v| {
+            v.term(zw[o] as i64) * factor[o]
+        });
         for general in [false, true] {
             let got = input_error_accs(&g, &wq, &eq, ze, &|o| (zw[o], 1), general);
             assert_eq!(&got, &want);
@@ -1647,393 +1534,5 @@ pub(crate) mod tests {
             got[k] += s
         });
         assert_eq!(got, want);
-    }
-
-    /// Each float backward against central differences of `L = sum(y * R)`, evaluated in
-    /// f64 with the plain loops; relative error below 1e-3 (of the gradient, or of the sum
-    /// of absolute terms where the gradient cancels).
-    fn check_float_backward_matches_finite_differences(g: Conv2dGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let (x, w, b) = (
-            floats(&mut rng, g.input_len()),
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_channels),
-        );
-        let r = floats(&mut rng, g.output_len());
-        let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-        let (x64, w64, b64, r64) = (wide(&x), wide(&w), wide(&b), wide(&r));
-        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
-            let y = ref_forward(&g, x, 0.0, w, &|_| 0.0, &|o| b[o]);
-            y.iter().zip(&r64).map(|(y, r)| y * r).sum()
-        };
-        let h = 1e-2;
-        let central = |k: usize, which: usize| -> f64 {
-            let (mut xp, mut wp, mut bp) = (x64.clone(), w64.clone(), b64.clone());
-            let (mut xm, mut wm, mut bm) = (x64.clone(), w64.clone(), b64.clone());
-            match which {
-                0 => {
-                    xp[k] += h;
-                    xm[k] -= h;
-                }
-                1 => {
-                    wp[k] += h;
-                    wm[k] -= h;
-                }
-                _ => {
-                    bp[k] += h;
-                    bm[k] -= h;
-                }
-            }
-            (loss(&xp, &wp, &bp) - loss(&xm, &wm, &bm)) / (2.0 * h)
-        };
-        let mut ex = vec![0.0f32; g.input_len()];
-        input_backward(&g, &w, &r, ChannelSet::All, &mut ex);
-        let mut dw = vec![0.0f32; g.weight_len()];
-        weight_backward(&g, &x, &r, ChannelSet::All, &mut dw);
-        let mut db = vec![0.0f32; g.out_channels];
-        bias_backward(&g, &r, ChannelSet::All, &mut db);
-        let (aw, ar, ax) = (abs(&w), abs(&r), abs(&x));
-        let ex_mag = ref_input_error(&g, &aw, &ar, 0.0, &|_, v| v, &|_| true);
-        let dw_mag = ref_weight_grad(&g, &ax, 0.0, &ar, 0.0);
-        let plane = g.out_plane();
-        let db_mag: Vec<f32> = (0..g.out_channels)
-            .map(|o| {
-                (0..g.batch)
-                    .map(|n| {
-                        ar[Conv2dGeom::plane(n, o, g.out_channels, plane)]
-                            .iter()
-                            .sum::<f32>()
-                    })
-                    .sum()
-            })
-            .collect();
-        for (which, analytic, mag) in [(0, &ex, &ex_mag), (1, &dw, &dw_mag), (2, &db, &db_mag)] {
-            for _ in 0..6 {
-                let k = rng.below(analytic.len() as u32) as usize;
-                let fd = central(k, which);
-                let scale = fd.abs().max(mag[k] as f64).max(1e-6);
-                let err = (analytic[k] as f64 - fd).abs() / scale;
-                assert!(
-                    err < 1e-3,
-                    "tensor {} at {}: {} vs {}",
-                    which,
-                    k,
-                    analytic[k],
-                    fd
-                );
-            }
-        }
-    }
-
-    /// A channel subset gives exactly the full result on its channels (and leaves the
-    /// others' gradients alone); its input error is that of the full set with the other
-    /// channels' errors zeroed.
-    fn check_channel_subset_restricts_the_full_result(g: Conv2dGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let mut subset: Vec<u16> = (0..g.out_channels as u16)
-            .filter(|_| rng.below(2) == 0)
-            .collect();
-        for k in (1..subset.len()).rev() {
-            subset.swap(k, rng.below(k as u32 + 1) as usize);
-        }
-        let chosen = |o: usize| subset.contains(&(o as u16));
-        let some = ChannelSet::Subset(&subset);
-        let (x, w, e) = (
-            floats(&mut rng, g.input_len()),
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.output_len()),
-        );
-        let (dw0, db0) = (
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_channels),
-        );
-        let plane = g.out_plane();
-        let masked = |e: &[f32]| -> Vec<f32> {
-            e.iter()
-                .enumerate()
-                .map(|(k, &v)| {
-                    if chosen(k / plane % g.out_channels) {
-                        v
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
-        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw_all);
-        weight_backward(&g, &x, &e, some, &mut dw_some);
-        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
-        bias_backward(&g, &e, ChannelSet::All, &mut db_all);
-        bias_backward(&g, &e, some, &mut db_some);
-        for k in 0..g.weight_len() {
-            let want = if chosen(k / g.taps()) {
-                dw_all[k]
-            } else {
-                dw0[k]
-            };
-            assert_eq!(dw_some[k], want);
-        }
-        for o in 0..g.out_channels {
-            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
-        }
-        let (mut ex_all, mut ex_some) = (vec![0.0; g.input_len()], vec![1.0; g.input_len()]);
-        input_backward(&g, &w, &masked(&e), ChannelSet::All, &mut ex_all);
-        input_backward(&g, &w, &e, some, &mut ex_some);
-        let mag = ref_input_error(&g, &abs(&w), &abs(&e), 0.0, &|_, v| v, &|_| true);
-        assert_close(&ex_some, &ex_all, &mag, 1e-5);
-
-        // 8-bit: exact, for per-tensor and per-channel weight scales.
-        let (xq, wq, eq) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.weight_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let (x_q, e_q) = (
-            QParams::from_range(-1.0, 3.0),
-            QParams::from_range(-0.2, 0.1),
-        );
-        let ex_q = QParams::from_range(-0.5, 0.5);
-        let eq_masked: Vec<i8> = eq
-            .iter()
-            .enumerate()
-            .map(|(k, &v)| {
-                if chosen(k / plane % g.out_channels) {
-                    v
-                } else {
-                    e_q.zero_point as i8
-                }
-            })
-            .collect();
-        let per_channel: Vec<QParams> = (0..g.out_channels)
-            .map(|o| QParams {
-                scale: 0.001 * (1 + o) as f32,
-                zero_point: o as i32 - 1,
-            })
-            .collect();
-        for weight_q in [&per_channel[..1], &per_channel[..]] {
-            let (mut all_q, mut some_q) = (vec![0i8; g.input_len()], vec![0i8; g.input_len()]);
-            let r_all = input_backward_q(
-                &g,
-                &wq,
-                weight_q,
-                &eq_masked,
-                e_q,
-                ChannelSet::All,
-                ex_q,
-                &mut all_q,
-            );
-            let r_some = input_backward_q(&g, &wq, weight_q, &eq, e_q, some, ex_q, &mut some_q);
-            assert_eq!(&some_q, &all_q);
-            assert_eq!(r_some, r_all);
-        }
-        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
-        weight_backward_q(&g, &xq, x_q, &eq, e_q, ChannelSet::All, &mut dw_all);
-        weight_backward_q(&g, &xq, x_q, &eq, e_q, some, &mut dw_some);
-        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
-        bias_backward_q(&g, &eq, e_q, ChannelSet::All, &mut db_all);
-        bias_backward_q(&g, &eq, e_q, some, &mut db_some);
-        for k in 0..g.weight_len() {
-            assert_eq!(
-                dw_some[k],
-                if chosen(k / g.taps()) {
-                    dw_all[k]
-                } else {
-                    dw0[k]
-                }
-            );
-        }
-        for o in 0..g.out_channels {
-            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
-        }
-    }
-
-    /// The 8-bit forward against the float forward on the dequantized tensors. Bound, in
-    /// output steps: 1/2 (output rounding) + `s_a / (2 s_y)` (the bias requantized to the
-    /// accumulator scale `s_a` is off by at most half a unit) + 1e-5 of the sum of
-    /// absolute terms (float rounding) + 1e-6 relative (fixed-point multipliers). The range
-    /// is the float one within the same real error.
-    fn check_forward_q_matches_float_forward(
-        g: Conv2dGeom,
-        seed: u64,
-        per_channel: bool,
-        act: usize,
-        bias_ratio: f32,
-    ) {
-        let mut rng = Rng::new(seed);
-        let activation = [Activation::None, Activation::Relu, Activation::Relu6][act];
-        let (x, w) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.weight_len()),
-        );
-        let x_q = QParams {
-            scale: 0.005 + 0.05 * rng.next_f32(),
-            zero_point: zero_point(&mut rng),
-        };
-        let channels = if per_channel { g.out_channels } else { 1 };
-        let weight_q: Vec<QParams> = (0..channels)
-            .map(|_| QParams {
-                scale: 0.002 + 0.02 * rng.next_f32(),
-                zero_point: zero_point(&mut rng) / 4,
-            })
-            .collect();
-        let bias: Vec<i32> = (0..g.out_channels)
-            .map(|_| rng.below(20001) as i32 - 10000)
-            .collect();
-        let bias_scale = x_q.scale * weight_q[0].scale * bias_ratio;
-        let (xf, wf) = (dequantize(&x, x_q), dequantize_weights(&g, &w, &weight_q));
-        let bf: Vec<f32> = bias.iter().map(|&b| bias_scale * b as f32).collect();
-        let mut yf = vec![0.0f32; g.output_len()];
-        forward(&g, &xf, &wf, &bf, &mut yf);
-        let mut mag = vec![0.0f32; g.output_len()];
-        forward(&g, &abs(&xf), &abs(&wf), &abs(&bf), &mut mag);
-        let float_range = RealRange::of(&yf);
-        let y_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
-        let q = QLayerParams {
-            input: x_q,
-            weight: &weight_q,
-            bias_scale,
-            output: y_q,
-            activation,
-        };
-        let mut y = vec![0i8; g.output_len()];
-        let range = forward_q(&g, &x, &w, &bias, &q, &mut y);
-
-        let (code_lo, code_hi) = activation.code_bounds(y_q);
-        let (real_lo, real_hi) = activation.real_bounds();
-        let mut want_range = RealRange::EMPTY;
-        let mut range_tol = 0.0f32;
-        for k in 0..y.len() {
-            let s_a =
-                x_q.scale * channel_qparams(&weight_q, k / g.out_plane() % g.out_channels).scale;
-            let exact = y_q.zero_point as f32 + yf[k] / y_q.scale;
-            let want = exact.clamp(code_lo as f32, code_hi as f32);
-            let bound = 0.5
-                + 0.5 * s_a / y_q.scale * 1.000_01
-                + 1e-5 * mag[k] / y_q.scale
-                + 1e-6 * exact.abs();
-            assert!(
-                (y[k] as f32 - want).abs() <= bound,
-                "at {}: {} vs {} (bound {})",
-                k,
-                y[k],
-                want,
-                bound
-            );
-            want_range.include(yf[k].max(real_lo).min(real_hi));
-            range_tol = range_tol.max(0.5 * s_a * 1.000_01 + 1e-5 * mag[k]);
-        }
-        assert!(
-            (range.min - want_range.min).abs() <= range_tol,
-            "{:?} {:?}",
-            range,
-            want_range
-        );
-        assert!(
-            (range.max - want_range.max).abs() <= range_tol,
-            "{:?} {:?}",
-            range,
-            want_range
-        );
-    }
-
-    /// The 8-bit input error against the float one on dequantized tensors. Per-tensor
-    /// bound: 1/2 step + 1e-5 of the absolute terms + 1e-6 relative. Per channel, the
-    /// ratio scheme adds half a narrowed unit `2^(E+shift) * s_e` and one unit `2^E * s_e`
-    /// per unit of `sum |(w - z_w)(e - z_e)|` (each ratio is truncated by under 1).
-    fn check_input_backward_q_matches_float(g: Conv2dGeom, seed: u64, per_channel: bool) {
-        let mut rng = Rng::new(seed);
-        let (w, e) = (
-            codes(&mut rng, g.weight_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let channels = if per_channel { g.out_channels } else { 1 };
-        let weight_q: Vec<QParams> = (0..channels)
-            .map(|_| QParams {
-                scale: libm::ldexpf(0.5 + 0.5 * rng.next_f32(), rng.below(7) as i32 - 9),
-                zero_point: zero_point(&mut rng) / 4,
-            })
-            .collect();
-        let e_q = QParams {
-            scale: 0.001 + 0.01 * rng.next_f32(),
-            zero_point: zero_point(&mut rng),
-        };
-        let (wf, ef) = (dequantize_weights(&g, &w, &weight_q), dequantize(&e, e_q));
-        let mut exf = vec![0.0f32; g.input_len()];
-        input_backward(&g, &wf, &ef, ChannelSet::All, &mut exf);
-        let mag = ref_input_error(&g, &abs(&wf), &abs(&ef), 0.0, &|_, v| v, &|_| true);
-        // sum |(w - z_w)(e - z_e)| of every input element.
-        let mut int_abs = vec![0i64; g.input_len()];
-        let taps = g.taps();
-        for_each_tap(&g, |xi, wi, yi| {
-            let zw = channel_qparams(&weight_q, wi / taps).zero_point;
-            int_abs[xi] +=
-                ((w[wi] as i64 - zw as i64) * (e[yi] as i64 - e_q.zero_point as i64)).abs();
-        });
-        let float_range = RealRange::of(&exf);
-        let ex_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
-        let mut ex = vec![0i8; g.input_len()];
-        let range = input_backward_q(&g, &w, &weight_q, &e, e_q, ChannelSet::All, ex_q, &mut ex);
-
-        let distinct = weight_q.iter().any(|q| q.scale != weight_q[0].scale);
-        let ratios = ScaleRatios::new(&weight_q, g.out_per_group() * g.kernel_h * g.kernel_w);
-        let s_e = e_q.scale as f64;
-        let mut range_tol = 0.0f64;
-        for k in 0..ex.len() {
-            let mut real_err = 1e-5 * mag[k] as f64;
-            if distinct {
-                real_err += 0.5 * ratios.unit() * s_e
-                    + libm::ldexp(1.0, ratios.exponent) * s_e * int_abs[k] as f64;
-            }
-            let exact = ex_q.zero_point as f64 + exf[k] as f64 / ex_q.scale as f64;
-            let want = exact.clamp(-128.0, 127.0);
-            let bound = 0.5 + real_err / ex_q.scale as f64 + 1e-6 * exact.abs();
-            assert!(
-                (ex[k] as f64 - want).abs() <= bound,
-                "at {}: {} vs {} (bound {})",
-                k,
-                ex[k],
-                want,
-                bound
-            );
-            range_tol = range_tol.max(real_err * 1.000_01);
-        }
-        assert!((range.min as f64 - float_range.min as f64).abs() <= range_tol + 1e-30);
-        assert!((range.max as f64 - float_range.max as f64).abs() <= range_tol + 1e-30);
-    }
-
-    /// 8-bit weight and bias gradients equal the float ones on dequantized tensors up to
-    /// float rounding (they are exact integer sums times one scale).
-    fn check_gradient_q_matches_float(g: Conv2dGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let (x, e) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let x_q = QParams {
-            scale: 0.02 * rng.next_f32() + 0.001,
-            zero_point: zero_point(&mut rng),
-        };
-        let e_q = QParams {
-            scale: 0.002 * rng.next_f32() + 1e-4,
-            zero_point: zero_point(&mut rng),
-        };
-        let (xf, ef) = (dequantize(&x, x_q), dequantize(&e, e_q));
-        let (dw0, db0) = (
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_channels),
-        );
-        let (mut dw, mut dwf) = (dw0.clone(), dw0.clone());
-        weight_backward_q(&g, &x, x_q, &e, e_q, ChannelSet::All, &mut dw);
-        weight_backward(&g, &xf, &ef, ChannelSet::All, &mut dwf);
-        let mut mag = abs(&dw0);
-        weight_backward(&g, &abs(&xf), &abs(&ef), ChannelSet::All, &mut mag);
-        assert_close(&dw, &dwf, &mag, 1e-5);
-        let (mut db, mut dbf) = (db0.clone(), db0.clone());
-        bias_backward_q(&g, &e, e_q, ChannelSet::All, &mut db);
-        bias_backward(&g, &ef, ChannelSet::All, &mut dbf);
-        let mut mag = abs(&db0);
-        bias_backward(&g, &abs(&ef), ChannelSet::All, &mut mag);
-        assert_close(&db, &dbf, &mag, 1e-5);
     }
 }

@@ -52,3 +52,20 @@ impl Operator for Flatten {
         RealRange::EMPTY
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::contract::check_float_backward_matches_finite_differences;
+
+    /// Through the layer contract: the output error is the input error.
+    #[test]
+    fn layer_matches_finite_differences_through_the_contract() {
+        let layer = Flatten {
+            shape: [2, 3, 4],
+            batch: 2,
+        };
+        let identity = |x: &[f64], _: &[f64], _: &[f64], _: &[f64]| x.to_vec();
+        check_float_backward_matches_finite_differences(&layer, &identity, 3);
+    }
+}

@@ -565,8 +565,13 @@ mod tests {
 
     use super::*;
     use crate::ops::activation::Activation;
-    use crate::ops::arith::channel_qparams;
-    use crate::ops::conv2d::tests::{abs, assert_close, codes, dequantize, floats, zero_point};
+    use crate::ops::contract::{
+        abs, activations, assert_close, check_channel_subset_restricts_the_full_result,
+        check_equal_channel_scales_are_the_per_tensor_form,
+        check_float_backward_matches_finite_differences, check_forward_q_matches_float_forward,
+        check_gradient_q_matches_float, check_input_backward_q_matches_float,
+        check_weight_parts_give_the_whole_tensor_result, codes, floats, zero_point,
+    };
     use crate::rng::Rng;
     use proptest::prelude::*;
     use std::vec;
@@ -622,14 +627,11 @@ mod tests {
         e: &[X],
         ze: A,
         wterm: &dyn Fn(usize, X) -> A,
-        selected: &dyn Fn(usize) -> bool,
     ) -> Vec<A> {
         let mut ex = vec![A::default(); g.input_len()];
         let n_in = g.in_features;
         for_each_product(g, |xi, wi, yi| {
-            if selected(wi / n_in) {
-                ex[xi] += wterm(wi / n_in, w[wi]) * e[yi].term(ze);
-            }
+            ex[xi] += wterm(wi / n_in, w[wi]) * e[yi].term(ze)
         });
         ex
     }
@@ -646,10 +648,13 @@ mod tests {
         dw
     }
 
-    fn dequantize_weights(g: &LinearGeom, w: &[i8], wq: &[QParams]) -> Vec<f32> {
-        (0..w.len())
-            .map(|k| channel_qparams(wq, k / g.in_features).dequantize(w[k]))
-            .collect()
+    fn layer(geom: LinearGeom, activation: Activation) -> LinearLayer {
+        LinearLayer { geom, activation }
+    }
+
+    /// The plain-loop forward in `f64`, as the contract checks take it.
+    fn reference(g: LinearGeom) -> impl Fn(&[f64], &[f64], &[f64], &[f64]) -> Vec<f64> {
+        move |x, _skip, w, b| ref_forward(&g, x, 0.0, w, &|_| 0.0, &|o| b[o])
     }
 
     #[test]
@@ -705,40 +710,12 @@ mod tests {
     }
 
     proptest! {
-        /// Weights split into two parts at any output channel give the same input error.
         #[test]
         fn weight_parts_give_the_whole_tensor_result(
             g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
         ) {
-            let mut rng = Rng::new(seed);
-            let (w, e) = (codes(&mut rng, g.weight_len()), codes(&mut rng, g.output_len()));
-            let wq = QParams { scale: 0.02, zero_point: zero_point(&mut rng) };
-            let (eq, exq) = (QParams::from_range(-1.0, 0.7), QParams::from_range(-2.0, 2.5));
-            let channels: Vec<u16> = (0..g.out_features as u16).filter(|_| rng.below(3) > 0).collect();
-            let at = split.index(g.out_features + 1) * g.in_features;
-            let parts = WeightParts { head: &w[..at], tail: &w[at..] };
-            for set in [ChannelSet::All, ChannelSet::Subset(&channels)] {
-                let mut whole = vec![0i8; g.input_len()];
-                let mut split = vec![1i8; g.input_len()];
-                let r1 = input_backward_q(&g, &w, &[wq], &e, eq, set, exq, &mut whole);
-                let r2 = input_backward_parts_q(&g, parts, &[wq], &e, eq, set, exq, &mut split);
-                prop_assert_eq!(&whole, &split);
-                prop_assert_eq!(r1, r2);
-            }
-            let x = codes(&mut rng, g.input_len());
-            let q = QLayerParams {
-                input: QParams { scale: 0.03, zero_point: zero_point(&mut rng) },
-                weight: &[wq],
-                bias_scale: 0.0005,
-                output: QParams::from_range(-3.0, 4.0),
-                activation: Activation::Relu6,
-            };
-            let bias: Vec<i32> = (0..g.out_features).map(|_| rng.below(2001) as i32 - 1000).collect();
-            let (mut whole, mut split) = (vec![0i8; g.output_len()], vec![1i8; g.output_len()]);
-            let r1 = forward_q(&g, &x, &w, &bias, &q, &mut whole);
-            let r2 = forward_parts_q(&g, &x, parts, &bias, &q, &mut split);
-            prop_assert_eq!(&whole, &split);
-            prop_assert_eq!(r1, r2);
+            let layer = layer(g, Activation::Relu6);
+            check_weight_parts_give_the_whole_tensor_result(&layer, seed, split);
         }
 
         #[test]
@@ -747,13 +724,21 @@ mod tests {
         }
 
         #[test]
-        fn float_backward_matches_finite_differences(g in geometry(), seed in any::<u64>()) {
-            check_float_backward_matches_finite_differences(g, seed);
+        fn float_backward_matches_finite_differences(
+            g in geometry(), activation in activations(), seed in any::<u64>(),
+        ) {
+            let layer = layer(g, activation);
+            check_float_backward_matches_finite_differences(&layer, &reference(g), seed);
         }
 
         #[test]
         fn channel_subset_restricts_the_full_result(g in geometry(), seed in any::<u64>()) {
-            check_channel_subset_restricts_the_full_result(g, seed);
+            check_channel_subset_restricts_the_full_result(&layer(g, Activation::None), seed);
+        }
+
+        #[test]
+        fn equal_channel_scales_are_the_per_tensor_form(g in geometry(), seed in any::<u64>()) {
+            check_equal_channel_scales_are_the_per_tensor_form(&layer(g, Activation::None), seed);
         }
 
         #[test]
@@ -761,10 +746,11 @@ mod tests {
             g in geometry(),
             seed in any::<u64>(),
             per_channel in any::<bool>(),
-            act in 0usize..3,
+            activation in activations(),
             bias_ratio in prop_oneof![Just(1.0f32), 0.1f32..3.0],
         ) {
-            check_forward_q_matches_float_forward(g, seed, per_channel, act, bias_ratio);
+            let layer = layer(g, activation);
+            check_forward_q_matches_float_forward(&layer, &reference(g), seed, per_channel, bias_ratio);
         }
 
         #[test]
@@ -773,12 +759,13 @@ mod tests {
             seed in any::<u64>(),
             per_channel in any::<bool>(),
         ) {
-            check_input_backward_q_matches_float(g, seed, per_channel);
+            let layer = layer(g, Activation::None);
+            check_input_backward_q_matches_float(&layer, seed, per_channel, g.out_features);
         }
 
         #[test]
         fn gradient_q_matches_float(g in geometry(), seed in any::<u64>()) {
-            check_gradient_q_matches_float(g, seed);
+            check_gradient_q_matches_float(&layer(g, Activation::None), seed);
         }
     }
 
@@ -805,8 +792,8 @@ mod tests {
         );
         let mut ex = vec![0.0; g.input_len()];
         input_backward(&g, &w, &e, ChannelSet::All, &mut ex);
-        let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v, &|_| true);
-        let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v, &|_| true);
+        let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v);
+        let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v);
         assert_close(&ex, &want, &mag, 1e-5);
         let mut dw = vec![0.0; g.weight_len()];
         weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
@@ -852,7 +839,7 @@ mod tests {
         );
         assert_eq!(
             got,
-            ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]), &|_| true)
+            ref_input_error(&g, &wq, &eq, ze, &|o, v| v.term(zw[o]))
         );
         let mut got = vec![0i64; g.input_len()];
         let mut emit = |at: usize, block: &[i64]| got[at..at + block.len()].copy_from_slice(block);
@@ -866,371 +853,14 @@ mod tests {
             channel,
             &mut emit,
         );
-        let want = ref_input_error(
-            &g,
-            &wq,
-            &eq,
-            ze as i64,
-            &|o, v| v.term(zw[o] as i64) * factor[o],
-            &|_| true,
-        );
+        let want = ref_input_error(&g, &wq, &eq, ze as i64, &|o, v| {
+            v.term(zw[o] as i64) * factor[o]
+        });
         assert_eq!(got, want);
         let mut got = vec![0i32; g.weight_len()];
         weight_sums(&g, &xq, zx, &eq, ze, ChannelSet::All, &mut |k, s| {
             got[k] += s
         });
         assert_eq!(got, ref_weight_grad(&g, &xq, zx, &eq, ze));
-    }
-
-    /// Each float backward against central differences of `L = sum(y * R)` in f64;
-    /// relative error below 1e-3.
-    fn check_float_backward_matches_finite_differences(g: LinearGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let (x, w, b, r) = (
-            floats(&mut rng, g.input_len()),
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_features),
-            floats(&mut rng, g.output_len()),
-        );
-        let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-        let r64 = wide(&r);
-        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
-            let y = ref_forward(&g, x, 0.0, w, &|_| 0.0, &|o| b[o]);
-            y.iter().zip(&r64).map(|(y, r)| y * r).sum()
-        };
-        let base = [wide(&x), wide(&w), wide(&b)];
-        let h = 1e-2;
-        let central = |which: usize, k: usize| -> f64 {
-            let (mut plus, mut minus) = (base.clone(), base.clone());
-            plus[which][k] += h;
-            minus[which][k] -= h;
-            (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / (2.0 * h)
-        };
-        let mut ex = vec![0.0f32; g.input_len()];
-        input_backward(&g, &w, &r, ChannelSet::All, &mut ex);
-        let mut dw = vec![0.0f32; g.weight_len()];
-        weight_backward(&g, &x, &r, ChannelSet::All, &mut dw);
-        let mut db = vec![0.0f32; g.out_features];
-        bias_backward(&g, &r, ChannelSet::All, &mut db);
-        let (ax, aw, ar) = (abs(&x), abs(&w), abs(&r));
-        let ex_mag = ref_input_error(&g, &aw, &ar, 0.0, &|_, v| v, &|_| true);
-        let dw_mag = ref_weight_grad(&g, &ax, 0.0, &ar, 0.0);
-        let mut db_mag = vec![0.0f32; g.out_features];
-        bias_backward(&g, &ar, ChannelSet::All, &mut db_mag);
-        for (which, analytic, mag) in [(0, &ex, &ex_mag), (1, &dw, &dw_mag), (2, &db, &db_mag)] {
-            for _ in 0..6 {
-                let k = rng.below(analytic.len() as u32) as usize;
-                let fd = central(which, k);
-                let err = (analytic[k] as f64 - fd).abs() / fd.abs().max(mag[k] as f64).max(1e-6);
-                assert!(
-                    err < 1e-3,
-                    "tensor {} at {}: {} vs {}",
-                    which,
-                    k,
-                    analytic[k],
-                    fd
-                );
-            }
-        }
-    }
-
-    /// A subset of outputs gives exactly the full result on its outputs and leaves the
-    /// other gradients alone; its input error is the full one with the other outputs'
-    /// errors zeroed (float within 1e-5, 8-bit exactly, per tensor and per channel).
-    fn check_channel_subset_restricts_the_full_result(g: LinearGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let mut subset: Vec<u16> = (0..g.out_features as u16)
-            .filter(|_| rng.below(2) == 0)
-            .collect();
-        for k in (1..subset.len()).rev() {
-            subset.swap(k, rng.below(k as u32 + 1) as usize);
-        }
-        let chosen = |o: usize| subset.contains(&(o as u16));
-        let some = ChannelSet::Subset(&subset);
-        let (x, w, e) = (
-            floats(&mut rng, g.input_len()),
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.output_len()),
-        );
-        let (dw0, db0) = (
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_features),
-        );
-        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw_all);
-        weight_backward(&g, &x, &e, some, &mut dw_some);
-        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
-        bias_backward(&g, &e, ChannelSet::All, &mut db_all);
-        bias_backward(&g, &e, some, &mut db_some);
-        for k in 0..g.weight_len() {
-            assert_eq!(
-                dw_some[k],
-                if chosen(k / g.in_features) {
-                    dw_all[k]
-                } else {
-                    dw0[k]
-                }
-            );
-        }
-        for o in 0..g.out_features {
-            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
-        }
-        let masked: Vec<f32> = e
-            .iter()
-            .enumerate()
-            .map(|(k, &v)| if chosen(k % g.out_features) { v } else { 0.0 })
-            .collect();
-        let (mut ex_all, mut ex_some) = (vec![0.0; g.input_len()], vec![1.0; g.input_len()]);
-        input_backward(&g, &w, &masked, ChannelSet::All, &mut ex_all);
-        input_backward(&g, &w, &e, some, &mut ex_some);
-        let mag = ref_input_error(&g, &abs(&w), &abs(&e), 0.0, &|_, v| v, &|_| true);
-        assert_close(&ex_some, &ex_all, &mag, 1e-5);
-
-        let (xq, wq, eq) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.weight_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let (x_q, e_q) = (
-            QParams::from_range(-1.0, 3.0),
-            QParams::from_range(-0.2, 0.1),
-        );
-        let ex_q = QParams::from_range(-0.5, 0.5);
-        let eq_masked: Vec<i8> = eq
-            .iter()
-            .enumerate()
-            .map(|(k, &v)| {
-                if chosen(k % g.out_features) {
-                    v
-                } else {
-                    e_q.zero_point as i8
-                }
-            })
-            .collect();
-        let per_channel: Vec<QParams> = (0..g.out_features)
-            .map(|o| QParams {
-                scale: 0.001 * (1 + o) as f32,
-                zero_point: o as i32 - 1,
-            })
-            .collect();
-        for weight_q in [&per_channel[..1], &per_channel[..]] {
-            let (mut all_q, mut some_q) = (vec![0i8; g.input_len()], vec![0i8; g.input_len()]);
-            let r_all = input_backward_q(
-                &g,
-                &wq,
-                weight_q,
-                &eq_masked,
-                e_q,
-                ChannelSet::All,
-                ex_q,
-                &mut all_q,
-            );
-            let r_some = input_backward_q(&g, &wq, weight_q, &eq, e_q, some, ex_q, &mut some_q);
-            assert_eq!(&some_q, &all_q);
-            assert_eq!(r_some, r_all);
-        }
-        let (mut dw_all, mut dw_some) = (dw0.clone(), dw0.clone());
-        weight_backward_q(&g, &xq, x_q, &eq, e_q, ChannelSet::All, &mut dw_all);
-        weight_backward_q(&g, &xq, x_q, &eq, e_q, some, &mut dw_some);
-        let (mut db_all, mut db_some) = (db0.clone(), db0.clone());
-        bias_backward_q(&g, &eq, e_q, ChannelSet::All, &mut db_all);
-        bias_backward_q(&g, &eq, e_q, some, &mut db_some);
-        for k in 0..g.weight_len() {
-            assert_eq!(
-                dw_some[k],
-                if chosen(k / g.in_features) {
-                    dw_all[k]
-                } else {
-                    dw0[k]
-                }
-            );
-        }
-        for o in 0..g.out_features {
-            assert_eq!(db_some[o], if chosen(o) { db_all[o] } else { db0[o] });
-        }
-    }
-
-    /// The 8-bit forward against the float forward on dequantized tensors, within (output
-    /// steps) 1/2 + `s_a / (2 s_y)` (bias requantized to the accumulator scale) + 1e-5 of
-    /// the absolute terms + 1e-6 relative; the range within the same real error.
-    fn check_forward_q_matches_float_forward(
-        g: LinearGeom,
-        seed: u64,
-        per_channel: bool,
-        act: usize,
-        bias_ratio: f32,
-    ) {
-        let mut rng = Rng::new(seed);
-        let activation = [Activation::None, Activation::Relu, Activation::Relu6][act];
-        let (x, w) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.weight_len()),
-        );
-        let x_q = QParams {
-            scale: 0.005 + 0.05 * rng.next_f32(),
-            zero_point: zero_point(&mut rng),
-        };
-        let weight_q: Vec<QParams> = (0..if per_channel { g.out_features } else { 1 })
-            .map(|_| QParams {
-                scale: 0.002 + 0.02 * rng.next_f32(),
-                zero_point: zero_point(&mut rng) / 4,
-            })
-            .collect();
-        let bias: Vec<i32> = (0..g.out_features)
-            .map(|_| rng.below(20001) as i32 - 10000)
-            .collect();
-        let bias_scale = x_q.scale * weight_q[0].scale * bias_ratio;
-        let (xf, wf) = (dequantize(&x, x_q), dequantize_weights(&g, &w, &weight_q));
-        let bf: Vec<f32> = bias.iter().map(|&b| bias_scale * b as f32).collect();
-        let mut yf = vec![0.0f32; g.output_len()];
-        forward(&g, &xf, &wf, &bf, &mut yf);
-        let mut mag = vec![0.0f32; g.output_len()];
-        forward(&g, &abs(&xf), &abs(&wf), &abs(&bf), &mut mag);
-        let float_range = RealRange::of(&yf);
-        let y_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
-        let q = QLayerParams {
-            input: x_q,
-            weight: &weight_q,
-            bias_scale,
-            output: y_q,
-            activation,
-        };
-        let mut y = vec![0i8; g.output_len()];
-        let range = forward_q(&g, &x, &w, &bias, &q, &mut y);
-        let (code_lo, code_hi) = activation.code_bounds(y_q);
-        let (real_lo, real_hi) = activation.real_bounds();
-        let mut want_range = RealRange::EMPTY;
-        let mut range_tol = 0.0f32;
-        for k in 0..y.len() {
-            let s_a = x_q.scale * channel_qparams(&weight_q, k % g.out_features).scale;
-            let exact = y_q.zero_point as f32 + yf[k] / y_q.scale;
-            let want = exact.clamp(code_lo as f32, code_hi as f32);
-            let bound = 0.5
-                + 0.5 * s_a / y_q.scale * 1.000_01
-                + 1e-5 * mag[k] / y_q.scale
-                + 1e-6 * exact.abs();
-            assert!(
-                (y[k] as f32 - want).abs() <= bound,
-                "at {}: {} vs {}",
-                k,
-                y[k],
-                want
-            );
-            want_range.include(yf[k].max(real_lo).min(real_hi));
-            range_tol = range_tol.max(0.5 * s_a * 1.000_01 + 1e-5 * mag[k]);
-        }
-        assert!(
-            (range.min - want_range.min).abs() <= range_tol,
-            "{:?} {:?}",
-            range,
-            want_range
-        );
-        assert!(
-            (range.max - want_range.max).abs() <= range_tol,
-            "{:?} {:?}",
-            range,
-            want_range
-        );
-    }
-
-    /// The 8-bit input error against the float one on dequantized tensors: within half a
-    /// step + 1e-5 of the absolute terms (per tensor); per channel plus the ratio scheme's
-    /// error (half a narrowed unit, one `2^E` unit per unit of absolute integer terms).
-    fn check_input_backward_q_matches_float(g: LinearGeom, seed: u64, per_channel: bool) {
-        let mut rng = Rng::new(seed);
-        let (w, e) = (
-            codes(&mut rng, g.weight_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let weight_q: Vec<QParams> = (0..if per_channel { g.out_features } else { 1 })
-            .map(|_| QParams {
-                scale: libm::ldexpf(0.5 + 0.5 * rng.next_f32(), rng.below(7) as i32 - 9),
-                zero_point: zero_point(&mut rng) / 4,
-            })
-            .collect();
-        let e_q = QParams {
-            scale: 0.001 + 0.01 * rng.next_f32(),
-            zero_point: zero_point(&mut rng),
-        };
-        let (wf, ef) = (dequantize_weights(&g, &w, &weight_q), dequantize(&e, e_q));
-        let mut exf = vec![0.0f32; g.input_len()];
-        input_backward(&g, &wf, &ef, ChannelSet::All, &mut exf);
-        let mag = ref_input_error(&g, &abs(&wf), &abs(&ef), 0.0, &|_, v| v, &|_| true);
-        let zw = |o: usize| channel_qparams(&weight_q, o).zero_point as i64;
-        // sum |(w - z_w)(e - z_e)| of every input element.
-        let mut int_abs = vec![0i64; g.input_len()];
-        for_each_product(&g, |xi, wi, yi| {
-            int_abs[xi] += ((w[wi] as i64 - zw(wi / g.in_features))
-                * (e[yi] as i64 - e_q.zero_point as i64))
-                .abs();
-        });
-        let float_range = RealRange::of(&exf);
-        let ex_q = QParams::from_range(0.8 * float_range.min, 0.8 * float_range.max);
-        let mut ex = vec![0i8; g.input_len()];
-        let range = input_backward_q(&g, &w, &weight_q, &e, e_q, ChannelSet::All, ex_q, &mut ex);
-        let distinct = weight_q.iter().any(|q| q.scale != weight_q[0].scale);
-        let exponent = weight_q
-            .iter()
-            .map(|q| libm::frexpf(q.scale).1 - 24)
-            .max()
-            .unwrap();
-        let max_bits = 128 - (((g.out_features as u128) * 255 * 255) << 24).leading_zeros();
-        let shift = max_bits.saturating_sub(31) as i32;
-        let s_e = e_q.scale as f64;
-        let mut range_tol = 0.0f64;
-        for k in 0..ex.len() {
-            let mut real_err = 1e-5 * mag[k] as f64;
-            if distinct {
-                real_err += 0.5 * libm::ldexp(s_e, exponent + shift)
-                    + libm::ldexp(s_e, exponent) * int_abs[k] as f64;
-            }
-            let exact = ex_q.zero_point as f64 + exf[k] as f64 / ex_q.scale as f64;
-            let bound = 0.5 + real_err / ex_q.scale as f64 + 1e-6 * exact.abs();
-            assert!(
-                (ex[k] as f64 - exact.clamp(-128.0, 127.0)).abs() <= bound,
-                "at {}: {} vs {}",
-                k,
-                ex[k],
-                exact
-            );
-            range_tol = range_tol.max(real_err * 1.000_01);
-        }
-        assert!((range.min as f64 - float_range.min as f64).abs() <= range_tol + 1e-30);
-        assert!((range.max as f64 - float_range.max as f64).abs() <= range_tol + 1e-30);
-    }
-
-    /// 8-bit weight and bias gradients equal the float ones on dequantized tensors up to
-    /// float rounding.
-    fn check_gradient_q_matches_float(g: LinearGeom, seed: u64) {
-        let mut rng = Rng::new(seed);
-        let (x, e) = (
-            codes(&mut rng, g.input_len()),
-            codes(&mut rng, g.output_len()),
-        );
-        let x_q = QParams {
-            scale: 0.02 * rng.next_f32() + 0.001,
-            zero_point: zero_point(&mut rng),
-        };
-        let e_q = QParams {
-            scale: 0.002 * rng.next_f32() + 1e-4,
-            zero_point: zero_point(&mut rng),
-        };
-        let (xf, ef) = (dequantize(&x, x_q), dequantize(&e, e_q));
-        let (dw0, db0) = (
-            floats(&mut rng, g.weight_len()),
-            floats(&mut rng, g.out_features),
-        );
-        let (mut dw, mut dwf) = (dw0.clone(), dw0.clone());
-        weight_backward_q(&g, &x, x_q, &e, e_q, ChannelSet::All, &mut dw);
-        weight_backward(&g, &xf, &ef, ChannelSet::All, &mut dwf);
-        let mut mag = abs(&dw0);
-        weight_backward(&g, &abs(&xf), &abs(&ef), ChannelSet::All, &mut mag);
-        assert_close(&dw, &dwf, &mag, 1e-5);
-        let (mut db, mut dbf) = (db0.clone(), db0.clone());
-        bias_backward_q(&g, &e, e_q, ChannelSet::All, &mut db);
-        bias_backward(&g, &ef, ChannelSet::All, &mut dbf);
-        let mut mag = abs(&db0);
-        bias_backward(&g, &abs(&ef), ChannelSet::All, &mut mag);
-        assert_close(&db, &dbf, &mag, 1e-5);
     }
 }

@@ -14,6 +14,8 @@
 pub mod activation;
 pub mod add;
 pub mod arith;
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod conv2d;
 pub mod flatten;
 pub mod linear;

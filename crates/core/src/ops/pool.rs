@@ -780,6 +780,7 @@ impl InputError for GlobalPoolGeom {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::ops::contract::check_float_backward_matches_finite_differences;
     use crate::quant::{dequantize_slice, quantize_slice};
     use crate::rng::Rng;
     use std::vec::Vec;
@@ -1162,5 +1163,26 @@ mod tests {
         global_avg_input_backward(&g, &e, &mut ein);
         global_avg_input_backward_q(&g, &e_codes, e_q, ein_q, &mut ein_codes);
         assert_within_one_step(&ein_codes, ein_q, &ein, "global_backward_q");
+    }
+
+    /// The pooling layers' input errors, through the layer contract, against finite
+    /// differences of the references.
+    #[test]
+    fn layers_match_finite_differences_through_the_contract() {
+        let mut rng = Rng::new(13);
+        for (seed, g) in random_geometries(&mut rng, 25).into_iter().enumerate() {
+            let seed = seed as u64;
+            let avg = |x: &[f64], _: &[f64], _: &[f64], _: &[f64]| reference_pool(&g, x, false);
+            check_float_backward_matches_finite_differences(&AvgPool(g), &avg, seed);
+            let max = |x: &[f64], _: &[f64], _: &[f64], _: &[f64]| reference_pool(&g, x, true);
+            check_float_backward_matches_finite_differences(&MaxPool(g), &max, seed);
+        }
+        let g = GlobalPoolGeom {
+            batch: 2,
+            channels: 3,
+            spatial: 10,
+        };
+        let global = |x: &[f64], _: &[f64], _: &[f64], _: &[f64]| reference_global(&g, x);
+        check_float_backward_matches_finite_differences(&g, &global, 1);
     }
 }
