@@ -25,6 +25,7 @@
 use crate::ops::activation::{Activation, ActivationLayer};
 use crate::ops::add::AddLayer;
 use crate::ops::conv2d::{Conv2dGeom, Conv2dLayer};
+use crate::ops::conv_transpose2d::{ConvTranspose2dGeom, ConvTranspose2dLayer};
 use crate::ops::flatten::Flatten;
 use crate::ops::linear::{LinearGeom, LinearLayer};
 use crate::ops::pool::{AvgPool, GlobalPoolGeom, MaxPool, PoolGeom};
@@ -95,6 +96,25 @@ pub enum LayerKind {
     },
     /// `[c, h, w] -> [c * h * w, 1, 1]`; no data moves.
     Flatten,
+    /// Transposed 2-D convolution (PyTorch's `ConvTranspose2d`, dilation 1), with a fused
+    /// activation; its weights are output-channel major (see [`crate::ops::conv_transpose2d`]).
+    ConvTranspose2d {
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel `(height, width)`.
+        kernel: (usize, usize),
+        /// Stride `(height, width)`.
+        stride: (usize, usize),
+        /// Rows and columns `(height, width)` cropped from each side of the full output.
+        padding: (usize, usize),
+        /// Rows and columns `(height, width)` added at the bottom and right of the output,
+        /// each below its stride.
+        output_padding: (usize, usize),
+        /// Channel groups.
+        groups: usize,
+        /// Fused activation.
+        activation: Activation,
+    },
 }
 
 /// How one kind is stored in the model and plan files: its tag, its name in reports, how many
@@ -112,7 +132,7 @@ pub struct KindSpec {
 }
 
 /// Every layer kind, by file tag.
-pub const KINDS: [KindSpec; 8] = [
+pub const KINDS: [KindSpec; 9] = [
     KindSpec {
         tag: 0,
         name: "conv2d",
@@ -160,6 +180,12 @@ pub const KINDS: [KindSpec; 8] = [
         name: "flatten",
         fields: 0,
         activation: false,
+    },
+    KindSpec {
+        tag: 8,
+        name: "conv_transpose2d",
+        fields: 10,
+        activation: true,
     },
 ];
 
@@ -209,7 +235,10 @@ impl LayerKind {
 
     /// True for layers with a weight tensor and a bias.
     pub fn has_params(&self) -> bool {
-        matches!(self, LayerKind::Conv2d { .. } | LayerKind::Linear { .. })
+        matches!(
+            self,
+            LayerKind::Conv2d { .. } | LayerKind::Linear { .. } | LayerKind::ConvTranspose2d { .. }
+        )
     }
 
     /// The earlier layer whose output this layer also reads (an add's residual input).
@@ -269,6 +298,20 @@ impl LayerKind {
                 (6, None)
             }
             LayerKind::Flatten => (7, None),
+            LayerKind::ConvTranspose2d {
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                groups,
+                activation,
+            } => {
+                put(&[out_channels]);
+                values[1..7].copy_from_slice(&window_fields(kernel, stride, padding));
+                values[7..10].copy_from_slice(&[output_padding.0, output_padding.1, groups]);
+                (8, Some(activation))
+            }
         };
         KindFields {
             tag,
@@ -313,6 +356,15 @@ impl LayerKind {
             5 => LayerKind::GlobalAvgPool,
             6 => LayerKind::Add { skip_from: f(0) },
             7 => LayerKind::Flatten,
+            8 => LayerKind::ConvTranspose2d {
+                out_channels: f(0),
+                kernel: pair(1),
+                stride: pair(3),
+                padding: pair(5),
+                output_padding: pair(7),
+                groups: f(9),
+                activation: activation?,
+            },
             _ => return None,
         })
     }
@@ -414,6 +466,34 @@ impl LayerKind {
                 shape: input,
                 batch,
             }),
+            LayerKind::ConvTranspose2d {
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                output_padding,
+                groups,
+                activation,
+            } => {
+                let geom = ConvTranspose2dGeom {
+                    batch,
+                    in_channels: c,
+                    in_h: h,
+                    in_w: w,
+                    out_channels,
+                    kernel_h: kernel.0,
+                    kernel_w: kernel.1,
+                    stride_h: stride.0,
+                    stride_w: stride.1,
+                    pad_h: padding.0,
+                    pad_w: padding.1,
+                    output_pad_h: output_padding.0,
+                    output_pad_w: output_padding.1,
+                    groups,
+                };
+                geom.validate()?;
+                Layer::ConvTranspose2d(ConvTranspose2dLayer { geom, activation })
+            }
         })
     }
 }
@@ -438,6 +518,8 @@ pub enum Layer {
     Add(AddLayer),
     /// Reshape to a vector.
     Flatten(Flatten),
+    /// Transposed convolution.
+    ConvTranspose2d(ConvTranspose2dLayer),
 }
 
 impl Layer {
@@ -452,6 +534,7 @@ impl Layer {
             Layer::GlobalAvgPool(l) => l,
             Layer::Add(l) => l,
             Layer::Flatten(l) => l,
+            Layer::ConvTranspose2d(l) => l,
         }
     }
 
@@ -685,7 +768,7 @@ mod tests {
     use super::*;
 
     /// One kind of every tag with distinct field values.
-    pub(crate) fn every_kind() -> [LayerKind; 8] {
+    pub(crate) fn every_kind() -> [LayerKind; 9] {
         [
             LayerKind::Conv2d {
                 out_channels: 8,
@@ -713,6 +796,15 @@ mod tests {
             LayerKind::GlobalAvgPool,
             LayerKind::Add { skip_from: 3 },
             LayerKind::Flatten,
+            LayerKind::ConvTranspose2d {
+                out_channels: 6,
+                kernel: (3, 2),
+                stride: (2, 1),
+                padding: (1, 0),
+                output_padding: (1, 0),
+                groups: 2,
+                activation: Activation::Relu,
+            },
         ]
     }
 
@@ -745,7 +837,7 @@ mod tests {
     #[test]
     fn resolved_layers_report_their_shapes_and_parameters() {
         let input = [4, 6, 5];
-        let shapes: [(Shape, Option<(usize, usize)>); 8] = [
+        let shapes: [(Shape, Option<(usize, usize)>); 9] = [
             ([8, 3, 5], Some((8, 2 * 3))),
             ([5, 1, 1], Some((5, 120))),
             ([4, 6, 5], None),
@@ -754,6 +846,8 @@ mod tests {
             ([4, 1, 1], None),
             ([4, 6, 5], None),
             ([120, 1, 1], None),
+            // (6 - 1) * 2 - 2 + 3 + 1 rows, (5 - 1) + 2 columns.
+            ([6, 12, 6], Some((6, 2 * 3 * 2))),
         ];
         for (kind, (shape, params)) in every_kind().into_iter().zip(shapes) {
             let layer = kind.resolve(input, 2).expect("valid");
@@ -772,6 +866,19 @@ mod tests {
             activation: Activation::None,
         };
         assert_eq!(bad.resolve(input, 1), Err(OpError::BadGroups));
+        let output_padding_at_the_stride = LayerKind::ConvTranspose2d {
+            out_channels: 2,
+            kernel: (3, 3),
+            stride: (2, 1),
+            padding: (0, 0),
+            output_padding: (2, 0),
+            groups: 1,
+            activation: Activation::None,
+        };
+        assert_eq!(
+            output_padding_at_the_stride.resolve(input, 1),
+            Err(OpError::KernelTooLarge)
+        );
         assert_eq!(
             LayerKind::Flatten.resolve([0, 1, 1], 1),
             Err(OpError::ZeroSize)

@@ -189,6 +189,84 @@ fn fashion_shift_int8_trains_byte_for_byte_on_qemu_m4_and_the_host() {
     assert!(figure("flash_bytes") > figure("plan_file_bytes"));
 }
 
+/// A small encoder-decoder for 1x28x28 images whose every layer trains: a strided
+/// convolution down to 14x14, a transposed convolution back up to 28x28, a strided
+/// convolution, global pooling, a classifier; seeded float32 weights and their int8 form.
+fn transposed_conv_models(dir: &Path) -> (PathBuf, PathBuf) {
+    use mcutrain::model::{zoo, Architecture, Layer, LayerKind};
+    use mcutrain_core::ops::activation::Activation;
+    let conv = |out, stride| LayerKind::Conv2d {
+        out_channels: out,
+        kernel: (3, 3),
+        stride: (stride, stride),
+        padding: (1, 1),
+        groups: 1,
+        activation: Activation::Relu,
+    };
+    let layers = [
+        ("down", conv(6, 2)),
+        (
+            "up",
+            LayerKind::ConvTranspose2d {
+                out_channels: 4,
+                kernel: (3, 3),
+                stride: (2, 2),
+                padding: (1, 1),
+                output_padding: (1, 1),
+                groups: 1,
+                activation: Activation::Relu6,
+            },
+        ),
+        ("mix", conv(8, 2)),
+        ("pool", LayerKind::GlobalAvgPool),
+        (
+            "classifier",
+            LayerKind::Linear {
+                out_features: 10,
+                activation: Activation::None,
+            },
+        ),
+    ];
+    let arch = Architecture {
+        input: [1, 28, 28],
+        classes: 10,
+        layers: layers
+            .into_iter()
+            .map(|(name, kind)| Layer {
+                name: name.into(),
+                kind,
+            })
+            .collect(),
+    };
+    let float = zoo::init_float(&arch, 5).unwrap();
+    let calibration = corrupted(Split::Train, 64);
+    let int8 = mcutrain::quantize::quantize(&float, &calibration, 64).unwrap();
+    let paths = (dir.join("up-float32.mcut"), dir.join("up-int8.mcut"));
+    format::save(&paths.0, &float).unwrap();
+    format::save(&paths.1, &int8).unwrap();
+    (paths.0, paths.1)
+}
+
+#[test]
+fn a_transposed_convolution_trains_byte_for_byte_on_qemu_m4_and_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (float, int8) = transposed_conv_models(dir.path());
+    // Every layer trains: the transposed convolution's forward, input error, weight and bias
+    // gradients and updates all run on the device.
+    for (model, method) in [(&int8, "fqt"), (&float, "float")] {
+        let device = train_on_host_and_device(
+            model,
+            &["--method", method, "--update", "all", "--lr", "0.01"],
+        );
+        let layers = device["instructions_per_layer"].as_array().unwrap();
+        let up = layers.iter().find(|l| l["layer"] == "up").unwrap();
+        assert_eq!(up["op"], "conv_transpose2d");
+        for phase in ["forward", "backward", "update"] {
+            assert!(up[phase].as_u64().unwrap() > 0, "{method}: {up}");
+        }
+    }
+}
+
 #[test]
 fn a_device_evaluates_like_the_host_twin_on_qemu_m7() {
     let dir = tempfile::tempdir().unwrap();

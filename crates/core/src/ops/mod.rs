@@ -17,6 +17,7 @@ pub mod arith;
 #[cfg(test)]
 pub(crate) mod contract;
 pub mod conv2d;
+pub mod conv_transpose2d;
 pub mod flatten;
 pub mod linear;
 pub mod loss;

@@ -23,7 +23,7 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
     for (i, &(kind, out, k3, s2, act)) in choices.iter().enumerate() {
         let shape = *shapes.last().unwrap();
         let (k, s) = (if k3 { 3 } else { 1 }, if s2 { 2 } else { 1 });
-        let kind = match kind % 9 {
+        let kind = match kind % 10 {
             0 | 1 => LayerKind::Conv2d {
                 out_channels: out,
                 kernel: (k, k),
@@ -63,10 +63,20 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
                     padding: (1, 1),
                 },
             ][act as usize % 4],
-            _ => LayerKind::AvgPool {
+            8 => LayerKind::AvgPool {
                 kernel: (2, 2),
                 stride: (2, 2),
                 padding: (0, 0),
+            },
+            // Upsampling by the stride: `H_out = (H - 1) s - 2p + k + (s - 1) = s H`.
+            _ => LayerKind::ConvTranspose2d {
+                out_channels: out,
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (k / 2, k / 2),
+                output_padding: (s - 1, s - 1),
+                groups: 1,
+                activation: activation(act),
             },
         };
         arch.layers.push(Layer {
