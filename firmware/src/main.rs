@@ -1,6 +1,6 @@
 //! mcutrain firmware for Cortex-M4F/M7F (thumbv7em-none-eabihf).
 //!
-//! Built with a plan (`MCUTRAIN_PLAN`, see `build.rs`) it is a training program ([`train`]):
+//! Built with a plan (`MCUTRAIN_PLAN`, see `build.rs`) it is a training program (`train.rs`):
 //! the plan is read in place from flash, samples arrive one at a time from the host (the
 //! stand-in for a sensor: semihosting files under QEMU, the UART on a board), and the device
 //! trains, evaluates and sends back the trained state and its measurements. Built without one

@@ -28,17 +28,12 @@ use crate::ops::conv2d::{Conv2dGeom, Conv2dLayer};
 use crate::ops::conv_transpose2d::{ConvTranspose2dGeom, ConvTranspose2dLayer};
 use crate::ops::flatten::Flatten;
 use crate::ops::linear::{LinearGeom, LinearLayer};
+pub use crate::ops::operator::{
+    numel, FloatParams, InputError, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
+};
 use crate::ops::pool::{AvgPool, GlobalPoolGeom, MaxPool, PoolGeom};
-use crate::ops::{checked_product, ChannelSet, OpError, WeightParts};
-use crate::quant::{QParams, QTensor, RealRange};
-
-/// Per-sample shape of a tensor: `[channels, height, width]` (a vector is `[n, 1, 1]`).
-pub type Shape = [usize; 3];
-
-/// Elements of one sample of a tensor of shape `shape`.
-pub fn numel(shape: Shape) -> usize {
-    shape[0] * shape[1] * shape[2]
-}
+use crate::ops::weighted::WeightedKernels;
+use crate::ops::{checked_product, OpError};
 
 /// What a layer computes: the operator and its hyper-parameters, independent of the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,10 +217,12 @@ impl LayerKind {
         KINDS[self.fields().tag as usize]
     }
 
-    /// Short operator name used in reports (`conv2d(grouped)` for a grouped convolution).
+    /// Short operator name used in reports (`conv2d(grouped)`, `conv_transpose2d(grouped)` for
+    /// grouped convolutions).
     pub fn name(&self) -> &'static str {
         match self {
             LayerKind::Conv2d { groups, .. } if *groups > 1 => "conv2d(grouped)",
+            LayerKind::ConvTranspose2d { groups, .. } if *groups > 1 => "conv_transpose2d(grouped)",
             LayerKind::Activation(Activation::Relu) => "relu",
             LayerKind::Activation(Activation::Relu6) => "relu6",
             LayerKind::Activation(Activation::None) => "identity",
@@ -551,216 +548,19 @@ impl Layer {
     pub fn params(&self) -> Option<ParamShape> {
         self.op().parametric().map(|p| p.param_shape())
     }
-}
-
-/// The parameters of a layer: `channels` output channels (bias elements, structures of the
-/// updates), each with `structure` weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ParamShape {
-    /// Output channels.
-    pub channels: usize,
-    /// Weights per output channel.
-    pub structure: usize,
-}
-
-impl ParamShape {
-    /// Elements of the weight tensor: `channels * structure`.
-    pub fn weight_len(&self) -> usize {
-        self.channels * self.structure
-    }
-}
-
-/// Float parameters of one forward call (both empty for layers without parameters).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FloatParams<'a> {
-    /// Weights, output-channel major.
-    pub weight: &'a [f32],
-    /// Bias, one per output channel.
-    pub bias: &'a [f32],
-}
-
-/// 8-bit weights: codes (possibly in two parts) and their quantization, one entry (per
-/// tensor) or one per output channel.
-#[derive(Clone, Copy, Debug)]
-pub struct QWeights<'a> {
-    /// Weight codes, output-channel major.
-    pub codes: WeightParts<'a, i8>,
-    /// Weight quantization.
-    pub q: &'a [QParams],
-}
-
-impl QWeights<'_> {
-    /// No weights (layers without parameters).
-    pub const NONE: QWeights<'static> = QWeights {
-        codes: WeightParts {
-            head: &[],
-            tail: &[],
-        },
-        q: &[],
-    };
-}
-
-/// 8-bit parameters of one forward call.
-#[derive(Clone, Copy, Debug)]
-pub struct QParameters<'a> {
-    /// Weights.
-    pub weight: QWeights<'a>,
-    /// `i32` bias, `real = bias_scale * b`.
-    pub bias: &'a [i32],
-    /// Real value of one bias unit.
-    pub bias_scale: f32,
-}
-
-impl QParameters<'_> {
-    /// No parameters (layers without them).
-    pub const NONE: QParameters<'static> = QParameters {
-        weight: QWeights::NONE,
-        bias: &[],
-        bias_scale: 0.0,
-    };
-}
-
-/// One operator at its geometry: shapes, flags and the forward kernels (see the module
-/// documentation for the kernels' conventions). Implemented in each operator's module.
-pub trait Operator {
-    /// Per-sample output shape.
-    fn output_shape(&self) -> Shape;
-
-    /// Elements of the input of the whole batch.
-    fn input_len(&self) -> usize;
-
-    /// Elements of the output of the whole batch.
-    fn output_len(&self) -> usize;
-
-    /// Multiply-accumulates of one forward pass of the whole batch.
-    fn macs(&self) -> usize {
-        0
-    }
-
-    /// Scratch bytes its kernels need (what a static planner reserves; CMSIS-NN's
-    /// `get_buffer_size`).
-    fn scratch_bytes(&self) -> usize {
-        0
-    }
-
-    /// True when no accumulator of its 8-bit kernels can overflow at this geometry.
-    fn fits_int8_limits(&self) -> bool {
-        true
-    }
-
-    /// The clamp its output went through (a fused or standalone activation; 8-bit outputs are
-    /// also saturated), which the backward pass undoes with an activation mask; `None` for
-    /// layers that clamp nothing.
-    fn output_clamp(&self) -> Option<Activation> {
-        None
-    }
-
-    /// The earlier layer whose output the layer also reads (model tensor `skip_from + 1`).
-    fn skip_from(&self) -> Option<usize> {
-        None
-    }
-
-    /// The output keeps the input's codes and quantization (it shares the input's range
-    /// tracker).
-    fn preserves_codes(&self) -> bool {
-        false
-    }
-
-    /// The output is the input's buffer reinterpreted: no data moves and no step runs.
-    fn aliases_input(&self) -> bool {
-        false
-    }
-
-    /// `y = f(x, skip, params)` in float, the fused activation included; overwrites `y`.
-    /// `skip` and `params` are empty where the layer has none.
-    fn forward(&self, x: &[f32], skip: &[f32], params: FloatParams, y: &mut [f32]);
-
-    /// The 8-bit forward: `y` in the quantization `y_q` (ignored by layers that keep their
-    /// input's codes, [`Self::preserves_codes`]); returns the real range before saturation
-    /// (empty for layers that only move codes). `skip` is empty and `params`
-    /// [`QParameters::NONE`] where the layer has none.
-    fn forward_q(
-        &self,
-        x: QTensor,
-        skip: QTensor,
-        params: QParameters,
-        y_q: QParams,
-        y: &mut [i8],
-    ) -> RealRange;
-
-    /// The kernels that compute the input error; `None` when the (masked) output error is the
-    /// error of the input, and of the residual input too.
-    fn input_error(&self) -> Option<&dyn InputError> {
-        None
-    }
-
-    /// The weights and bias with their gradients; `None` for layers without parameters.
-    fn parametric(&self) -> Option<&dyn Parametric> {
-        None
-    }
-}
-
-/// The input error of a layer from its (masked) output error, over the selected output
-/// channels (every channel for layers without parameters).
-pub trait InputError {
-    /// The kernels also read the layer's input (max pooling re-derives its argmax).
-    fn reads_input(&self) -> bool {
-        false
-    }
-
-    /// Float input error; overwrites `in_err`. `x` is empty unless [`Self::reads_input`],
-    /// `weight` empty for layers without parameters.
-    fn input_backward(
-        &self,
-        x: &[f32],
-        weight: &[f32],
-        out_err: &[f32],
-        channels: ChannelSet,
-        in_err: &mut [f32],
-    );
-
-    /// 8-bit input error in the quantization `in_err_q`; overwrites `in_err` and returns its
-    /// real range before saturation.
-    #[allow(clippy::too_many_arguments)] // tensors with their quantization, side by side
-    fn input_backward_q(
-        &self,
-        x: QTensor,
-        weight: QWeights,
-        out_err: QTensor,
-        channels: ChannelSet,
-        in_err_q: QParams,
-        in_err: &mut [i8],
-    ) -> RealRange;
-}
-
-/// A layer with weights and a bias: their shape and gradients (added into `grad`, over the
-/// selected output channels).
-pub trait Parametric {
-    /// Output channels and weights per channel.
-    fn param_shape(&self) -> ParamShape;
 
     /// The layer restricted to its first `channels` output channels, whose input, output and
     /// weights at batch 1 are prefixes of this layer's (the trained channels of a sparse
-    /// update); `None` when they do not form such a layer (say, a part of a channel group).
-    fn channel_prefix(&self, channels: usize) -> Option<Layer>;
-
-    /// `dw += dL/dw` in float.
-    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]);
-
-    /// `db += dL/db` in float.
-    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]);
-
-    /// `dw += dL/dw` from 8-bit input and error (real units).
-    fn weight_backward_q(
-        &self,
-        x: QTensor,
-        out_err: QTensor,
-        channels: ChannelSet,
-        grad: &mut [f32],
-    );
-
-    /// `db += dL/db` from the 8-bit error (real units).
-    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]);
+    /// update); `None` for a layer without parameters or when the channels do not form such a
+    /// layer (say, a part of a channel group).
+    pub fn channel_prefix(&self, channels: usize) -> Option<Layer> {
+        match self {
+            Layer::Conv2d(l) => l.channel_prefix(channels).map(Layer::Conv2d),
+            Layer::ConvTranspose2d(l) => l.channel_prefix(channels).map(Layer::ConvTranspose2d),
+            Layer::Linear(l) => l.channel_prefix(channels).map(Layer::Linear),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -832,6 +632,26 @@ mod tests {
             assert_eq!(LayerKind::from_fields(f.tag, f.used(), flipped), None);
         }
         assert_eq!(LayerKind::from_fields(KINDS.len() as u8, &[], None), None);
+    }
+
+    #[test]
+    fn report_names_mark_grouped_convolutions() {
+        for kind in every_kind() {
+            let groups = match kind {
+                LayerKind::Conv2d { groups, .. } | LayerKind::ConvTranspose2d { groups, .. } => {
+                    groups
+                }
+                _ => 1,
+            };
+            let table_name = KINDS[kind.fields().tag as usize].name;
+            match kind {
+                LayerKind::Activation(_) => assert_ne!(kind.name(), table_name),
+                _ if groups > 1 => {
+                    assert_eq!(kind.name().strip_suffix("(grouped)"), Some(table_name))
+                }
+                _ => assert_eq!(kind.name(), table_name),
+            }
+        }
     }
 
     #[test]

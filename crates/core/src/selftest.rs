@@ -36,10 +36,12 @@
 use crate::codec;
 use crate::ops::activation::Activation;
 use crate::ops::arith::QLayerParams;
-use crate::ops::conv2d::{self, Conv2dGeom};
-use crate::ops::linear::{self, LinearGeom};
-use crate::ops::{ChannelSet, OpError};
-use crate::quant::{QParams, RangeEma, RealRange, Q_MAX, Q_MIN};
+use crate::ops::conv2d::{Conv2dGeom, Conv2dLayer};
+use crate::ops::linear::{LinearGeom, LinearLayer};
+use crate::ops::operator::Parametric;
+use crate::ops::weighted::WeightedKernels;
+use crate::ops::{ChannelSet, OpError, WeightParts};
+use crate::quant::{QParams, QTensor, RangeEma, RealRange, Q_MAX, Q_MIN};
 use crate::update::{self, FqtUpdateConfig, GradStats};
 
 /// First bytes of an encoded job.
@@ -184,25 +186,25 @@ pub struct SelfTest<'a> {
 /// Everything a self-test computes. Gradients start at zero, the update state at the job's.
 #[derive(Debug)]
 pub struct Results<'a> {
-    /// `conv2d::forward_q` output codes.
+    /// `Conv2dGeom::forward_q` output codes.
     pub conv_output: &'a mut [i8],
-    /// `conv2d::forward_q` real output range.
+    /// `Conv2dGeom::forward_q` real output range.
     pub conv_output_range: RealRange,
-    /// `conv2d::input_backward_q` input error codes.
+    /// `Conv2dGeom::input_backward_q` input error codes.
     pub conv_in_err: &'a mut [i8],
-    /// `conv2d::input_backward_q` real range.
+    /// `Conv2dGeom::input_backward_q` real range.
     pub conv_in_err_range: RealRange,
-    /// `conv2d::weight_backward_q` gradient.
+    /// `Conv2dGeom::weight_backward_q` gradient.
     pub conv_weight_grad: &'a mut [f32],
-    /// `conv2d::bias_backward_q` gradient.
+    /// `Conv2dLayer::bias_backward_q` gradient.
     pub conv_bias_grad: &'a mut [f32],
-    /// `linear::forward` output.
+    /// `LinearGeom::forward` output.
     pub linear_output: &'a mut [f32],
-    /// `linear::input_backward` input error.
+    /// `LinearGeom::input_backward` input error.
     pub linear_in_err: &'a mut [f32],
-    /// `linear::weight_backward` gradient.
+    /// `LinearGeom::weight_backward` gradient.
     pub linear_weight_grad: &'a mut [f32],
-    /// `linear::bias_backward` gradient.
+    /// `LinearLayer::bias_backward` gradient.
     pub linear_bias_grad: &'a mut [f32],
     /// Weight codes after `update::fqt_update_weights`.
     pub update_weights: &'a mut [i8],
@@ -266,19 +268,19 @@ impl Output {
         Output::UpdateStats,
     ];
 
-    /// Kernel and value, e.g. `"conv2d::forward_q output"`.
+    /// Kernel and value, e.g. `"Conv2dGeom::forward_q output"`.
     pub const fn name(self) -> &'static str {
         match self {
-            Output::ConvOutput => "conv2d::forward_q output",
-            Output::ConvOutputRange => "conv2d::forward_q range",
-            Output::ConvInErr => "conv2d::input_backward_q input error",
-            Output::ConvInErrRange => "conv2d::input_backward_q range",
-            Output::ConvWeightGrad => "conv2d::weight_backward_q gradient",
-            Output::ConvBiasGrad => "conv2d::bias_backward_q gradient",
-            Output::LinearOutput => "linear::forward output",
-            Output::LinearInErr => "linear::input_backward input error",
-            Output::LinearWeightGrad => "linear::weight_backward gradient",
-            Output::LinearBiasGrad => "linear::bias_backward gradient",
+            Output::ConvOutput => "Conv2dGeom::forward_q output",
+            Output::ConvOutputRange => "Conv2dGeom::forward_q range",
+            Output::ConvInErr => "Conv2dGeom::input_backward_q input error",
+            Output::ConvInErrRange => "Conv2dGeom::input_backward_q range",
+            Output::ConvWeightGrad => "Conv2dGeom::weight_backward_q gradient",
+            Output::ConvBiasGrad => "Conv2dLayer::bias_backward_q gradient",
+            Output::LinearOutput => "LinearGeom::forward output",
+            Output::LinearInErr => "LinearGeom::input_backward input error",
+            Output::LinearWeightGrad => "LinearGeom::weight_backward gradient",
+            Output::LinearBiasGrad => "LinearLayer::bias_backward gradient",
             Output::UpdateWeights => "update::fqt_update_weights weights",
             Output::UpdateWeightQ => "update::fqt_update_weights qparams",
             Output::UpdateRange => "update::fqt_update_weights range",
@@ -294,21 +296,21 @@ impl Output {
 /// The kernel calls of [`run`], in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// `conv2d::forward_q`.
+    /// `Conv2dGeom::forward_q`.
     Conv2dForwardQ,
-    /// `conv2d::input_backward_q`.
+    /// `Conv2dGeom::input_backward_q`.
     Conv2dInputBackwardQ,
-    /// `conv2d::weight_backward_q`.
+    /// `Conv2dGeom::weight_backward_q`.
     Conv2dWeightBackwardQ,
-    /// `conv2d::bias_backward_q`.
+    /// `Conv2dLayer::bias_backward_q`.
     Conv2dBiasBackwardQ,
-    /// `linear::forward`.
+    /// `LinearGeom::forward`.
     LinearForward,
-    /// `linear::input_backward`.
+    /// `LinearGeom::input_backward`.
     LinearInputBackward,
-    /// `linear::weight_backward`.
+    /// `LinearGeom::weight_backward`.
     LinearWeightBackward,
-    /// `linear::bias_backward`.
+    /// `LinearLayer::bias_backward`.
     LinearBiasBackward,
     /// `update::fqt_update_weights`.
     FqtUpdateWeights,
@@ -328,17 +330,17 @@ impl Kernel {
         Kernel::FqtUpdateWeights,
     ];
 
-    /// Path of the kernel function, e.g. `"conv2d::forward_q"`.
+    /// Path of the kernel function, e.g. `"Conv2dGeom::forward_q"`.
     pub const fn name(self) -> &'static str {
         match self {
-            Kernel::Conv2dForwardQ => "conv2d::forward_q",
-            Kernel::Conv2dInputBackwardQ => "conv2d::input_backward_q",
-            Kernel::Conv2dWeightBackwardQ => "conv2d::weight_backward_q",
-            Kernel::Conv2dBiasBackwardQ => "conv2d::bias_backward_q",
-            Kernel::LinearForward => "linear::forward",
-            Kernel::LinearInputBackward => "linear::input_backward",
-            Kernel::LinearWeightBackward => "linear::weight_backward",
-            Kernel::LinearBiasBackward => "linear::bias_backward",
+            Kernel::Conv2dForwardQ => "Conv2dGeom::forward_q",
+            Kernel::Conv2dInputBackwardQ => "Conv2dGeom::input_backward_q",
+            Kernel::Conv2dWeightBackwardQ => "Conv2dGeom::weight_backward_q",
+            Kernel::Conv2dBiasBackwardQ => "Conv2dLayer::bias_backward_q",
+            Kernel::LinearForward => "LinearGeom::forward",
+            Kernel::LinearInputBackward => "LinearGeom::input_backward",
+            Kernel::LinearWeightBackward => "LinearGeom::weight_backward",
+            Kernel::LinearBiasBackward => "LinearLayer::bias_backward",
             Kernel::FqtUpdateWeights => "update::fqt_update_weights",
         }
     }
@@ -368,44 +370,53 @@ pub fn run(job: &SelfTest<'_>, results: &mut Results<'_>, probe: &mut impl Probe
     let c = &job.conv;
     let r = results;
     r.conv_output_range = probe.measure(Kernel::Conv2dForwardQ, || {
-        conv2d::forward_q(&c.geom, c.input, c.weight, c.bias, &c.layer, r.conv_output)
+        let weight = WeightParts::whole(c.weight);
+        c.geom
+            .forward_q(c.input, weight, c.bias, &c.layer, r.conv_output)
     });
     r.conv_in_err_range = probe.measure(Kernel::Conv2dInputBackwardQ, || {
         let (weight_q, err_q) = (c.layer.weight, c.out_err_q);
         let in_err = &mut *r.conv_in_err;
-        conv2d::input_backward_q(
-            &c.geom, c.weight, weight_q, c.out_err, err_q, c.channels, c.in_err_q, in_err,
+        let weight = WeightParts::whole(c.weight);
+        c.geom.input_backward_q(
+            weight, weight_q, c.out_err, err_q, c.channels, c.in_err_q, in_err,
         )
     });
     probe.measure(Kernel::Conv2dWeightBackwardQ, || {
         let (input_q, err_q, grad) = (c.layer.input, c.out_err_q, &mut *r.conv_weight_grad);
-        conv2d::weight_backward_q(
-            &c.geom, c.input, input_q, c.out_err, err_q, c.channels, grad,
-        )
+        c.geom
+            .weight_backward_q(c.input, input_q, c.out_err, err_q, c.channels, grad)
     });
     probe.measure(Kernel::Conv2dBiasBackwardQ, || {
-        conv2d::bias_backward_q(
-            &c.geom,
-            c.out_err,
-            c.out_err_q,
-            c.channels,
-            r.conv_bias_grad,
-        )
+        let layer = Conv2dLayer {
+            geom: c.geom,
+            activation: c.layer.activation,
+        };
+        let err = QTensor {
+            codes: c.out_err,
+            q: c.out_err_q,
+        };
+        layer.bias_backward_q(err, c.channels, r.conv_bias_grad)
     });
 
     let l = &job.linear;
     probe.measure(Kernel::LinearForward, || {
-        linear::forward(&l.geom, l.input, l.weight, l.bias, r.linear_output)
+        l.geom.forward(l.input, l.weight, l.bias, r.linear_output)
     });
     probe.measure(Kernel::LinearInputBackward, || {
-        linear::input_backward(&l.geom, l.weight, l.out_err, l.channels, r.linear_in_err)
+        l.geom
+            .input_backward(l.weight, l.out_err, l.channels, r.linear_in_err)
     });
     probe.measure(Kernel::LinearWeightBackward, || {
         let grad = &mut *r.linear_weight_grad;
-        linear::weight_backward(&l.geom, l.input, l.out_err, l.channels, grad)
+        l.geom.weight_backward(l.input, l.out_err, l.channels, grad)
     });
     probe.measure(Kernel::LinearBiasBackward, || {
-        linear::bias_backward(&l.geom, l.out_err, l.channels, r.linear_bias_grad)
+        let layer = LinearLayer {
+            geom: l.geom,
+            activation: Activation::None,
+        };
+        layer.bias_backward(l.out_err, l.channels, r.linear_bias_grad)
     });
 
     let u = &job.update;
@@ -1373,23 +1384,30 @@ mod tests {
 
         let c = &job.conv;
         let mut y = std::vec![0i8; c.geom.output_len()];
-        conv2d::forward_q(&c.geom, c.input, c.weight, c.bias, &c.layer, &mut y);
+        let weight = WeightParts::whole(c.weight);
+        c.geom.forward_q(c.input, weight, c.bias, &c.layer, &mut y);
         assert_eq!(block(Output::ConvOutput), as_i8(&y));
         let mut e = std::vec![0i8; c.geom.input_len()];
         let (wq, eq) = (c.layer.weight, c.out_err_q);
-        conv2d::input_backward_q(
-            &c.geom, c.weight, wq, c.out_err, eq, c.channels, c.in_err_q, &mut e,
+        c.geom.input_backward_q(
+            WeightParts::whole(c.weight),
+            wq,
+            c.out_err,
+            eq,
+            c.channels,
+            c.in_err_q,
+            &mut e,
         );
         assert_eq!(block(Output::ConvInErr), as_i8(&e));
         let mut dw = std::vec![0f32; c.geom.weight_len()];
         let xq = c.layer.input;
-        conv2d::weight_backward_q(&c.geom, c.input, xq, c.out_err, eq, c.channels, &mut dw);
+        Conv2dGeom::weight_backward_q(&c.geom, c.input, xq, c.out_err, eq, c.channels, &mut dw);
         assert_eq!(block(Output::ConvWeightGrad), as_f32(&dw));
         assert!(dw.iter().any(|&g| g != 0.0));
 
         let l = &job.linear;
         let mut y = std::vec![0f32; l.geom.output_len()];
-        linear::forward(&l.geom, l.input, l.weight, l.bias, &mut y);
+        LinearGeom::forward(&l.geom, l.input, l.weight, l.bias, &mut y);
         assert_eq!(block(Output::LinearOutput), as_f32(&y));
 
         let u = &job.update;

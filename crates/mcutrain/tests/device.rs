@@ -10,6 +10,7 @@ use mcutrain::device::selftest::{
     compare_results, run_on_device, run_on_host, Measurements, SelfTestInputs, CONV_GEOMETRIES,
 };
 use mcutrain::device::{Budget, DeviceError, Firmware, Image, Machine, Program, Qemu};
+use mcutrain_core::ops::weighted::WeightedKernels;
 use mcutrain_core::selftest::Kernel;
 
 fn image(budget: &Budget) -> Image {

@@ -5,45 +5,9 @@
 //! the output codes or from a 1-bit clamp mask of them. None of these functions needs scratch
 //! memory.
 
-use crate::layer::{numel, FloatParams, Operator, QParameters, Shape};
-use crate::quant::{QParams, QTensor, RealRange, Q_MAX, Q_MIN};
-
-/// An element-wise activation, fused into an operator or applied on its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// Identity: `y = x`.
-    None,
-    /// `y = max(x, 0)`.
-    Relu,
-    /// `y = min(max(x, 0), 6)`.
-    Relu6,
-}
-
-impl Activation {
-    /// The real interval the activation clamps to: `(-inf, +inf)`, `(0, +inf)` or `(0, 6)`.
-    pub fn real_bounds(self) -> (f32, f32) {
-        match self {
-            Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-            Activation::Relu => (0.0, f32::INFINITY),
-            Activation::Relu6 => (0.0, 6.0),
-        }
-    }
-
-    /// The same clamp in the code domain of `q`: `(lo, hi)` with
-    /// `lo = clamp(z + round(lo_real / s), -128, 127)` and likewise `hi`; an infinite bound maps
-    /// to the storage limit. Real 0 is the code `z` exactly.
-    pub fn code_bounds(self, q: QParams) -> (i32, i32) {
-        let (lo, hi) = self.real_bounds();
-        let code = |real: f32, limit: i32| {
-            if real.is_finite() {
-                q.quantize(real) as i32
-            } else {
-                limit
-            }
-        };
-        (code(lo, Q_MIN), code(hi, Q_MAX))
-    }
-}
+pub use crate::ops::operator::Activation;
+use crate::ops::operator::{numel, FloatParams, Operator, QParameters, Shape};
+use crate::quant::{QParams, QTensor, RealRange};
 
 /// `output[i] = clamp(input[i], lo, hi)` with `(lo, hi)` = [`Activation::real_bounds`].
 /// Scratch: none.

@@ -2,7 +2,7 @@
 //! 8-bit. The quantized form also sums two quantized error tensors where a tensor feeds two
 //! consumers. No function here needs scratch memory.
 
-use crate::layer::{numel, FloatParams, Operator, QParameters, Shape};
+use crate::ops::operator::{numel, FloatParams, Operator, QParameters, Shape};
 use crate::quant::{QParams, QTensor, RealRange, Requant, Q_MAX, Q_MIN};
 
 /// Left shift applied to both zero-centred inputs before rescaling, so that rescaling them to

@@ -1,17 +1,16 @@
 //! Arithmetic shared by the operator kernels: the accumulator and term types that let one loop
 //! serve the float and the 8-bit forms, the row helpers (`axpy`, `dot`), the index arithmetic
 //! of strided windows, the channel sums of bias gradients, and the 8-bit requantization of
-//! outputs ([`OutputChannel`]) and input errors ([`requantize_input_error`]).
+//! outputs (`OutputChannel`) and input errors (`requantize_input_error`).
 //!
 //! A float enters a sum as itself, an `i8` code as `q - z` in an `i32` (or `i64`) accumulator
-//! ([`Term`], [`Acc`]). Results are accumulated in blocks of at most [`BLOCK`] values on the
+//! (`Term`, `Acc`). Results are accumulated in blocks of at most `BLOCK` values on the
 //! stack, so no kernel built on these helpers needs scratch memory. Float sums run in a fixed
 //! order, so the host and the MCU get the same bits.
 
 use core::ops::{Add, AddAssign, Mul, Range};
 
 use crate::ops::activation::Activation;
-use crate::ops::ChannelSet;
 use crate::quant::{QParams, RealRange, Requant, Q_MAX, Q_MIN};
 
 // ---------------------------------------------------------------------------------------------
@@ -76,6 +75,24 @@ impl Term<i64> for i8 {
 
 /// Most products one `i32` accumulator of the 8-bit kernels may sum (`33 025 * 255^2 < 2^31`).
 pub const MAX_ACCUMULATED_TERMS: usize = 33_025;
+
+/// True when the 8-bit sums of a convolution (plain or transposed) stay in range: forward sums
+/// of at most `in_per_group * kernel_h * kernel_w` products and input-error sums of
+/// `out_per_group * kernel_h * kernel_w`, each up to [`MAX_ACCUMULATED_TERMS`], and fewer than
+/// 2^24 output positions per channel (the partial-update scores).
+pub fn convolution_fits_int8_limits(
+    (in_per_group, out_per_group): (usize, usize),
+    (kernel_h, kernel_w): (usize, usize),
+    (out_h, out_w): (usize, usize),
+) -> bool {
+    // In `u64`: on a 32-bit target the products of `u16` fields may not fit a `usize`.
+    let wide = |v: usize| v as u64;
+    let taps = wide(kernel_h) * wide(kernel_w);
+    let max_terms = MAX_ACCUMULATED_TERMS as u64;
+    wide(in_per_group) * taps <= max_terms
+        && wide(out_per_group) * taps <= max_terms
+        && wide(out_h) * wide(out_w) < 1 << 24
+}
 
 /// Results accumulated at once on the stack (one register block).
 pub(crate) const BLOCK: usize = 16;
@@ -199,28 +216,6 @@ pub(crate) fn intersect(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
     a.start.max(b.start)..a.end.min(b.end)
 }
 
-/// Per selected channel `o`: `sum_{n, p} term(e[n][o][p])` over a `[batch][count][plane]`
-/// tensor, totalled in `W` and handed to `emit(o, sum)`.
-pub(crate) fn channel_sums<X: Term<A>, A: Acc, W: Acc + From<A>>(
-    batch: usize,
-    count: usize,
-    plane: usize,
-    err: &[X],
-    ze: A,
-    channels: ChannelSet,
-    emit: &mut impl FnMut(usize, W),
-) {
-    for o in channels.iter(count) {
-        let mut sum = W::default();
-        for n in 0..batch {
-            for &e in &err[(n * count + o) * plane..][..plane] {
-                sum += W::from(e.term(ze));
-            }
-        }
-        emit(o, sum);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Requantization.
 
@@ -338,7 +333,8 @@ pub(crate) trait InputErrorKernel {
 }
 
 /// `e_x = z_ex + round(M * acc)`, saturated, for the accumulators of `kernel`; see
-/// [`conv2d::input_backward_q`](super::conv2d::input_backward_q) for the two schemes. `max_terms` bounds the products in one sum.
+/// [`Conv2dGeom::input_backward_q`](super::conv2d::Conv2dGeom::input_backward_q) for the two
+/// schemes. `max_terms` bounds the products in one sum.
 pub(crate) fn requantize_input_error(
     kernel: &impl InputErrorKernel,
     weight_q: &[QParams],

@@ -22,11 +22,11 @@ use proptest::sample::Index;
 use std::vec;
 use std::vec::Vec;
 
-use crate::layer::{
-    numel, FloatParams, InputError, Operator, ParamShape, Parametric, QParameters, QWeights,
-};
 use crate::ops::activation::{self, Activation};
 use crate::ops::arith::{channel_qparams, Acc, ScaleRatios, Term};
+use crate::ops::operator::{
+    numel, FloatParams, InputError, Operator, ParamShape, Parametric, QParameters, QWeights,
+};
 use crate::ops::{ChannelSet, WeightParts};
 use crate::quant::{QParams, QTensor, RealRange};
 use crate::rng::Rng;
@@ -384,14 +384,17 @@ pub(crate) fn check_channel_subset_restricts_the_full_result(op: &dyn Operator, 
 
 /// Weights split into two parts at output channel `split` give exactly the whole-tensor
 /// 8-bit forward and input error (all channels and a subset), ranges included. At batch 1,
-/// when the first `split` channels form a layer ([`Parametric::channel_prefix`]), its 8-bit
+/// when the first `split` channels form a layer (`channel_prefix`, the operator's inherent
+/// method of that name), its 8-bit
 /// forward and weight gradient on the prefixes of the input and error are the prefixes of
 /// the whole layer's.
-pub(crate) fn check_weight_parts_give_the_whole_tensor_result(
-    op: &dyn Operator,
+pub(crate) fn check_weight_parts_give_the_whole_tensor_result<L: Operator>(
+    layer: &L,
+    channel_prefix: impl Fn(&L, usize) -> Option<L>,
     seed: u64,
     split: Index,
 ) {
+    let op: &dyn Operator = layer;
     let (p, ie) = (parametric(op), input_error(op));
     let shape = p.param_shape();
     let mut rng = Rng::new(seed);
@@ -455,10 +458,10 @@ pub(crate) fn check_weight_parts_give_the_whole_tensor_result(
     assert_eq!(forward(op, input, parts, &bias, 1), (y.clone(), range));
 
     let batch = op.output_len() / numel(op.output_shape());
-    let Some(prefix) = p.channel_prefix(channels).filter(|_| batch == 1) else {
+    let Some(prefix) = channel_prefix(layer, channels).filter(|_| batch == 1) else {
         return;
     };
-    let prefix = prefix.op();
+    let prefix: &dyn Operator = &prefix;
     assert_eq!(parametric(prefix).param_shape().weight_len(), at);
     let x_part = QTensor {
         codes: &x[..prefix.input_len()],

@@ -1,43 +1,43 @@
-//! 2-D convolution, float and 8-bit: forward, input error, weight gradient and bias gradient.
+//! 2-D convolution, float and 8-bit: forward, input error and weight gradient, the
+//! [`WeightedKernels`] of [`Conv2dGeom`] (the bias gradient is the layer contract's,
+//! [`Parametric::bias_backward`](crate::ops::operator::Parametric::bias_backward)).
 //!
 //! One geometry covers the standard, the grouped and the depthwise (`groups == in_channels`)
 //! convolution, and the 1-D convolution (`in_h = kernel_h = 1`, `pad_h = 0`). Padding is zero
-//! padding: real 0, which is the code `z_x` in the 8-bit forms, so a padded tap adds
-//! `(z_x - z_x) * (w - z_w) = 0` and simply drops out of every sum.
+//! padding: real 0, which is the code `z_x` in the 8-bit forms, so a padded tap adds `(z_x - z_x) *
+//! (w - z_w) = 0` and simply drops out of every sum.
 //!
-//! Notation: `G = groups`, `C_i = in_channels / G` and `C_o = out_channels / G` channels per
-//! group; output channel `o` belongs to group `g = o / C_o` and reads input channels
-//! `g*C_i + i` for `i < C_i`; a tap `(kh, kw)` of output `(oh, ow)` reads input
-//! `(ih, iw) = (oh*stride_h + kh - pad_h, ow*stride_w + kw - pad_w)`.
+//! Notation: `G = groups`, `C_i = in_channels / G` and `C_o = out_channels / G` channels per group;
+//! output channel `o` belongs to group `g = o / C_o` and reads input channels `g*C_i + i` for `i <
+//! C_i`; a tap `(kh, kw)` of output `(oh, ow)` reads input `(ih, iw) = (oh*stride_h + kh - pad_h,
+//! ow*stride_w + kw - pad_w)`.
 //!
 //! Kernels. The float and the 8-bit forms run the same loops, written once over the `Term`/`Acc`
-//! traits of [`crate::ops::arith`]: an `f32` enters a sum as itself, an `i8` code as `q - z` in
-//! an `i32` (or `i64`) accumulator. Every result is accumulated in a block of at most `BLOCK` values on
-//! the stack and handed to a store step (copy, requantize, or add to a gradient), so no kernel
-//! needs scratch memory and [`Conv2dGeom::scratch_bytes`] is 0. Inner loops run along a row
-//! (output width, or the whole plane for 1x1), so float code vectorizes. Fast paths: the
-//! pointwise convolution (1x1, stride 1, no padding: a GEMM per group) for every pass, and the
-//! depthwise 3x3 forward; a general path covers everything else. Float sums are evaluated in a
-//! fixed order, so the host and the MCU get the same bits.
+//! traits of [`crate::ops::arith`]: an `f32` enters a sum as itself, an `i8` code as `q - z` in an
+//! `i32` (or `i64`) accumulator. Every result is accumulated in a block of at most `BLOCK` values
+//! on the stack and handed to a store step (copy, requantize, or add to a gradient), so no kernel
+//! needs scratch memory (the layer's
+//! [`Operator::scratch_bytes`](crate::ops::operator::Operator::scratch_bytes) is 0). Inner loops
+//! run along a row (output width, or the whole plane for 1x1), so float code vectorizes. Fast
+//! paths: the pointwise convolution (1x1, stride 1, no padding: a GEMM per group) for every pass,
+//! and the depthwise 3x3 forward; a general path covers everything else. Float sums are evaluated
+//! in a fixed order, so the host and the MCU get the same bits.
 //!
-//! 8-bit accumulators are `i32`: one sum may hold at most 33 025 products
-//! (`33 025 * 255^2 < 2^31`), i.e. `C_i * kernel_h * kernel_w` (forward) and
-//! `C_o * kernel_h * kernel_w` (input error) up to 33 025; weight and bias gradients sum rows
-//! into `i64` and have no such limit.
+//! 8-bit accumulators are `i32`: one sum may hold at most 33 025 products (`33 025 * 255^2 <
+//! 2^31`), i.e. `C_i * kernel_h * kernel_w` (forward) and `C_o * kernel_h * kernel_w` (input error)
+//! up to 33 025; weight and bias gradients sum rows into `i64` and have no such limit.
 
 use core::ops::Range;
 
-use crate::layer::{
-    FloatParams, InputError, Layer, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
-};
-use crate::ops::activation::{self, Activation};
-use crate::ops::arith::MAX_ACCUMULATED_TERMS;
 use crate::ops::arith::{
-    axpy, blocks, channel_sums, dot_wide, intersect, requantize_input_error, tap_input, tap_output,
-    valid_outputs, Acc, AccRange, InputErrorKernel, OutputChannel, QLayerParams, Term, BLOCK,
+    axpy, blocks, convolution_fits_int8_limits, dot_wide, intersect, requantize_input_error,
+    tap_input, tap_output, valid_outputs, Acc, AccRange, InputErrorKernel, OutputChannel,
+    QLayerParams, Term, BLOCK,
 };
+use crate::ops::operator::{ParamShape, Shape};
+use crate::ops::weighted::{Weighted, WeightedKernels};
 use crate::ops::{checked_product, ChannelSet, OpError, WeightParts};
-use crate::quant::{QParams, QTensor, RealRange};
+use crate::quant::{QParams, RealRange};
 
 /// Shape of a convolution over a batch-major NCHW input `[batch][in_channels][in_h][in_w]`,
 /// with weights `[out_channels][in_channels / groups][kernel_h][kernel_w]` and bias
@@ -110,99 +110,10 @@ impl Conv2dGeom {
         (self.in_w + 2 * self.pad_w - self.kernel_w) / self.stride_w + 1
     }
 
-    /// Elements of the input (and of the input error): `batch * in_channels * in_h * in_w`.
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.in_plane()
-    }
-
-    /// Elements of the output (and of the output error): `batch * out_channels * out_h * out_w`.
-    pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_plane()
-    }
-
     /// Elements of the weight tensor:
     /// `out_channels * (in_channels / groups) * kernel_h * kernel_w`.
     pub fn weight_len(&self) -> usize {
         self.out_channels * self.taps()
-    }
-
-    /// Multiply-accumulates of one forward pass (and of each backward pass over all
-    /// channels): `output_len * (in_channels / groups) * kernel_h * kernel_w`, padding included.
-    pub fn macs(&self) -> usize {
-        self.output_len() * self.taps()
-    }
-
-    /// Checks that every size is positive, that both channel counts divide into `groups`, and
-    /// that the kernel fits in the padded input.
-    pub fn validate(&self) -> Result<(), OpError> {
-        let sizes = [
-            self.batch,
-            self.in_channels,
-            self.in_h,
-            self.in_w,
-            self.out_channels,
-            self.kernel_h,
-            self.kernel_w,
-            self.stride_h,
-            self.stride_w,
-            self.groups,
-        ];
-        if sizes.contains(&0) {
-            return Err(OpError::ZeroSize);
-        }
-        if !self.in_channels.is_multiple_of(self.groups)
-            || !self.out_channels.is_multiple_of(self.groups)
-        {
-            return Err(OpError::BadGroups);
-        }
-        let padded = |len: usize, pad: usize| pad.checked_mul(2).and_then(|p| p.checked_add(len));
-        let (padded_h, padded_w) = (
-            padded(self.in_h, self.pad_h).ok_or(OpError::Overflow)?,
-            padded(self.in_w, self.pad_w).ok_or(OpError::Overflow)?,
-        );
-        if self.kernel_h > padded_h || self.kernel_w > padded_w {
-            return Err(OpError::KernelTooLarge);
-        }
-        // Every size the kernels and the planner derive fits a `usize`.
-        let taps = checked_product(&[self.in_per_group(), self.kernel_h, self.kernel_w])?;
-        let outputs = [self.batch, self.out_channels, self.out_h(), self.out_w()];
-        checked_product(&[self.batch, self.in_channels, self.in_h, self.in_w])?;
-        checked_product(&[self.out_channels, taps])?;
-        checked_product(&[checked_product(&outputs)?, taps])?;
-        Ok(())
-    }
-
-    /// Scratch bytes that the kernels of this module need (the planner's CMSIS-NN style
-    /// `get_buffer_size`): always 0, since every kernel accumulates in a fixed block of at most
-    /// 16 values on the stack.
-    pub fn scratch_bytes(&self) -> usize {
-        0
-    }
-
-    /// The geometry of output channels `0..channels` alone, when they are whole groups (or
-    /// `groups == 1`): it reads the first `in_channels * groups' / groups` input channels, and
-    /// at batch 1 its input, output and weights are prefixes of this geometry's. `None` when
-    /// `channels` is 0, above `out_channels`, or splits a group of several channels.
-    pub fn output_prefix(&self, channels: usize) -> Option<Conv2dGeom> {
-        if channels == 0 || channels > self.out_channels {
-            return None;
-        }
-        if self.groups == 1 {
-            return Some(Conv2dGeom {
-                out_channels: channels,
-                ..*self
-            });
-        }
-        let per_group = self.out_per_group();
-        channels.is_multiple_of(per_group).then(|| {
-            let groups = channels / per_group;
-            Conv2dGeom {
-                in_channels: groups * self.in_per_group(),
-                out_channels: channels,
-                groups,
-                ..*self
-            }
-        })
     }
 
     /// `C_i`: input channels per group.
@@ -260,268 +171,298 @@ impl Conv2dGeom {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Float forms.
+// Shapes and kernels: what the layer contract needs ([`Weighted`]).
 
-/// `y[n][o][oh][ow] = b[o] + sum_{i<C_i, kh, kw} x[n][g*C_i + i][ih][iw] * w[o][i][kh][kw]`,
-/// padded taps skipped; overwrites `output`. Scratch: none.
-pub fn forward(g: &Conv2dGeom, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
-    check_lengths(g, input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_channels);
-    let out_plane = g.out_plane();
-    for n in 0..g.batch {
-        for (oc, &b) in bias.iter().enumerate() {
-            let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
-            let taps = &weight[oc * g.taps()..][..g.taps()];
-            let input = g.group_input(input, n, oc);
-            forward_plane(g, input, 0.0, taps, 0.0, b, &mut |at, block: &[f32]| {
-                out[at..at + block.len()].copy_from_slice(block);
+impl WeightedKernels for Conv2dGeom {
+    fn output_shape(&self) -> Shape {
+        [self.out_channels, self.out_h(), self.out_w()]
+    }
+
+    fn param_shape(&self) -> ParamShape {
+        ParamShape {
+            channels: self.out_channels,
+            structure: self.taps(),
+        }
+    }
+
+    /// Elements of the input (and of the input error): `batch * in_channels * in_h * in_w`.
+    fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.in_plane()
+    }
+
+    /// Elements of the output (and of the output error): `batch * out_channels * out_h * out_w`.
+    fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_plane()
+    }
+
+    /// Multiply-accumulates of one forward pass (and of each backward pass over all
+    /// channels): `output_len * (in_channels / groups) * kernel_h * kernel_w`, padding included.
+    fn macs(&self) -> usize {
+        self.output_len() * self.taps()
+    }
+
+    /// Checks that every size is positive, that both channel counts divide into `groups`, and
+    /// that the kernel fits in the padded input.
+    fn validate(&self) -> Result<(), OpError> {
+        let sizes = [
+            self.batch,
+            self.in_channels,
+            self.in_h,
+            self.in_w,
+            self.out_channels,
+            self.kernel_h,
+            self.kernel_w,
+            self.stride_h,
+            self.stride_w,
+            self.groups,
+        ];
+        if sizes.contains(&0) {
+            return Err(OpError::ZeroSize);
+        }
+        if !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
+        {
+            return Err(OpError::BadGroups);
+        }
+        let padded = |len: usize, pad: usize| pad.checked_mul(2).and_then(|p| p.checked_add(len));
+        let (padded_h, padded_w) = (
+            padded(self.in_h, self.pad_h).ok_or(OpError::Overflow)?,
+            padded(self.in_w, self.pad_w).ok_or(OpError::Overflow)?,
+        );
+        if self.kernel_h > padded_h || self.kernel_w > padded_w {
+            return Err(OpError::KernelTooLarge);
+        }
+        // Every size the kernels and the planner derive fits a `usize`.
+        let taps = checked_product(&[self.in_per_group(), self.kernel_h, self.kernel_w])?;
+        let outputs = [self.batch, self.out_channels, self.out_h(), self.out_w()];
+        checked_product(&[self.batch, self.in_channels, self.in_h, self.in_w])?;
+        checked_product(&[self.out_channels, taps])?;
+        checked_product(&[checked_product(&outputs)?, taps])?;
+        Ok(())
+    }
+
+    /// The geometry of output channels `0..channels` alone, when they are whole groups (or
+    /// `groups == 1`): it reads the first `in_channels * groups' / groups` input channels, and
+    /// at batch 1 its input, output and weights are prefixes of this geometry's. `None` when
+    /// `channels` is 0, above `out_channels`, or splits a group of several channels.
+    fn output_prefix(&self, channels: usize) -> Option<Conv2dGeom> {
+        if channels == 0 || channels > self.out_channels {
+            return None;
+        }
+        if self.groups == 1 {
+            return Some(Conv2dGeom {
+                out_channels: channels,
+                ..*self
             });
         }
+        let per_group = self.out_per_group();
+        channels.is_multiple_of(per_group).then(|| {
+            let groups = channels / per_group;
+            Conv2dGeom {
+                in_channels: groups * self.in_per_group(),
+                out_channels: channels,
+                groups,
+                ..*self
+            }
+        })
     }
-}
 
-/// Input error, the transposed convolution over the selected output channels `S`:
-/// `e_x[n][c][ih][iw] = sum_{o in S, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
-/// (`o` in `c`'s group `g`)
-/// over the taps with `oh*stride_h = ih + pad_h - kh`, `ow*stride_w = iw + pad_w - kw`;
-/// overwrites `in_err` (channels of a group without selected outputs get 0). Scratch: none.
-pub fn input_backward(
-    g: &Conv2dGeom,
-    weight: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    in_err: &mut [f32],
-) {
-    check_lengths(g, in_err.len(), weight.len(), out_err.len());
-    input_error(
-        g,
-        WeightParts::whole(weight),
-        out_err,
-        0.0,
-        channels,
-        |_| (0.0, 1.0),
-        &mut |at, block: &[f32]| in_err[at..at + block.len()].copy_from_slice(block),
-    );
-}
+    /// [`convolution_fits_int8_limits`] of the geometry.
+    fn fits_int8_limits(&self) -> bool {
+        convolution_fits_int8_limits(
+            (self.in_per_group(), self.out_per_group()),
+            (self.kernel_h, self.kernel_w),
+            (self.out_h(), self.out_w()),
+        )
+    }
 
-/// `dw[o][i][kh][kw] += sum_{n, oh, ow} x[n][g*C_i + i][ih][iw] * e[n][o][oh][ow]` for the
-/// selected output channels `o` (padded taps add nothing). Scratch: none.
-pub fn weight_backward(
-    g: &Conv2dGeom,
-    input: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    check_lengths(g, input.len(), weight_grad.len(), out_err.len());
-    weight_sums(
-        g,
-        input,
-        0.0,
-        out_err,
-        0.0,
-        channels,
-        &mut |at, sum: f32| {
-            weight_grad[at] += sum;
-        },
-    );
-}
+    // -----------------------------------------------------------------------------------------
+    // Float forms.
 
-/// `db[o] += sum_{n, oh, ow} e[n][o][oh][ow]` for the selected output channels. Scratch: none.
-pub fn bias_backward(g: &Conv2dGeom, out_err: &[f32], channels: ChannelSet, bias_grad: &mut [f32]) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_channels);
-    let (count, plane) = (g.out_channels, g.out_plane());
-    channel_sums(
-        g.batch,
-        count,
-        plane,
-        out_err,
-        0.0,
-        channels,
-        &mut |o, sum: f32| {
-            bias_grad[o] += sum;
-        },
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// 8-bit forms.
-
-/// Quantized forward, per output channel `o` (accumulator scale `s_a = s_x * s_w[o]`):
-/// `acc = sum_{i, kh, kw} (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)`,
-/// `y = clamp(z_y + round(acc * s_a / s_y), act_lo, act_hi)` where `act_lo, act_hi` are the
-/// activation's bounds as codes, within `[-128, 127]`. Padding is the code `z_x`.
-///
-/// Returns the real output range after the activation clamp but before 8-bit saturation, exact
-/// from the accumulators: `[clamp(s_a * min acc), clamp(s_a * max acc)]` merged over channels.
-/// Overwrites `output`. Scratch: none.
-pub fn forward_q(
-    g: &Conv2dGeom,
-    input: &[i8],
-    weight: &[i8],
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    forward_parts_q(g, input, WeightParts::whole(weight), bias, q, output)
-}
-
-/// [`forward_q`] with the weights in two parts (the first output channels in `weight.head`,
-/// the rest in `weight.tail`): the same sums, so the same result. Scratch: none.
-pub fn forward_parts_q(
-    g: &Conv2dGeom,
-    input: &[i8],
-    weight: WeightParts<i8>,
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    check_lengths(g, input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_channels);
-    debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_channels);
-    let out_plane = g.out_plane();
-    let mut range = RealRange::EMPTY;
-    for (oc, &b) in bias.iter().enumerate() {
-        let channel = OutputChannel::new(q, oc);
-        let mut accs = AccRange::EMPTY;
-        let taps = weight.structure(oc, g.taps());
+    /// `y[n][o][oh][ow] = b[o] + sum_{i<C_i, kh, kw} x[n][g*C_i + i][ih][iw] * w[o][i][kh][kw]`,
+    /// padded taps skipped; overwrites `output`. Scratch: none.
+    fn forward(&self, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_channels);
+        let out_plane = g.out_plane();
         for n in 0..g.batch {
-            let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
-            let input = g.group_input(input, n, oc);
-            let (zx, zw) = (q.input.zero_point, channel.weight_zero);
-            forward_plane(
-                g,
-                input,
-                zx,
-                taps,
-                zw,
-                channel.bias_acc(b),
-                &mut |at, block| {
-                    channel.store(&mut out[at..], block, &mut accs);
-                },
-            );
+            for (oc, &b) in bias.iter().enumerate() {
+                let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
+                let taps = &weight[oc * g.taps()..][..g.taps()];
+                let input = g.group_input(input, n, oc);
+                forward_plane(g, input, 0.0, taps, 0.0, b, &mut |at, block: &[f32]| {
+                    out[at..at + block.len()].copy_from_slice(block);
+                });
+            }
         }
-        range = range.merge(channel.real_range(accs));
     }
-    range
-}
 
-/// Quantized input error over the selected output channels `S`:
-/// `e_x = z_ex + round((s_w * s_e / s_ex) * sum_{o in S, kh, kw} (w - z_w[o])(e - z_e))`,
-/// saturated to `[-128, 127]`; overwrites `in_err`.
-///
-/// With one weight scale (per tensor, or per channel with all scales equal) this is the exact
-/// `i32` form. Distinct per-channel scales use a deterministic integer scheme: output channel
-/// `o`'s terms are weighted by the integer ratio `r_o = floor(s_w[o] / 2^E)` (at most 24 bits,
-/// read from the float's bits; `2^E` is the unit of the largest scale's mantissa, so that scale
-/// is exact) and summed in `i64`; the sum is narrowed to `i32` by a round-half-up right shift
-/// `k` fixed by the geometry (so it cannot overflow) and requantized by
-/// `2^(E+k) * s_e / s_ex`. Extra error over the exact form: half a narrowed unit,
-/// `2^(E+k-1) * s_e`, plus below `2^E * s_e` per unit of `sum |(w - z_w)(e - z_e)|` (the ratio
-/// truncation, under `2^-23` of the largest scale).
-///
-/// Returns the real range before saturation, from the accumulators times their scale.
-/// Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_q(
-    g: &Conv2dGeom,
-    weight: &[i8],
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    input_backward_parts_q(
-        g,
-        WeightParts::whole(weight),
-        weight_q,
-        out_err,
-        out_err_q,
-        channels,
-        in_err_q,
-        in_err,
-    )
-}
+    /// Input error, the transposed convolution over the selected output channels `S`:
+    /// `e_x[n][c][ih][iw] = sum_{o in S, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
+    /// (`o` in `c`'s group `g`)
+    /// over the taps with `oh*stride_h = ih + pad_h - kh`, `ow*stride_w = iw + pad_w - kw`;
+    /// overwrites `in_err` (channels of a group without selected outputs get 0). Scratch: none.
+    fn input_backward(
+        &self,
+        weight: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        input_error(
+            g,
+            WeightParts::whole(weight),
+            out_err,
+            0.0,
+            channels,
+            |_| (0.0, 1.0),
+            &mut |at, block: &[f32]| in_err[at..at + block.len()].copy_from_slice(block),
+        );
+    }
 
-/// [`input_backward_q`] with the weights in two parts (the first output channels in
-/// `weight.head`, the rest in `weight.tail`): the same sums, so the same result.
-/// Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_parts_q(
-    g: &Conv2dGeom,
-    weight: WeightParts<i8>,
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    check_lengths(g, in_err.len(), weight.len(), out_err.len());
-    debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_channels);
-    let kernel = ConvInputError {
-        geom: g,
-        weight,
-        out_err,
-        channels,
-    };
-    let max_terms = g.out_per_group() * g.kernel_h * g.kernel_w;
-    requantize_input_error(&kernel, weight_q, out_err_q, in_err_q, max_terms, in_err)
-}
+    /// `dw[o][i][kh][kw] += sum_{n, oh, ow} x[n][g*C_i + i][ih][iw] * e[n][o][oh][ow]` for the
+    /// selected output channels `o` (padded taps add nothing). Scratch: none.
+    fn weight_backward(
+        &self,
+        input: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        weight_sums(
+            g,
+            input,
+            0.0,
+            out_err,
+            0.0,
+            channels,
+            &mut |at, sum: f32| {
+                weight_grad[at] += sum;
+            },
+        );
+    }
 
-/// `dw[o][i][kh][kw] += s_x * s_e * sum_{n, oh, ow} (x - z_x)(e - z_e)` for the selected output
-/// channels: an exact integer sum (`i32` per row, `i64` in total) and one float multiply-add
-/// per weight. Scratch: none.
-pub fn weight_backward_q(
-    g: &Conv2dGeom,
-    input: &[i8],
-    input_q: QParams,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    check_lengths(g, input.len(), weight_grad.len(), out_err.len());
-    let scale = input_q.scale * out_err_q.scale;
-    let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
-    weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i64| {
-        weight_grad[at] += scale * sum as f32;
-    });
-}
+    // -----------------------------------------------------------------------------------------
+    // 8-bit forms.
 
-/// `db[o] += s_e * sum_{n, oh, ow} (e - z_e)` for the selected output channels (exact `i64`
-/// sum, one float multiply-add per channel). Scratch: none.
-pub fn bias_backward_q(
-    g: &Conv2dGeom,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    bias_grad: &mut [f32],
-) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_channels);
-    let (count, plane, ze) = (g.out_channels, g.out_plane(), out_err_q.zero_point);
-    channel_sums(
-        g.batch,
-        count,
-        plane,
-        out_err,
-        ze,
-        channels,
-        &mut |o, sum: i64| {
-            bias_grad[o] += out_err_q.scale * sum as f32;
-        },
-    );
-}
+    /// Quantized forward, per output channel `o` (accumulator scale `s_a = s_x * s_w[o]`):
+    /// `acc = sum_{i, kh, kw} (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)`,
+    /// `y = clamp(z_y + round(acc * s_a / s_y), act_lo, act_hi)` where `act_lo, act_hi` are the
+    /// activation's bounds as codes, within `[-128, 127]`. Padding is the code `z_x`.
+    ///
+    /// Returns the real output range after the activation clamp but before 8-bit saturation, exact
+    /// from the accumulators: `[clamp(s_a * min acc), clamp(s_a * max acc)]` merged over channels.
+    /// Overwrites `output`. Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in
+    /// `weight.head`, the rest in `weight.tail`); the sums are those of one tensor.
+    fn forward_q(
+        &self,
+        input: &[i8],
+        weight: WeightParts<i8>,
+        bias: &[i32],
+        q: &QLayerParams,
+        output: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_channels);
+        debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_channels);
+        let out_plane = g.out_plane();
+        let mut range = RealRange::EMPTY;
+        for (oc, &b) in bias.iter().enumerate() {
+            let channel = OutputChannel::new(q, oc);
+            let mut accs = AccRange::EMPTY;
+            let taps = weight.structure(oc, g.taps());
+            for n in 0..g.batch {
+                let out = &mut output[Conv2dGeom::plane(n, oc, g.out_channels, out_plane)];
+                let input = g.group_input(input, n, oc);
+                let (zx, zw) = (q.input.zero_point, channel.weight_zero);
+                forward_plane(
+                    g,
+                    input,
+                    zx,
+                    taps,
+                    zw,
+                    channel.bias_acc(b),
+                    &mut |at, block| {
+                        channel.store(&mut out[at..], block, &mut accs);
+                    },
+                );
+            }
+            range = range.merge(channel.real_range(accs));
+        }
+        range
+    }
 
-fn check_lengths(g: &Conv2dGeom, input: usize, weight: usize, output: usize) {
-    debug_assert_eq!(g.validate(), Ok(()));
-    debug_assert_eq!(input, g.input_len());
-    debug_assert_eq!(weight, g.weight_len());
-    debug_assert_eq!(output, g.output_len());
+    /// Quantized input error over the selected output channels `S`:
+    /// `e_x = z_ex + round((s_w * s_e / s_ex) * sum_{o in S, kh, kw} (w - z_w[o])(e - z_e))`,
+    /// saturated to `[-128, 127]`; overwrites `in_err`.
+    ///
+    /// With one weight scale (per tensor, or per channel with all scales equal) this is the exact
+    /// `i32` form. Distinct per-channel scales use a deterministic integer scheme: output channel
+    /// `o`'s terms are weighted by the integer ratio `r_o = floor(s_w[o] / 2^E)` (at most 24 bits,
+    /// read from the float's bits; `2^E` is the unit of the largest scale's mantissa, so that scale
+    /// is exact) and summed in `i64`; the sum is narrowed to `i32` by a round-half-up right shift
+    /// `k` fixed by the geometry (so it cannot overflow) and requantized by
+    /// `2^(E+k) * s_e / s_ex`. Extra error over the exact form: half a narrowed unit,
+    /// `2^(E+k-1) * s_e`, plus below `2^E * s_e` per unit of `sum |(w - z_w)(e - z_e)|` (the ratio
+    /// truncation, under `2^-23` of the largest scale).
+    ///
+    /// Returns the real range before saturation, from the accumulators times their scale.
+    /// Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in
+    /// `weight.head`, the rest in `weight.tail`); the sums are those of one tensor.
+    #[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
+    fn input_backward_q(
+        &self,
+        weight: WeightParts<i8>,
+        weight_q: &[QParams],
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_channels);
+        let kernel = ConvInputError {
+            geom: g,
+            weight,
+            out_err,
+            channels,
+        };
+        let max_terms = g.out_per_group() * g.kernel_h * g.kernel_w;
+        requantize_input_error(&kernel, weight_q, out_err_q, in_err_q, max_terms, in_err)
+    }
+
+    /// `dw[o][i][kh][kw] += s_x * s_e * sum_{n, oh, ow} (x - z_x)(e - z_e)` for the selected output
+    /// channels: an exact integer sum (`i32` per row, `i64` in total) and one float multiply-add
+    /// per weight. Scratch: none.
+    fn weight_backward_q(
+        &self,
+        input: &[i8],
+        input_q: QParams,
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        let scale = input_q.scale * out_err_q.scale;
+        let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
+        weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i64| {
+            weight_grad[at] += scale * sum as f32;
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,23 +600,6 @@ fn forward_plane_general<X: Term<A>, A: Acc>(
 // ---------------------------------------------------------------------------------------------
 // Input error kernels: one input-error plane `(n, c)` at a time.
 
-/// Output channels of `group` that `channels` selects, in ascending order for `All` and in
-/// list order for a subset.
-fn group_channels<'a>(
-    channels: ChannelSet<'a>,
-    group: Range<usize>,
-) -> impl Iterator<Item = usize> + Clone + 'a {
-    let (all, list): (Range<usize>, &[u16]) = match channels {
-        ChannelSet::All => (group.clone(), &[]),
-        ChannelSet::Subset(list) => (0..0, list),
-    };
-    all.chain(
-        list.iter()
-            .map(|&c| c as usize)
-            .filter(move |c| group.contains(c)),
-    )
-}
-
 /// Input-error accumulators of every input element,
 /// `sum_{o in S, kh, kw} (term(w[o][...]) * factor_o) * term(e[n][o][oh][ow])` with
 /// `(z_w, factor) = channel(o)`, handed to `emit(index in in_err, block)`.
@@ -694,7 +618,7 @@ fn input_error<X: Term<A>, A: Acc>(
         let err = &err[n * sample_len..][..sample_len];
         for c in 0..g.in_channels {
             let group = c / c_in;
-            let outputs = group_channels(channels, group * c_out..(group + 1) * c_out);
+            let outputs = channels.within(group * c_out..(group + 1) * c_out);
             let plane = ErrorPlane {
                 geom: g,
                 weight,
@@ -897,162 +821,7 @@ impl InputErrorKernel for ConvInputError<'_> {
 // The layer contract.
 
 /// A convolution layer: its geometry and the activation fused into its output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conv2dLayer {
-    /// Shapes, kernel, stride, padding, groups.
-    pub geom: Conv2dGeom,
-    /// Fused activation.
-    pub activation: Activation,
-}
-
-impl Operator for Conv2dLayer {
-    fn output_shape(&self) -> Shape {
-        [self.geom.out_channels, self.geom.out_h(), self.geom.out_w()]
-    }
-
-    fn input_len(&self) -> usize {
-        self.geom.input_len()
-    }
-
-    fn output_len(&self) -> usize {
-        self.geom.output_len()
-    }
-
-    fn macs(&self) -> usize {
-        self.geom.macs()
-    }
-
-    fn scratch_bytes(&self) -> usize {
-        self.geom.scratch_bytes()
-    }
-
-    /// Forward and input-error sums hold at most [`MAX_ACCUMULATED_TERMS`] products, and the
-    /// partial-update scores sum fewer than 2^24 positions per channel.
-    fn fits_int8_limits(&self) -> bool {
-        let g = &self.geom;
-        // In `u64`: on a 32-bit target the products of `u16` fields may not fit a `usize`.
-        let wide = |v: usize| v as u64;
-        let taps = wide(g.kernel_h) * wide(g.kernel_w);
-        let max_terms = MAX_ACCUMULATED_TERMS as u64;
-        wide(g.in_per_group()) * taps <= max_terms
-            && wide(g.out_per_group()) * taps <= max_terms
-            && wide(g.out_h()) * wide(g.out_w()) < 1 << 24
-    }
-
-    fn output_clamp(&self) -> Option<Activation> {
-        Some(self.activation)
-    }
-
-    fn forward(&self, x: &[f32], _skip: &[f32], params: FloatParams, y: &mut [f32]) {
-        forward(&self.geom, x, params.weight, params.bias, y);
-        activation::forward_in_place(self.activation, y);
-    }
-
-    fn forward_q(
-        &self,
-        x: QTensor,
-        _skip: QTensor,
-        params: QParameters,
-        y_q: QParams,
-        y: &mut [i8],
-    ) -> RealRange {
-        let q = QLayerParams {
-            input: x.q,
-            weight: params.weight.q,
-            bias_scale: params.bias_scale,
-            output: y_q,
-            activation: self.activation,
-        };
-        forward_parts_q(&self.geom, x.codes, params.weight.codes, params.bias, &q, y)
-    }
-
-    fn input_error(&self) -> Option<&dyn InputError> {
-        Some(self)
-    }
-
-    fn parametric(&self) -> Option<&dyn Parametric> {
-        Some(self)
-    }
-}
-
-impl InputError for Conv2dLayer {
-    fn input_backward(
-        &self,
-        _x: &[f32],
-        weight: &[f32],
-        out_err: &[f32],
-        channels: ChannelSet,
-        in_err: &mut [f32],
-    ) {
-        input_backward(&self.geom, weight, out_err, channels, in_err);
-    }
-
-    fn input_backward_q(
-        &self,
-        _x: QTensor,
-        weight: QWeights,
-        out_err: QTensor,
-        channels: ChannelSet,
-        in_err_q: QParams,
-        in_err: &mut [i8],
-    ) -> RealRange {
-        let (e, e_q) = (out_err.codes, out_err.q);
-        input_backward_parts_q(
-            &self.geom,
-            weight.codes,
-            weight.q,
-            e,
-            e_q,
-            channels,
-            in_err_q,
-            in_err,
-        )
-    }
-}
-
-impl Parametric for Conv2dLayer {
-    fn param_shape(&self) -> ParamShape {
-        ParamShape {
-            channels: self.geom.out_channels,
-            structure: self.geom.taps(),
-        }
-    }
-
-    fn channel_prefix(&self, channels: usize) -> Option<Layer> {
-        let geom = self.geom.output_prefix(channels)?;
-        Some(Layer::Conv2d(Conv2dLayer { geom, ..*self }))
-    }
-
-    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        weight_backward(&self.geom, x, out_err, channels, grad);
-    }
-
-    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward(&self.geom, out_err, channels, grad);
-    }
-
-    fn weight_backward_q(
-        &self,
-        x: QTensor,
-        out_err: QTensor,
-        channels: ChannelSet,
-        grad: &mut [f32],
-    ) {
-        weight_backward_q(
-            &self.geom,
-            x.codes,
-            x.q,
-            out_err.codes,
-            out_err.q,
-            channels,
-            grad,
-        );
-    }
-
-    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward_q(&self.geom, out_err.codes, out_err.q, channels, grad);
-    }
-}
+pub type Conv2dLayer = Weighted<Conv2dGeom>;
 
 #[cfg(test)]
 mod tests {
@@ -1303,7 +1072,6 @@ mod tests {
         assert_eq!(g.output_len(), 2 * 6 * 4 * 4);
         assert_eq!(g.weight_len(), 6 * 2 * 3 * 2);
         assert_eq!(g.macs(), 2 * 6 * 4 * 4 * 2 * 3 * 2);
-        assert_eq!(g.scratch_bytes(), 0);
         let bad_groups = Conv2dGeom { groups: 3, ..g };
         assert_eq!(bad_groups.validate(), Err(OpError::BadGroups));
         let too_large = Conv2dGeom { kernel_w: 6, ..g };
@@ -1337,12 +1105,11 @@ mod tests {
             groups: 1,
         };
         let mut y = [0.0f32; 4];
-        forward(&g, &[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, -1.0], &[0.5], &mut y);
+        g.forward(&[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, -1.0], &[0.5], &mut y);
         assert_eq!(y, [-1.5, -1.5, -1.5, 3.5]);
         // The transpose: e_x[t] = e[t+1] - e[t-1].
         let mut ex = [0.0f32; 4];
-        input_backward(
-            &g,
+        g.input_backward(
             &[1.0, 0.0, -1.0],
             &[1.0, 10.0, 100.0, 1000.0],
             ChannelSet::All,
@@ -1387,7 +1154,7 @@ mod tests {
         };
         let mut y = [0i8; 2];
         // acc 28 -> 3.5 -> code 14 - 10; acc -17 -> -2.125 -> round(-8.5) = -8 -> code -18.
-        let range = forward_q(&g, &[10, -5], &[3], &[4], &q, &mut y);
+        let range = g.forward_q(&[10, -5], WeightParts::whole(&[3]), &[4], &q, &mut y);
         assert_eq!(y, [4, -18]);
         assert_eq!(
             range,
@@ -1397,7 +1164,7 @@ mod tests {
             }
         );
         q.activation = Activation::Relu;
-        let range = forward_q(&g, &[10, -5], &[3], &[4], &q, &mut y);
+        let range = g.forward_q(&[10, -5], WeightParts::whole(&[3]), &[4], &q, &mut y);
         assert_eq!(y, [4, -10]);
         assert_eq!(range, RealRange { min: 0.0, max: 3.5 });
     }
@@ -1410,7 +1177,12 @@ mod tests {
             g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
         ) {
             let layer = layer(g, Activation::Relu);
-            check_weight_parts_give_the_whole_tensor_result(&layer, seed, split);
+            check_weight_parts_give_the_whole_tensor_result(
+                &layer,
+                Conv2dLayer::channel_prefix,
+                seed,
+                split,
+            );
         }
 
         #[test]
@@ -1483,7 +1255,7 @@ mod tests {
             assert_close(&got, &want, &mag, 1e-5);
         }
         let mut y = vec![0.0; g.output_len()];
-        forward(&g, &x, &w, &b, &mut y);
+        g.forward(&x, &w, &b, &mut y);
         assert_close(&y, &want, &mag, 1e-5);
 
         let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v);
@@ -1495,7 +1267,7 @@ mod tests {
         let want = ref_weight_grad(&g, &x, 0.0, &e, 0.0);
         let mag = ref_weight_grad(&g, &ax, 0.0, &ae, 0.0);
         let mut dw = vec![0.0; g.weight_len()];
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
+        g.weight_backward(&x, &e, ChannelSet::All, &mut dw);
         assert_close(&dw, &want, &mag, 1e-5);
 
         // 8-bit: per-channel zero points, i32 and i64 (with per-channel factors) sums.

@@ -1,48 +1,48 @@
 //! Transposed 2-D convolution (PyTorch's `ConvTranspose2d` with dilation 1), float and 8-bit:
-//! forward, input error, weight gradient and bias gradient.
+//! forward, input error and weight gradient, the [`WeightedKernels`] of
+//! [`ConvTranspose2dGeom`] (the bias gradient is the layer contract's,
+//! [`Parametric::bias_backward`](crate::ops::operator::Parametric::bias_backward)).
 //!
 //! Shapes: input `[batch][C_in][H][W]`, weights `[C_out][C_in / G][kernel_h][kernel_w]`, bias
-//! `[C_out]`, output `[batch][C_out][H_out][W_out]` with
-//! `H_out = (H - 1)*stride_h - 2*pad_h + kernel_h + output_pad_h` (likewise `W_out`). The
-//! weights are output-channel major like those of every layer with parameters, so that a
-//! channel's weights, bias and per-channel quantization belong together; PyTorch and ONNX store
-//! them `[C_in][C_out / G][kernel_h][kernel_w]`, and an importer permutes
-//! `w_onnx[g*C_i + i][o][kh][kw]` into `w[g*C_o + o][i][kh][kw]`.
+//! `[C_out]`, output `[batch][C_out][H_out][W_out]` with `H_out = (H - 1)*stride_h - 2*pad_h +
+//! kernel_h + output_pad_h` (likewise `W_out`). The weights are output-channel major like those of
+//! every layer with parameters, so that a channel's weights, bias and per-channel quantization
+//! belong together; PyTorch and ONNX store them `[C_in][C_out / G][kernel_h][kernel_w]`, and an
+//! importer permutes `w_onnx[g*C_i + i][o][kh][kw]` into `w[g*C_o + o][i][kh][kw]`.
 //!
 //! Notation: `G = groups`, `C_i = C_in / G` and `C_o = C_out / G` channels per group; output
 //! channel `o` belongs to group `g = o / C_o` and reads input channels `g*C_i + i` for `i < C_i`.
-//! Input `(ih, iw)` reaches through tap `(kh, kw)` the output
-//! `(oh, ow) = (ih*stride_h + kh - pad_h, iw*stride_w + kw - pad_w)`; taps that land outside
-//! the output (cropped by the padding) drop out. The layer is the adjoint of a convolution:
-//! its forward is the input error of the [`Conv2dGeom`](super::conv2d::Conv2dGeom) with `C_out`
-//! input and `C_in` output channels of size `H_out x W_out` (same kernel, stride, padding and
-//! groups) and the permuted weights, and its input error is that convolution's forward.
+//! Input `(ih, iw)` reaches through tap `(kh, kw)` the output `(oh, ow) = (ih*stride_h + kh -
+//! pad_h, iw*stride_w + kw - pad_w)`; taps that land outside the output (cropped by the padding)
+//! drop out. The layer is the adjoint of a convolution: its forward is the input error of the
+//! [`Conv2dGeom`](super::conv2d::Conv2dGeom) with `C_out` input and `C_in` output channels of size
+//! `H_out x W_out` (same kernel, stride, padding and groups) and the permuted weights, and its
+//! input error is that convolution's forward.
 //!
 //! Kernels. Written once over the `Term`/`Acc` traits of [`crate::ops::arith`] for the float and
-//! the 8-bit forms; every result is accumulated in a block of at most `BLOCK` values on the
-//! stack and handed to a store step, so no kernel needs scratch memory. The forward runs per
-//! output row block: through a tap `(kh, kw)`, consecutive input columns reach every
-//! `stride_w`-th output column of the block. The input error runs per input row block: a tap
-//! reads every `stride_w`-th column of an error row (a strided convolution). Float sums run in
-//! a fixed order (`kh, kw`, then the channel), so the host and the MCU get the same bits.
+//! the 8-bit forms; every result is accumulated in a block of at most `BLOCK` values on the stack
+//! and handed to a store step, so no kernel needs scratch memory. The forward runs per output row
+//! block: through a tap `(kh, kw)`, consecutive input columns reach every `stride_w`-th output
+//! column of the block. The input error runs per input row block: a tap reads every `stride_w`-th
+//! column of an error row (a strided convolution). Float sums run in a fixed order (`kh, kw`, then
+//! the channel), so the host and the MCU get the same bits.
 //!
 //! 8-bit accumulators are `i32`: one sum holds at most `C_i * kernel_h * kernel_w` products
 //! (forward) and `C_o * kernel_h * kernel_w` (input error), each up to
-//! [`MAX_ACCUMULATED_TERMS`]; weight and bias gradients sum rows into `i64`.
+//! [`MAX_ACCUMULATED_TERMS`](crate::ops::arith::MAX_ACCUMULATED_TERMS); weight and bias gradients
+//! sum rows into `i64`.
 
 use core::ops::Range;
 
-use crate::layer::{
-    FloatParams, InputError, Layer, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
-};
-use crate::ops::activation::{self, Activation};
 use crate::ops::arith::{
-    axpy, blocks, channel_sums, dot_wide, intersect, requantize_input_error, tap_input, tap_output,
-    valid_outputs, Acc, AccRange, InputErrorKernel, OutputChannel, QLayerParams, Term, BLOCK,
-    MAX_ACCUMULATED_TERMS,
+    axpy, blocks, convolution_fits_int8_limits, dot_wide, intersect, requantize_input_error,
+    tap_input, tap_output, valid_outputs, Acc, AccRange, InputErrorKernel, OutputChannel,
+    QLayerParams, Term, BLOCK,
 };
+use crate::ops::operator::{ParamShape, Shape};
+use crate::ops::weighted::{Weighted, WeightedKernels};
 use crate::ops::{ChannelSet, OpError, WeightParts};
-use crate::quant::{QParams, QTensor, RealRange};
+use crate::quant::{QParams, RealRange};
 
 /// Shape of a transposed convolution over a batch-major NCHW input
 /// `[batch][in_channels][in_h][in_w]`, with weights
@@ -93,95 +93,10 @@ impl ConvTranspose2dGeom {
         (self.in_w - 1) * self.stride_w + self.kernel_w + self.output_pad_w - 2 * self.pad_w
     }
 
-    /// Elements of the input (and of the input error): `batch * in_channels * in_h * in_w`.
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.in_plane()
-    }
-
-    /// Elements of the output (and of the output error): `batch * out_channels * out_h * out_w`.
-    pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_plane()
-    }
-
     /// Elements of the weight tensor:
     /// `out_channels * (in_channels / groups) * kernel_h * kernel_w`.
     pub fn weight_len(&self) -> usize {
         self.out_channels * self.taps()
-    }
-
-    /// Multiply-accumulates of one forward pass (and of each backward pass over all
-    /// channels): every input element times every weight of its group's output channels,
-    /// `input_len * (out_channels / groups) * kernel_h * kernel_w`, cropped taps included.
-    pub fn macs(&self) -> usize {
-        self.input_len() * self.out_per_group() * self.kernel_h * self.kernel_w
-    }
-
-    /// Checks that every size is positive and both channel counts divide into `groups`
-    /// ([`OpError::ZeroSize`], [`OpError::BadGroups`]), and that the padding leaves an output
-    /// and each output padding is below its stride ([`OpError::KernelTooLarge`], the error of
-    /// a window and padding that do not fit the sizes).
-    pub fn validate(&self) -> Result<(), OpError> {
-        let sizes = [
-            self.batch,
-            self.in_channels,
-            self.in_h,
-            self.in_w,
-            self.out_channels,
-            self.kernel_h,
-            self.kernel_w,
-            self.stride_h,
-            self.stride_w,
-            self.groups,
-        ];
-        if sizes.contains(&0) {
-            return Err(OpError::ZeroSize);
-        }
-        if !self.in_channels.is_multiple_of(self.groups)
-            || !self.out_channels.is_multiple_of(self.groups)
-        {
-            return Err(OpError::BadGroups);
-        }
-        let full_h = (self.in_h - 1) * self.stride_h + self.kernel_h + self.output_pad_h;
-        let full_w = (self.in_w - 1) * self.stride_w + self.kernel_w + self.output_pad_w;
-        if self.output_pad_h >= self.stride_h
-            || self.output_pad_w >= self.stride_w
-            || full_h <= 2 * self.pad_h
-            || full_w <= 2 * self.pad_w
-        {
-            return Err(OpError::KernelTooLarge);
-        }
-        Ok(())
-    }
-
-    /// Scratch bytes that the kernels of this module need: always 0, since every kernel
-    /// accumulates in a fixed block of at most 16 values on the stack.
-    pub fn scratch_bytes(&self) -> usize {
-        0
-    }
-
-    /// The geometry of output channels `0..channels` alone, when they are whole groups (or
-    /// `groups == 1`): it reads the first `in_channels * groups' / groups` input channels, and
-    /// at batch 1 its input, output and weights are prefixes of this geometry's. `None` when
-    /// `channels` is 0, above `out_channels`, or splits a group of several channels.
-    pub fn output_prefix(&self, channels: usize) -> Option<ConvTranspose2dGeom> {
-        if channels == 0 || channels > self.out_channels {
-            return None;
-        }
-        if self.groups == 1 {
-            return Some(ConvTranspose2dGeom {
-                out_channels: channels,
-                ..*self
-            });
-        }
-        channels.is_multiple_of(self.out_per_group()).then(|| {
-            let groups = channels / self.out_per_group();
-            ConvTranspose2dGeom {
-                in_channels: groups * self.in_per_group(),
-                out_channels: channels,
-                groups,
-                ..*self
-            }
-        })
     }
 
     /// `C_i`: input channels per group.
@@ -232,265 +147,281 @@ impl ConvTranspose2dGeom {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Float forms.
+// Shapes and kernels: what the layer contract needs ([`Weighted`]).
 
-/// `y[n][o][oh][ow] = b[o] + sum_{i<C_i, kh, kw} x[n][g*C_i + i][ih][iw] * w[o][i][kh][kw]` over
-/// the inputs with `oh = ih*stride_h + kh - pad_h`, `ow = iw*stride_w + kw - pad_w`; overwrites
-/// `output`. Scratch: none.
-pub fn forward(
-    g: &ConvTranspose2dGeom,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    output: &mut [f32],
-) {
-    check_lengths(g, input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_channels);
-    for n in 0..g.batch {
-        for (o, &b) in bias.iter().enumerate() {
-            let out = &mut output[g.out_plane_at(n, o)];
-            let taps = &weight[o * g.taps()..][..g.taps()];
-            let input = g.group_input(input, n, o);
-            forward_plane(g, input, 0.0, taps, 0.0, b, &mut |at, block: &[f32]| {
-                out[at..at + block.len()].copy_from_slice(block);
-            });
+impl WeightedKernels for ConvTranspose2dGeom {
+    fn output_shape(&self) -> Shape {
+        [self.out_channels, self.out_h(), self.out_w()]
+    }
+
+    fn param_shape(&self) -> ParamShape {
+        ParamShape {
+            channels: self.out_channels,
+            structure: self.taps(),
         }
     }
-}
 
-/// Input error over the selected output channels `S`, a strided convolution of the error:
-/// `e_x[n][c][ih][iw] = sum_{o in S, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
-/// (`o` in `c`'s group `g`, `oh = ih*stride_h + kh - pad_h`, `ow = iw*stride_w + kw - pad_w`
-/// inside the output); overwrites `in_err` (channels of a group without selected outputs get
-/// 0). Scratch: none.
-pub fn input_backward(
-    g: &ConvTranspose2dGeom,
-    weight: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    in_err: &mut [f32],
-) {
-    check_lengths(g, in_err.len(), weight.len(), out_err.len());
-    let kernel = ErrorKernel {
-        geom: g,
-        weight: WeightParts::whole(weight),
-        out_err,
-        channels,
-    };
-    kernel.accumulate(0.0, |_| (0.0, 1.0), &mut |at, block: &[f32]| {
-        in_err[at..at + block.len()].copy_from_slice(block);
-    });
-}
+    /// Elements of the input (and of the input error): `batch * in_channels * in_h * in_w`.
+    fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.in_plane()
+    }
 
-/// `dw[o][i][kh][kw] += sum_{n, ih, iw} x[n][g*C_i + i][ih][iw] * e[n][o][oh][ow]` for the
-/// selected output channels `o`, over the inputs whose tap lands inside the output.
-/// Scratch: none.
-pub fn weight_backward(
-    g: &ConvTranspose2dGeom,
-    input: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    check_lengths(g, input.len(), weight_grad.len(), out_err.len());
-    weight_sums(
-        g,
-        input,
-        0.0,
-        out_err,
-        0.0,
-        channels,
-        &mut |at, sum: f32| {
-            weight_grad[at] += sum;
-        },
-    );
-}
+    /// Elements of the output (and of the output error): `batch * out_channels * out_h * out_w`.
+    fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_plane()
+    }
 
-/// `db[o] += sum_{n, oh, ow} e[n][o][oh][ow]` for the selected output channels. Scratch: none.
-pub fn bias_backward(
-    g: &ConvTranspose2dGeom,
-    out_err: &[f32],
-    channels: ChannelSet,
-    bias_grad: &mut [f32],
-) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_channels);
-    let (count, plane) = (g.out_channels, g.out_plane());
-    channel_sums(
-        g.batch,
-        count,
-        plane,
-        out_err,
-        0.0,
-        channels,
-        &mut |o, sum: f32| {
-            bias_grad[o] += sum;
-        },
-    );
-}
+    /// Multiply-accumulates of one forward pass (and of each backward pass over all
+    /// channels): every input element times every weight of its group's output channels,
+    /// `input_len * (out_channels / groups) * kernel_h * kernel_w`, cropped taps included.
+    fn macs(&self) -> usize {
+        self.input_len() * self.out_per_group() * self.kernel_h * self.kernel_w
+    }
 
-// ---------------------------------------------------------------------------------------------
-// 8-bit forms.
+    /// Checks that every size is positive and both channel counts divide into `groups`
+    /// ([`OpError::ZeroSize`], [`OpError::BadGroups`]), and that the padding leaves an output
+    /// and each output padding is below its stride ([`OpError::KernelTooLarge`], the error of
+    /// a window and padding that do not fit the sizes).
+    fn validate(&self) -> Result<(), OpError> {
+        let sizes = [
+            self.batch,
+            self.in_channels,
+            self.in_h,
+            self.in_w,
+            self.out_channels,
+            self.kernel_h,
+            self.kernel_w,
+            self.stride_h,
+            self.stride_w,
+            self.groups,
+        ];
+        if sizes.contains(&0) {
+            return Err(OpError::ZeroSize);
+        }
+        if !self.in_channels.is_multiple_of(self.groups)
+            || !self.out_channels.is_multiple_of(self.groups)
+        {
+            return Err(OpError::BadGroups);
+        }
+        let full_h = (self.in_h - 1) * self.stride_h + self.kernel_h + self.output_pad_h;
+        let full_w = (self.in_w - 1) * self.stride_w + self.kernel_w + self.output_pad_w;
+        if self.output_pad_h >= self.stride_h
+            || self.output_pad_w >= self.stride_w
+            || full_h <= 2 * self.pad_h
+            || full_w <= 2 * self.pad_w
+        {
+            return Err(OpError::KernelTooLarge);
+        }
+        Ok(())
+    }
 
-/// Quantized forward, per output channel `o` (accumulator scale `s_a = s_x * s_w[o]`):
-/// `acc = sum_{i, kh, kw} (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)` over the
-/// inputs that reach the output, `y = clamp(z_y + round(acc * s_a / s_y), act_lo, act_hi)`
-/// with the activation's bounds as codes, within `[-128, 127]`.
-///
-/// Returns the real output range after the activation clamp but before 8-bit saturation, exact
-/// from the accumulators: `[clamp(s_a * min acc), clamp(s_a * max acc)]` merged over channels.
-/// Overwrites `output`. Scratch: none.
-pub fn forward_q(
-    g: &ConvTranspose2dGeom,
-    input: &[i8],
-    weight: &[i8],
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    forward_parts_q(g, input, WeightParts::whole(weight), bias, q, output)
-}
+    /// The geometry of output channels `0..channels` alone, when they are whole groups (or
+    /// `groups == 1`): it reads the first `in_channels * groups' / groups` input channels, and
+    /// at batch 1 its input, output and weights are prefixes of this geometry's. `None` when
+    /// `channels` is 0, above `out_channels`, or splits a group of several channels.
+    fn output_prefix(&self, channels: usize) -> Option<ConvTranspose2dGeom> {
+        if channels == 0 || channels > self.out_channels {
+            return None;
+        }
+        if self.groups == 1 {
+            return Some(ConvTranspose2dGeom {
+                out_channels: channels,
+                ..*self
+            });
+        }
+        channels.is_multiple_of(self.out_per_group()).then(|| {
+            let groups = channels / self.out_per_group();
+            ConvTranspose2dGeom {
+                in_channels: groups * self.in_per_group(),
+                out_channels: channels,
+                groups,
+                ..*self
+            }
+        })
+    }
 
-/// [`forward_q`] with the weights in two parts (the first output channels in `weight.head`,
-/// the rest in `weight.tail`): the same sums, so the same result. Scratch: none.
-pub fn forward_parts_q(
-    g: &ConvTranspose2dGeom,
-    input: &[i8],
-    weight: WeightParts<i8>,
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    check_lengths(g, input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_channels);
-    debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_channels);
-    let mut range = RealRange::EMPTY;
-    for (o, &b) in bias.iter().enumerate() {
-        let channel = OutputChannel::new(q, o);
-        let mut accs = AccRange::EMPTY;
-        let taps = weight.structure(o, g.taps());
-        let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
+    /// [`convolution_fits_int8_limits`] of the geometry.
+    fn fits_int8_limits(&self) -> bool {
+        convolution_fits_int8_limits(
+            (self.in_per_group(), self.out_per_group()),
+            (self.kernel_h, self.kernel_w),
+            (self.out_h(), self.out_w()),
+        )
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Float forms.
+
+    /// `y[n][o][oh][ow] = b[o] + sum_{i<C_i, kh, kw} x[n][g*C_i + i][ih][iw] * w[o][i][kh][kw]`
+    /// over the inputs with `oh = ih*stride_h + kh - pad_h`, `ow = iw*stride_w + kw - pad_w`;
+    /// overwrites `output`. Scratch: none.
+    fn forward(&self, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_channels);
         for n in 0..g.batch {
-            let out = &mut output[g.out_plane_at(n, o)];
-            let input = g.group_input(input, n, o);
-            forward_plane(g, input, zx, taps, zw, init, &mut |at, block| {
-                channel.store(&mut out[at..], block, &mut accs);
-            });
+            for (o, &b) in bias.iter().enumerate() {
+                let out = &mut output[g.out_plane_at(n, o)];
+                let taps = &weight[o * g.taps()..][..g.taps()];
+                let input = g.group_input(input, n, o);
+                forward_plane(g, input, 0.0, taps, 0.0, b, &mut |at, block: &[f32]| {
+                    out[at..at + block.len()].copy_from_slice(block);
+                });
+            }
         }
-        range = range.merge(channel.real_range(accs));
     }
-    range
-}
 
-/// Quantized input error over the selected output channels `S`:
-/// `e_x = z_ex + round((s_w * s_e / s_ex) * sum_{o in S, kh, kw} (w - z_w[o])(e - z_e))`,
-/// saturated to `[-128, 127]`; overwrites `in_err`. One weight scale gives the exact `i32`
-/// form; distinct per-channel scales use the integer ratio scheme described at
-/// [`conv2d::input_backward_q`](super::conv2d::input_backward_q). Returns the real range
-/// before saturation. Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_q(
-    g: &ConvTranspose2dGeom,
-    weight: &[i8],
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    input_backward_parts_q(
-        g,
-        WeightParts::whole(weight),
-        weight_q,
-        out_err,
-        out_err_q,
-        channels,
-        in_err_q,
-        in_err,
-    )
-}
+    /// Input error over the selected output channels `S`, a strided convolution of the error:
+    /// `e_x[n][c][ih][iw] = sum_{o in S, kh, kw} w[o][c - g*C_i][kh][kw] * e[n][o][oh][ow]`
+    /// (`o` in `c`'s group `g`, `oh = ih*stride_h + kh - pad_h`, `ow = iw*stride_w + kw - pad_w`
+    /// inside the output); overwrites `in_err` (channels of a group without selected outputs get
+    /// 0). Scratch: none.
+    fn input_backward(
+        &self,
+        weight: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        let kernel = ErrorKernel {
+            geom: g,
+            weight: WeightParts::whole(weight),
+            out_err,
+            channels,
+        };
+        kernel.accumulate(0.0, |_| (0.0, 1.0), &mut |at, block: &[f32]| {
+            in_err[at..at + block.len()].copy_from_slice(block);
+        });
+    }
 
-/// [`input_backward_q`] with the weights in two parts (the first output channels in
-/// `weight.head`, the rest in `weight.tail`): the same sums, so the same result.
-/// Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_parts_q(
-    g: &ConvTranspose2dGeom,
-    weight: WeightParts<i8>,
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    check_lengths(g, in_err.len(), weight.len(), out_err.len());
-    debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_channels);
-    let kernel = ErrorKernel {
-        geom: g,
-        weight,
-        out_err,
-        channels,
-    };
-    let max_terms = g.out_per_group() * g.kernel_h * g.kernel_w;
-    requantize_input_error(&kernel, weight_q, out_err_q, in_err_q, max_terms, in_err)
-}
+    /// `dw[o][i][kh][kw] += sum_{n, ih, iw} x[n][g*C_i + i][ih][iw] * e[n][o][oh][ow]` for the
+    /// selected output channels `o`, over the inputs whose tap lands inside the output.
+    /// Scratch: none.
+    fn weight_backward(
+        &self,
+        input: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        weight_sums(
+            g,
+            input,
+            0.0,
+            out_err,
+            0.0,
+            channels,
+            &mut |at, sum: f32| {
+                weight_grad[at] += sum;
+            },
+        );
+    }
 
-/// `dw[o][i][kh][kw] += s_x * s_e * sum_{n, ih, iw} (x - z_x)(e - z_e)` for the selected output
-/// channels: an exact integer sum (`i32` per row, `i64` in total) and one float multiply-add
-/// per weight. Scratch: none.
-pub fn weight_backward_q(
-    g: &ConvTranspose2dGeom,
-    input: &[i8],
-    input_q: QParams,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    check_lengths(g, input.len(), weight_grad.len(), out_err.len());
-    let scale = input_q.scale * out_err_q.scale;
-    let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
-    weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i64| {
-        weight_grad[at] += scale * sum as f32;
-    });
-}
+    // -----------------------------------------------------------------------------------------
+    // 8-bit forms.
 
-/// `db[o] += s_e * sum_{n, oh, ow} (e - z_e)` for the selected output channels (exact `i64`
-/// sum, one float multiply-add per channel). Scratch: none.
-pub fn bias_backward_q(
-    g: &ConvTranspose2dGeom,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    bias_grad: &mut [f32],
-) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_channels);
-    let (count, plane, ze) = (g.out_channels, g.out_plane(), out_err_q.zero_point);
-    channel_sums(
-        g.batch,
-        count,
-        plane,
-        out_err,
-        ze,
-        channels,
-        &mut |o, sum: i64| {
-            bias_grad[o] += out_err_q.scale * sum as f32;
-        },
-    );
-}
+    /// Quantized forward, per output channel `o` (accumulator scale `s_a = s_x * s_w[o]`):
+    /// `acc = sum_{i, kh, kw} (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)` over the
+    /// inputs that reach the output, `y = clamp(z_y + round(acc * s_a / s_y), act_lo, act_hi)`
+    /// with the activation's bounds as codes, within `[-128, 127]`.
+    ///
+    /// Returns the real output range after the activation clamp but before 8-bit saturation, exact
+    /// from the accumulators: `[clamp(s_a * min acc), clamp(s_a * max acc)]` merged over channels.
+    /// Overwrites `output`. Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in
+    /// `weight.head`, the rest in `weight.tail`); the sums are those of one tensor.
+    fn forward_q(
+        &self,
+        input: &[i8],
+        weight: WeightParts<i8>,
+        bias: &[i32],
+        q: &QLayerParams,
+        output: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_channels);
+        debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_channels);
+        let mut range = RealRange::EMPTY;
+        for (o, &b) in bias.iter().enumerate() {
+            let channel = OutputChannel::new(q, o);
+            let mut accs = AccRange::EMPTY;
+            let taps = weight.structure(o, g.taps());
+            let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
+            for n in 0..g.batch {
+                let out = &mut output[g.out_plane_at(n, o)];
+                let input = g.group_input(input, n, o);
+                forward_plane(g, input, zx, taps, zw, init, &mut |at, block| {
+                    channel.store(&mut out[at..], block, &mut accs);
+                });
+            }
+            range = range.merge(channel.real_range(accs));
+        }
+        range
+    }
 
-fn check_lengths(g: &ConvTranspose2dGeom, input: usize, weight: usize, output: usize) {
-    debug_assert_eq!(g.validate(), Ok(()));
-    debug_assert_eq!(input, g.input_len());
-    debug_assert_eq!(weight, g.weight_len());
-    debug_assert_eq!(output, g.output_len());
+    /// Quantized input error over the selected output channels `S`: `e_x = z_ex + round((s_w * s_e
+    /// / s_ex) * sum_{o in S, kh, kw} (w - z_w[o])(e - z_e))`, saturated to `[-128, 127]`;
+    /// overwrites `in_err`. One weight scale gives the exact `i32` form; distinct per-channel
+    /// scales use the integer ratio scheme described at
+    /// [`Conv2dGeom::input_backward_q`](super::conv2d::Conv2dGeom::input_backward_q). Returns the
+    /// real range before saturation. Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in `weight.head`,
+    /// the rest in `weight.tail`); the sums are those of one tensor.
+    #[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
+    fn input_backward_q(
+        &self,
+        weight: WeightParts<i8>,
+        weight_q: &[QParams],
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_channels);
+        let kernel = ErrorKernel {
+            geom: g,
+            weight,
+            out_err,
+            channels,
+        };
+        let max_terms = g.out_per_group() * g.kernel_h * g.kernel_w;
+        requantize_input_error(&kernel, weight_q, out_err_q, in_err_q, max_terms, in_err)
+    }
+
+    /// `dw[o][i][kh][kw] += s_x * s_e * sum_{n, ih, iw} (x - z_x)(e - z_e)` for the selected output
+    /// channels: an exact integer sum (`i32` per row, `i64` in total) and one float multiply-add
+    /// per weight. Scratch: none.
+    fn weight_backward_q(
+        &self,
+        input: &[i8],
+        input_q: QParams,
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        let scale = input_q.scale * out_err_q.scale;
+        let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
+        weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i64| {
+            weight_grad[at] += scale * sum as f32;
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernels.
+// Loops shared by the float and the 8-bit kernels.
 
 /// `acc[j * stride] += term(x[j]) * w` for every `j < x.len()`: a row update whose results are
 /// every `stride`-th accumulator.
@@ -545,20 +476,6 @@ fn forward_plane<X: Term<A>, A: Acc>(
     }
 }
 
-/// Output channels of `group` that `channels` selects, in ascending order for `All` and in
-/// list order for a subset.
-fn group_channels<'a>(
-    channels: ChannelSet<'a>,
-    group: Range<usize>,
-) -> impl Iterator<Item = usize> + Clone + 'a {
-    let (all, list): (Range<usize>, &[u16]) = match channels {
-        ChannelSet::All => (group.clone(), &[]),
-        ChannelSet::Subset(list) => (0..0, list),
-    };
-    let selected = list.iter().map(|&c| c as usize);
-    all.chain(selected.filter(move |c| group.contains(c)))
-}
-
 /// The input error of the selected output channels, for the float form and (as an
 /// [`InputErrorKernel`]) the 8-bit one.
 struct ErrorKernel<'a, X> {
@@ -587,7 +504,7 @@ impl<X> ErrorKernel<'_, X> {
             let err = &self.out_err[n * sample_len..][..sample_len];
             for c in 0..g.in_channels {
                 let group = c / c_in;
-                let outputs = group_channels(self.channels, group * c_out..(group + 1) * c_out);
+                let outputs = self.channels.within(group * c_out..(group + 1) * c_out);
                 let base = (n * g.in_channels + c) * g.in_plane();
                 let plane = ErrorPlane {
                     kernel: self,
@@ -710,172 +627,14 @@ fn weight_sums<X: Term<A>, A: Acc, W: Acc + From<A>>(
 // The layer contract.
 
 /// A transposed convolution layer: its geometry and the activation fused into its output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvTranspose2dLayer {
-    /// Shapes, kernel, stride, padding, output padding, groups.
-    pub geom: ConvTranspose2dGeom,
-    /// Fused activation.
-    pub activation: Activation,
-}
-
-impl Operator for ConvTranspose2dLayer {
-    fn output_shape(&self) -> Shape {
-        [self.geom.out_channels, self.geom.out_h(), self.geom.out_w()]
-    }
-
-    fn input_len(&self) -> usize {
-        self.geom.input_len()
-    }
-
-    fn output_len(&self) -> usize {
-        self.geom.output_len()
-    }
-
-    fn macs(&self) -> usize {
-        self.geom.macs()
-    }
-
-    fn scratch_bytes(&self) -> usize {
-        self.geom.scratch_bytes()
-    }
-
-    /// Forward sums hold at most `C_i * kernel_h * kernel_w` products and input-error sums
-    /// `C_o * kernel_h * kernel_w`, each up to [`MAX_ACCUMULATED_TERMS`], and the
-    /// partial-update scores sum fewer than 2^24 positions per channel.
-    fn fits_int8_limits(&self) -> bool {
-        let g = &self.geom;
-        // In `u64`: on a 32-bit target the products of `u16` fields may not fit a `usize`.
-        let wide = |v: usize| v as u64;
-        let taps = wide(g.kernel_h) * wide(g.kernel_w);
-        let max_terms = MAX_ACCUMULATED_TERMS as u64;
-        wide(g.in_per_group()) * taps <= max_terms
-            && wide(g.out_per_group()) * taps <= max_terms
-            && wide(g.out_h()) * wide(g.out_w()) < 1 << 24
-    }
-
-    fn output_clamp(&self) -> Option<Activation> {
-        Some(self.activation)
-    }
-
-    fn forward(&self, x: &[f32], _skip: &[f32], params: FloatParams, y: &mut [f32]) {
-        forward(&self.geom, x, params.weight, params.bias, y);
-        activation::forward_in_place(self.activation, y);
-    }
-
-    fn forward_q(
-        &self,
-        x: QTensor,
-        _skip: QTensor,
-        params: QParameters,
-        y_q: QParams,
-        y: &mut [i8],
-    ) -> RealRange {
-        let q = QLayerParams {
-            input: x.q,
-            weight: params.weight.q,
-            bias_scale: params.bias_scale,
-            output: y_q,
-            activation: self.activation,
-        };
-        forward_parts_q(&self.geom, x.codes, params.weight.codes, params.bias, &q, y)
-    }
-
-    fn input_error(&self) -> Option<&dyn InputError> {
-        Some(self)
-    }
-
-    fn parametric(&self) -> Option<&dyn Parametric> {
-        Some(self)
-    }
-}
-
-impl InputError for ConvTranspose2dLayer {
-    fn input_backward(
-        &self,
-        _x: &[f32],
-        weight: &[f32],
-        out_err: &[f32],
-        channels: ChannelSet,
-        in_err: &mut [f32],
-    ) {
-        input_backward(&self.geom, weight, out_err, channels, in_err);
-    }
-
-    fn input_backward_q(
-        &self,
-        _x: QTensor,
-        weight: QWeights,
-        out_err: QTensor,
-        channels: ChannelSet,
-        in_err_q: QParams,
-        in_err: &mut [i8],
-    ) -> RealRange {
-        let (e, e_q) = (out_err.codes, out_err.q);
-        input_backward_parts_q(
-            &self.geom,
-            weight.codes,
-            weight.q,
-            e,
-            e_q,
-            channels,
-            in_err_q,
-            in_err,
-        )
-    }
-}
-
-impl Parametric for ConvTranspose2dLayer {
-    fn param_shape(&self) -> ParamShape {
-        ParamShape {
-            channels: self.geom.out_channels,
-            structure: self.geom.taps(),
-        }
-    }
-
-    fn channel_prefix(&self, channels: usize) -> Option<Layer> {
-        let geom = self.geom.output_prefix(channels)?;
-        Some(Layer::ConvTranspose2d(ConvTranspose2dLayer {
-            geom,
-            ..*self
-        }))
-    }
-
-    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        weight_backward(&self.geom, x, out_err, channels, grad);
-    }
-
-    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward(&self.geom, out_err, channels, grad);
-    }
-
-    fn weight_backward_q(
-        &self,
-        x: QTensor,
-        out_err: QTensor,
-        channels: ChannelSet,
-        grad: &mut [f32],
-    ) {
-        weight_backward_q(
-            &self.geom,
-            x.codes,
-            x.q,
-            out_err.codes,
-            out_err.q,
-            channels,
-            grad,
-        );
-    }
-
-    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward_q(&self.geom, out_err.codes, out_err.q, channels, grad);
-    }
-}
+pub type ConvTranspose2dLayer = Weighted<ConvTranspose2dGeom>;
 
 #[cfg(test)]
 mod tests {
     extern crate std;
 
     use super::*;
+    use crate::ops::activation::Activation;
     use crate::ops::contract::{
         abs, activations, assert_close, check_channel_subset_restricts_the_full_result,
         check_equal_channel_scales_are_the_per_tensor_form,
@@ -883,7 +642,8 @@ mod tests {
         check_gradient_q_matches_float, check_input_backward_q_matches_float,
         check_weight_parts_give_the_whole_tensor_result, codes, floats, zero_point,
     };
-    use crate::ops::conv2d::{self, Conv2dGeom};
+    use crate::ops::conv2d::Conv2dGeom;
+    use crate::ops::operator::{Operator, Parametric};
     use crate::rng::Rng;
     use proptest::prelude::*;
     use proptest::sample::Index;
@@ -1100,7 +860,6 @@ mod tests {
         assert_eq!(g.output_len(), 2 * 6 * 6 * 6);
         assert_eq!(g.weight_len(), 6 * 2 * 3 * 2);
         assert_eq!(g.macs(), 2 * 4 * 3 * 5 * 3 * 3 * 2);
-        assert_eq!(g.scratch_bytes(), 0);
         let invalid = [
             (ConvTranspose2dGeom { stride_w: 0, ..g }, OpError::ZeroSize),
             (ConvTranspose2dGeom { in_w: 0, ..g }, OpError::ZeroSize),
@@ -1175,19 +934,23 @@ mod tests {
         };
         let (x, w) = ([1.0f32, 2.0], [1.0f32, 10.0, 100.0]);
         let mut y = [0.0f32; 4];
-        forward(&g, &x, &w, &[0.5], &mut y);
+        g.forward(&x, &w, &[0.5], &mut y);
         assert_eq!(y, [10.5, 102.5, 20.5, 200.5]);
         // e_x[i] = sum_k w[k] * e[2i + k - 1].
         let e = [1.0f32, 2.0, 3.0, 4.0];
         let mut ex = [0.0f32; 2];
-        input_backward(&g, &w, &e, ChannelSet::All, &mut ex);
+        g.input_backward(&w, &e, ChannelSet::All, &mut ex);
         assert_eq!(ex, [210.0, 432.0]);
         // dw[k] = sum_i x[i] * e[2i + k - 1].
         let mut dw = [0.0f32; 3];
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
+        g.weight_backward(&x, &e, ChannelSet::All, &mut dw);
         assert_eq!(dw, [4.0, 7.0, 10.0]);
         let mut db = [0.0f32; 1];
-        bias_backward(&g, &e, ChannelSet::All, &mut db);
+        let layer = ConvTranspose2dLayer {
+            geom: g,
+            activation: Activation::None,
+        };
+        layer.bias_backward(&e, ChannelSet::All, &mut db);
         assert_eq!(db, [10.0]);
     }
 
@@ -1224,7 +987,12 @@ mod tests {
             g in geometry(), seed in any::<u64>(), split in any::<Index>(),
         ) {
             let layer = layer(g, Activation::Relu);
-            check_weight_parts_give_the_whole_tensor_result(&layer, seed, split);
+            check_weight_parts_give_the_whole_tensor_result(
+                &layer,
+                ConvTranspose2dLayer::channel_prefix,
+                seed,
+                split,
+            );
         }
 
         #[test]
@@ -1273,17 +1041,17 @@ mod tests {
         let (ax, aw, ab, ae) = (abs(&x), abs(&w), abs(&b), abs(&e));
         let no_zero = |_: usize| 0.0f32;
         let mut y = vec![0.0; g.output_len()];
-        forward(&g, &x, &w, &b, &mut y);
+        g.forward(&x, &w, &b, &mut y);
         let want = ref_forward(&g, &x, 0.0, &w, &no_zero, &|o| b[o]);
         let mag = ref_forward(&g, &ax, 0.0, &aw, &no_zero, &|o| ab[o]);
         assert_close(&y, &want, &mag, 1e-5);
         let mut ex = vec![0.0; g.input_len()];
-        input_backward(&g, &w, &e, ChannelSet::All, &mut ex);
+        g.input_backward(&w, &e, ChannelSet::All, &mut ex);
         let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v);
         let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v);
         assert_close(&ex, &want, &mag, 1e-5);
         let mut dw = vec![0.0; g.weight_len()];
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
+        g.weight_backward(&x, &e, ChannelSet::All, &mut dw);
         let want = ref_weight_grad(&g, &x, 0.0, &e, 0.0);
         let mag = ref_weight_grad(&g, &ax, 0.0, &ae, 0.0);
         assert_close(&dw, &want, &mag, 1e-5);
@@ -1364,11 +1132,11 @@ mod tests {
         }
         let no_bias = vec![0.0f32; g.out_channels];
         let mut y = vec![0.0f32; g.output_len()];
-        forward(&g, &x, &w, &no_bias, &mut y);
+        g.forward(&x, &w, &no_bias, &mut y);
         let mut via_conv = vec![0.0f32; g.output_len()];
-        conv2d::input_backward(&conv, &onnx, &x, ChannelSet::All, &mut via_conv);
+        conv.input_backward(&onnx, &x, ChannelSet::All, &mut via_conv);
         let mut mag = vec![0.0f32; g.output_len()];
-        forward(&g, &abs(&x), &abs(&w), &no_bias, &mut mag);
+        g.forward(&abs(&x), &abs(&w), &no_bias, &mut mag);
         assert_close(&y, &via_conv, &mag, 1e-5);
     }
 }

@@ -1,7 +1,7 @@
 //! Flatten: `[c, h, w] -> [c * h * w, 1, 1]`. The output is the input's buffer read as a
 //! vector, so a plan runs no step for it; the host engines copy. No kernel needs scratch.
 
-use crate::layer::{numel, FloatParams, Operator, QParameters, Shape};
+use crate::ops::operator::{numel, FloatParams, Operator, QParameters, Shape};
 use crate::quant::{QParams, QTensor, RealRange};
 
 /// A flatten layer over `batch` samples of shape `shape`.

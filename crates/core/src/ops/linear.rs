@@ -1,28 +1,27 @@
-//! Fully connected layer, float and 8-bit: forward, input error, weight gradient and bias
-//! gradient.
+//! Fully connected layer, float and 8-bit: forward, input error and weight gradient, the
+//! [`WeightedKernels`] of [`LinearGeom`] (the bias gradient is the layer contract's,
+//! [`Parametric::bias_backward`](crate::ops::operator::Parametric::bias_backward)).
 //!
 //! Inputs `[batch][in_features]`, weights `[out_features][in_features]`, bias
 //! `[out_features]`, outputs `[batch][out_features]`; a [`ChannelSet`] selects output features.
 //! The loops are small GEMMs of their own (a dot product per output, row updates for the
 //! input error and the weight gradient), written once for the float and the 8-bit forms over
-//! the arithmetic of [`conv2d`](super::conv2d), which also holds the shared quantization
-//! ([`QLayerParams`], output requantization, the per-channel input-error scheme). No function
+//! the arithmetic of [`crate::ops::arith`], which also holds the shared quantization
+//! ([`QLayerParams`], output requantization, the per-channel input-error scheme). No kernel
 //! needs scratch memory.
 //!
 //! 8-bit accumulators are `i32`: `in_features` (forward), `out_features` (input error) and
 //! `batch` (weight gradient) up to 33 025 (`33 025 * 255^2 < 2^31`).
 
-use super::activation::{self, Activation};
 use super::arith::MAX_ACCUMULATED_TERMS;
 use super::arith::{
-    axpy, blocks, channel_sums, dot, requantize_input_error, Acc, AccRange, InputErrorKernel,
-    OutputChannel, QLayerParams, Term, BLOCK,
+    axpy, blocks, dot, requantize_input_error, Acc, AccRange, InputErrorKernel, OutputChannel,
+    QLayerParams, Term, BLOCK,
 };
 use super::{checked_product, ChannelSet, OpError, WeightParts};
-use crate::layer::{
-    FloatParams, InputError, Layer, Operator, ParamShape, Parametric, QParameters, QWeights, Shape,
-};
-use crate::quant::{QParams, QTensor, RealRange};
+use crate::ops::operator::{ParamShape, Shape};
+use crate::ops::weighted::{Weighted, WeightedKernels};
+use crate::quant::{QParams, RealRange};
 
 /// Shape of a fully connected layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,29 +35,42 @@ pub struct LinearGeom {
 }
 
 impl LinearGeom {
-    /// Elements of the input (and of the input error): `batch * in_features`.
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_features
-    }
-
-    /// Elements of the output (and of the output error): `batch * out_features`.
-    pub fn output_len(&self) -> usize {
-        self.batch * self.out_features
-    }
-
     /// Elements of the weight matrix: `out_features * in_features`.
     pub fn weight_len(&self) -> usize {
         self.out_features * self.in_features
     }
+}
+
+impl WeightedKernels for LinearGeom {
+    fn output_shape(&self) -> Shape {
+        [self.out_features, 1, 1]
+    }
+
+    fn param_shape(&self) -> ParamShape {
+        ParamShape {
+            channels: self.out_features,
+            structure: self.in_features,
+        }
+    }
+
+    /// Elements of the input (and of the input error): `batch * in_features`.
+    fn input_len(&self) -> usize {
+        self.batch * self.in_features
+    }
+
+    /// Elements of the output (and of the output error): `batch * out_features`.
+    fn output_len(&self) -> usize {
+        self.batch * self.out_features
+    }
 
     /// Multiply-accumulates of one forward pass (and of each backward pass over all outputs):
     /// `batch * out_features * in_features`.
-    pub fn macs(&self) -> usize {
+    fn macs(&self) -> usize {
         self.batch * self.weight_len()
     }
 
     /// Checks that every size is positive.
-    pub fn validate(&self) -> Result<(), OpError> {
+    fn validate(&self) -> Result<(), OpError> {
         if self.batch == 0 || self.in_features == 0 || self.out_features == 0 {
             return Err(OpError::ZeroSize);
         }
@@ -67,239 +79,177 @@ impl LinearGeom {
         Ok(())
     }
 
-    /// Scratch bytes that the kernels of this module need: always 0.
-    pub fn scratch_bytes(&self) -> usize {
-        0
+    /// Forward sums hold `in_features` products, input-error sums `out_features`, each at most
+    /// [`MAX_ACCUMULATED_TERMS`].
+    fn fits_int8_limits(&self) -> bool {
+        self.in_features <= MAX_ACCUMULATED_TERMS && self.out_features <= MAX_ACCUMULATED_TERMS
     }
 
-    fn check_lengths(&self, input: usize, weight: usize, output: usize) {
-        debug_assert_eq!(self.validate(), Ok(()));
-        debug_assert_eq!(input, self.input_len());
-        debug_assert_eq!(weight, self.weight_len());
-        debug_assert_eq!(output, self.output_len());
+    /// The first `channels` outputs (`None` for 0 or more than it has).
+    fn output_prefix(&self, channels: usize) -> Option<LinearGeom> {
+        (channels > 0 && channels <= self.out_features).then_some(LinearGeom {
+            out_features: channels,
+            ..*self
+        })
     }
-}
 
-/// `y[n][o] = b[o] + sum_i w[o][i] * x[n][i]`; overwrites `output`. Scratch: none.
-pub fn forward(g: &LinearGeom, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
-    g.check_lengths(input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_features);
-    for (o, &b) in bias.iter().enumerate() {
-        let row = &weight[o * g.in_features..][..g.in_features];
-        forward_feature(g, input, 0.0, row, 0.0, b, |n, acc| {
-            output[n * g.out_features + o] = acc;
+    // -----------------------------------------------------------------------------------------
+    // Float forms.
+
+    /// `y[n][o] = b[o] + sum_i w[o][i] * x[n][i]`; overwrites `output`. Scratch: none.
+    fn forward(&self, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_features);
+        for (o, &b) in bias.iter().enumerate() {
+            let row = &weight[o * g.in_features..][..g.in_features];
+            forward_feature(g, input, 0.0, row, 0.0, b, |n, acc| {
+                output[n * g.out_features + o] = acc;
+            });
+        }
+    }
+
+    /// `e_x[n][i] = sum_{o in S} w[o][i] * e[n][o]` over the selected outputs `S`; overwrites
+    /// `in_err`. Scratch: none.
+    fn input_backward(
+        &self,
+        weight: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        in_err: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        input_error(
+            g,
+            WeightParts::whole(weight),
+            out_err,
+            0.0,
+            channels,
+            |_| (0.0, 1.0),
+            &mut |at, block: &[f32]| in_err[at..at + block.len()].copy_from_slice(block),
+        );
+    }
+
+    /// `dw[o][i] += sum_n x[n][i] * e[n][o]` for the selected outputs. Scratch: none.
+    fn weight_backward(
+        &self,
+        input: &[f32],
+        out_err: &[f32],
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        weight_sums(
+            g,
+            input,
+            0.0,
+            out_err,
+            0.0,
+            channels,
+            &mut |at, sum: f32| {
+                weight_grad[at] += sum;
+            },
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 8-bit forms.
+
+    /// Quantized forward, per output `o` (accumulator scale `s_a = s_x * s_w[o]`): `acc = sum_i
+    /// (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)`, `y = clamp(z_y + round(acc * s_a /
+    /// s_y), act_lo, act_hi)` (activation bounds as codes, within `[-128, 127]`). Returns the real
+    /// output range after the activation clamp but before 8-bit saturation, exact from the
+    /// accumulators. Overwrites `output`. Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in `weight.head`,
+    /// the rest in `weight.tail`); the sums are those of one tensor.
+    fn forward_q(
+        &self,
+        input: &[i8],
+        weight: WeightParts<i8>,
+        bias: &[i32],
+        q: &QLayerParams,
+        output: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(input.len(), weight.len(), output.len());
+        debug_assert_eq!(bias.len(), g.out_features);
+        debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_features);
+        let mut range = RealRange::EMPTY;
+        for (o, &b) in bias.iter().enumerate() {
+            let channel = OutputChannel::new(q, o);
+            let mut accs = AccRange::EMPTY;
+            let row = weight.structure(o, g.in_features);
+            let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
+            forward_feature(g, input, zx, row, zw, init, |n, acc| {
+                let at = n * g.out_features + o;
+                channel.store(&mut output[at..at + 1], &[acc], &mut accs);
+            });
+            range = range.merge(channel.real_range(accs));
+        }
+        range
+    }
+
+    /// Quantized input error over the selected outputs `S`: `e_x = z_ex + round((s_w * s_e /
+    /// s_ex) * sum_{o in S} (w - z_w[o])(e - z_e))`, saturated to `[-128, 127]`; overwrites
+    /// `in_err`. One weight scale gives the exact `i32` form; distinct per-channel scales use the
+    /// fixed-point ratio scheme described at
+    /// [`Conv2dGeom::input_backward_q`](super::conv2d::Conv2dGeom::input_backward_q). Returns the
+    /// real range before saturation. Scratch: none.
+    ///
+    /// The weights come in two parts ([`WeightParts`]: the first output channels in `weight.head`,
+    /// the rest in `weight.tail`); the sums are those of one tensor.
+    #[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
+    fn input_backward_q(
+        &self,
+        weight: WeightParts<i8>,
+        weight_q: &[QParams],
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        in_err_q: QParams,
+        in_err: &mut [i8],
+    ) -> RealRange {
+        let g = self;
+        g.check_lengths(in_err.len(), weight.len(), out_err.len());
+        debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_features);
+        let kernel = LinearInputError {
+            geom: g,
+            weight,
+            out_err,
+            channels,
+        };
+        requantize_input_error(
+            &kernel,
+            weight_q,
+            out_err_q,
+            in_err_q,
+            g.out_features,
+            in_err,
+        )
+    }
+
+    /// `dw[o][i] += s_x * s_e * sum_n (x - z_x)(e - z_e)` for the selected outputs: an exact `i32`
+    /// sum and one float multiply-add per weight. Scratch: none.
+    fn weight_backward_q(
+        &self,
+        input: &[i8],
+        input_q: QParams,
+        out_err: &[i8],
+        out_err_q: QParams,
+        channels: ChannelSet,
+        weight_grad: &mut [f32],
+    ) {
+        let g = self;
+        g.check_lengths(input.len(), weight_grad.len(), out_err.len());
+        let scale = input_q.scale * out_err_q.scale;
+        let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
+        weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i32| {
+            weight_grad[at] += scale * sum as f32;
         });
     }
-}
-
-/// `e_x[n][i] = sum_{o in S} w[o][i] * e[n][o]` over the selected outputs `S`; overwrites
-/// `in_err`. Scratch: none.
-pub fn input_backward(
-    g: &LinearGeom,
-    weight: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    in_err: &mut [f32],
-) {
-    g.check_lengths(in_err.len(), weight.len(), out_err.len());
-    input_error(
-        g,
-        WeightParts::whole(weight),
-        out_err,
-        0.0,
-        channels,
-        |_| (0.0, 1.0),
-        &mut |at, block: &[f32]| in_err[at..at + block.len()].copy_from_slice(block),
-    );
-}
-
-/// `dw[o][i] += sum_n x[n][i] * e[n][o]` for the selected outputs. Scratch: none.
-pub fn weight_backward(
-    g: &LinearGeom,
-    input: &[f32],
-    out_err: &[f32],
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    g.check_lengths(input.len(), weight_grad.len(), out_err.len());
-    weight_sums(
-        g,
-        input,
-        0.0,
-        out_err,
-        0.0,
-        channels,
-        &mut |at, sum: f32| {
-            weight_grad[at] += sum;
-        },
-    );
-}
-
-/// `db[o] += sum_n e[n][o]` for the selected outputs. Scratch: none.
-pub fn bias_backward(g: &LinearGeom, out_err: &[f32], channels: ChannelSet, bias_grad: &mut [f32]) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_features);
-    let (batch, count) = (g.batch, g.out_features);
-    channel_sums(
-        batch,
-        count,
-        1,
-        out_err,
-        0.0,
-        channels,
-        &mut |o, sum: f32| {
-            bias_grad[o] += sum;
-        },
-    );
-}
-
-/// Quantized forward, per output `o` (accumulator scale `s_a = s_x * s_w[o]`):
-/// `acc = sum_i (x - z_x)(w - z_w[o]) + requant(b[o], bias_scale / s_a)`,
-/// `y = clamp(z_y + round(acc * s_a / s_y), act_lo, act_hi)` (activation bounds as codes, within
-/// `[-128, 127]`). Returns the real output range after the activation clamp but before 8-bit
-/// saturation, exact from the accumulators. Overwrites `output`. Scratch: none.
-pub fn forward_q(
-    g: &LinearGeom,
-    input: &[i8],
-    weight: &[i8],
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    forward_parts_q(g, input, WeightParts::whole(weight), bias, q, output)
-}
-
-/// [`forward_q`] with the weights in two parts (the first output rows in `weight.head`, the
-/// rest in `weight.tail`): the same sums, so the same result. Scratch: none.
-pub fn forward_parts_q(
-    g: &LinearGeom,
-    input: &[i8],
-    weight: WeightParts<i8>,
-    bias: &[i32],
-    q: &QLayerParams,
-    output: &mut [i8],
-) -> RealRange {
-    g.check_lengths(input.len(), weight.len(), output.len());
-    debug_assert_eq!(bias.len(), g.out_features);
-    debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_features);
-    let mut range = RealRange::EMPTY;
-    for (o, &b) in bias.iter().enumerate() {
-        let channel = OutputChannel::new(q, o);
-        let mut accs = AccRange::EMPTY;
-        let row = weight.structure(o, g.in_features);
-        let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
-        forward_feature(g, input, zx, row, zw, init, |n, acc| {
-            let at = n * g.out_features + o;
-            channel.store(&mut output[at..at + 1], &[acc], &mut accs);
-        });
-        range = range.merge(channel.real_range(accs));
-    }
-    range
-}
-
-/// Quantized input error over the selected outputs `S`:
-/// `e_x = z_ex + round((s_w * s_e / s_ex) * sum_{o in S} (w - z_w[o])(e - z_e))`, saturated to
-/// `[-128, 127]`; overwrites `in_err`. One weight scale gives the exact `i32` form; distinct
-/// per-channel scales use the fixed-point ratio scheme described at
-/// [`conv2d::input_backward_q`](super::conv2d::input_backward_q). Returns the real range
-/// before saturation. Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_q(
-    g: &LinearGeom,
-    weight: &[i8],
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    input_backward_parts_q(
-        g,
-        WeightParts::whole(weight),
-        weight_q,
-        out_err,
-        out_err_q,
-        channels,
-        in_err_q,
-        in_err,
-    )
-}
-
-/// [`input_backward_q`] with the weights in two parts (the first output rows in
-/// `weight.head`, the rest in `weight.tail`): the same sums, so the same result.
-/// Scratch: none.
-#[allow(clippy::too_many_arguments)] // the operator convention: tensor and qparams side by side
-pub fn input_backward_parts_q(
-    g: &LinearGeom,
-    weight: WeightParts<i8>,
-    weight_q: &[QParams],
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    in_err_q: QParams,
-    in_err: &mut [i8],
-) -> RealRange {
-    g.check_lengths(in_err.len(), weight.len(), out_err.len());
-    debug_assert!(weight_q.len() == 1 || weight_q.len() == g.out_features);
-    let kernel = LinearInputError {
-        geom: g,
-        weight,
-        out_err,
-        channels,
-    };
-    requantize_input_error(
-        &kernel,
-        weight_q,
-        out_err_q,
-        in_err_q,
-        g.out_features,
-        in_err,
-    )
-}
-
-/// `dw[o][i] += s_x * s_e * sum_n (x - z_x)(e - z_e)` for the selected outputs: an exact `i32`
-/// sum and one float multiply-add per weight. Scratch: none.
-pub fn weight_backward_q(
-    g: &LinearGeom,
-    input: &[i8],
-    input_q: QParams,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    weight_grad: &mut [f32],
-) {
-    g.check_lengths(input.len(), weight_grad.len(), out_err.len());
-    let scale = input_q.scale * out_err_q.scale;
-    let (zx, ze) = (input_q.zero_point, out_err_q.zero_point);
-    weight_sums(g, input, zx, out_err, ze, channels, &mut |at, sum: i32| {
-        weight_grad[at] += scale * sum as f32;
-    });
-}
-
-/// `db[o] += s_e * sum_n (e - z_e)` for the selected outputs (exact integer sum, one float
-/// multiply-add per output). Scratch: none.
-pub fn bias_backward_q(
-    g: &LinearGeom,
-    out_err: &[i8],
-    out_err_q: QParams,
-    channels: ChannelSet,
-    bias_grad: &mut [f32],
-) {
-    debug_assert_eq!(out_err.len(), g.output_len());
-    debug_assert_eq!(bias_grad.len(), g.out_features);
-    let (batch, count, ze) = (g.batch, g.out_features, out_err_q.zero_point);
-    channel_sums(
-        batch,
-        count,
-        1,
-        out_err,
-        ze,
-        channels,
-        &mut |o, sum: i64| {
-            bias_grad[o] += out_err_q.scale * sum as f32;
-        },
-    );
 }
 
 /// `emit(n, init + sum_i term(w[i]) * term(x[n][i]))` for one output feature's weight row.
@@ -402,162 +352,7 @@ impl InputErrorKernel for LinearInputError<'_> {
 // The layer contract.
 
 /// A fully connected layer: its geometry and the activation fused into its output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinearLayer {
-    /// Batch, inputs and outputs.
-    pub geom: LinearGeom,
-    /// Fused activation.
-    pub activation: Activation,
-}
-
-impl Operator for LinearLayer {
-    fn output_shape(&self) -> Shape {
-        [self.geom.out_features, 1, 1]
-    }
-
-    fn input_len(&self) -> usize {
-        self.geom.input_len()
-    }
-
-    fn output_len(&self) -> usize {
-        self.geom.output_len()
-    }
-
-    fn macs(&self) -> usize {
-        self.geom.macs()
-    }
-
-    fn scratch_bytes(&self) -> usize {
-        self.geom.scratch_bytes()
-    }
-
-    /// Forward sums hold `in_features` products, input-error sums `out_features`, each at most
-    /// [`MAX_ACCUMULATED_TERMS`].
-    fn fits_int8_limits(&self) -> bool {
-        self.geom.in_features <= MAX_ACCUMULATED_TERMS
-            && self.geom.out_features <= MAX_ACCUMULATED_TERMS
-    }
-
-    fn output_clamp(&self) -> Option<Activation> {
-        Some(self.activation)
-    }
-
-    fn forward(&self, x: &[f32], _skip: &[f32], params: FloatParams, y: &mut [f32]) {
-        forward(&self.geom, x, params.weight, params.bias, y);
-        activation::forward_in_place(self.activation, y);
-    }
-
-    fn forward_q(
-        &self,
-        x: QTensor,
-        _skip: QTensor,
-        params: QParameters,
-        y_q: QParams,
-        y: &mut [i8],
-    ) -> RealRange {
-        let q = QLayerParams {
-            input: x.q,
-            weight: params.weight.q,
-            bias_scale: params.bias_scale,
-            output: y_q,
-            activation: self.activation,
-        };
-        forward_parts_q(&self.geom, x.codes, params.weight.codes, params.bias, &q, y)
-    }
-
-    fn input_error(&self) -> Option<&dyn InputError> {
-        Some(self)
-    }
-
-    fn parametric(&self) -> Option<&dyn Parametric> {
-        Some(self)
-    }
-}
-
-impl InputError for LinearLayer {
-    fn input_backward(
-        &self,
-        _x: &[f32],
-        weight: &[f32],
-        out_err: &[f32],
-        channels: ChannelSet,
-        in_err: &mut [f32],
-    ) {
-        input_backward(&self.geom, weight, out_err, channels, in_err);
-    }
-
-    fn input_backward_q(
-        &self,
-        _x: QTensor,
-        weight: QWeights,
-        out_err: QTensor,
-        channels: ChannelSet,
-        in_err_q: QParams,
-        in_err: &mut [i8],
-    ) -> RealRange {
-        let (e, e_q) = (out_err.codes, out_err.q);
-        input_backward_parts_q(
-            &self.geom,
-            weight.codes,
-            weight.q,
-            e,
-            e_q,
-            channels,
-            in_err_q,
-            in_err,
-        )
-    }
-}
-
-impl Parametric for LinearLayer {
-    fn param_shape(&self) -> ParamShape {
-        ParamShape {
-            channels: self.geom.out_features,
-            structure: self.geom.in_features,
-        }
-    }
-
-    fn channel_prefix(&self, channels: usize) -> Option<Layer> {
-        if channels == 0 || channels > self.geom.out_features {
-            return None;
-        }
-        let geom = LinearGeom {
-            out_features: channels,
-            ..self.geom
-        };
-        Some(Layer::Linear(LinearLayer { geom, ..*self }))
-    }
-
-    fn weight_backward(&self, x: &[f32], out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        weight_backward(&self.geom, x, out_err, channels, grad);
-    }
-
-    fn bias_backward(&self, out_err: &[f32], channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward(&self.geom, out_err, channels, grad);
-    }
-
-    fn weight_backward_q(
-        &self,
-        x: QTensor,
-        out_err: QTensor,
-        channels: ChannelSet,
-        grad: &mut [f32],
-    ) {
-        weight_backward_q(
-            &self.geom,
-            x.codes,
-            x.q,
-            out_err.codes,
-            out_err.q,
-            channels,
-            grad,
-        );
-    }
-
-    fn bias_backward_q(&self, out_err: QTensor, channels: ChannelSet, grad: &mut [f32]) {
-        bias_backward_q(&self.geom, out_err.codes, out_err.q, channels, grad);
-    }
-}
+pub type LinearLayer = Weighted<LinearGeom>;
 
 #[cfg(test)]
 mod tests {
@@ -572,6 +367,7 @@ mod tests {
         check_gradient_q_matches_float, check_input_backward_q_matches_float,
         check_weight_parts_give_the_whole_tensor_result, codes, floats, zero_point,
     };
+    use crate::ops::operator::Parametric;
     use crate::rng::Rng;
     use proptest::prelude::*;
     use std::vec;
@@ -667,7 +463,6 @@ mod tests {
         assert_eq!(g.validate(), Ok(()));
         assert_eq!((g.input_len(), g.output_len(), g.weight_len()), (15, 6, 10));
         assert_eq!(g.macs(), 30);
-        assert_eq!(g.scratch_bytes(), 0);
         assert_eq!(
             LinearGeom { batch: 0, ..g }.validate(),
             Err(OpError::ZeroSize)
@@ -693,19 +488,23 @@ mod tests {
         let w = [1.0f32, 2.0, 3.0, -1.0, 0.0, 1.0];
         let x = [1.0f32, 1.0, 1.0, 2.0, 0.0, -1.0];
         let mut y = [0.0f32; 4];
-        forward(&g, &x, &w, &[0.5, -1.0], &mut y);
+        g.forward(&x, &w, &[0.5, -1.0], &mut y);
         assert_eq!(y, [6.5, -1.0, -0.5, -4.0]);
         let e = [1.0f32, 10.0, 0.5, -2.0];
         let mut ex = [0.0f32; 6];
-        input_backward(&g, &w, &e, ChannelSet::All, &mut ex);
+        g.input_backward(&w, &e, ChannelSet::All, &mut ex);
         assert_eq!(ex, [-9.0, 2.0, 13.0, 2.5, 1.0, -0.5]);
-        input_backward(&g, &w, &e, ChannelSet::Subset(&[1]), &mut ex);
+        g.input_backward(&w, &e, ChannelSet::Subset(&[1]), &mut ex);
         assert_eq!(ex, [-10.0, 0.0, 10.0, 2.0, 0.0, -2.0]);
         let mut dw = [1.0f32; 6];
-        weight_backward(&g, &x, &e, ChannelSet::Subset(&[0]), &mut dw);
+        g.weight_backward(&x, &e, ChannelSet::Subset(&[0]), &mut dw);
         assert_eq!(dw, [3.0, 2.0, 1.5, 1.0, 1.0, 1.0]);
         let mut db = [0.0f32; 2];
-        bias_backward(&g, &e, ChannelSet::All, &mut db);
+        let layer = LinearLayer {
+            geom: g,
+            activation: Activation::None,
+        };
+        layer.bias_backward(&e, ChannelSet::All, &mut db);
         assert_eq!(db, [1.5, 8.0]);
     }
 
@@ -715,7 +514,12 @@ mod tests {
             g in geometry(), seed in any::<u64>(), split in any::<prop::sample::Index>(),
         ) {
             let layer = layer(g, Activation::Relu6);
-            check_weight_parts_give_the_whole_tensor_result(&layer, seed, split);
+            check_weight_parts_give_the_whole_tensor_result(
+                &layer,
+                LinearLayer::channel_prefix,
+                seed,
+                split,
+            );
         }
 
         #[test]
@@ -782,7 +586,7 @@ mod tests {
         let (ax, aw, ab, ae) = (abs(&x), abs(&w), abs(&b), abs(&e));
         let no_zero = |_: usize| 0.0f32;
         let mut y = vec![0.0; g.output_len()];
-        forward(&g, &x, &w, &b, &mut y);
+        g.forward(&x, &w, &b, &mut y);
         let want = ref_forward(&g, &x, 0.0, &w, &no_zero, &|o| b[o]);
         assert_close(
             &y,
@@ -791,12 +595,12 @@ mod tests {
             1e-5,
         );
         let mut ex = vec![0.0; g.input_len()];
-        input_backward(&g, &w, &e, ChannelSet::All, &mut ex);
+        g.input_backward(&w, &e, ChannelSet::All, &mut ex);
         let want = ref_input_error(&g, &w, &e, 0.0, &|_, v| v);
         let mag = ref_input_error(&g, &aw, &ae, 0.0, &|_, v| v);
         assert_close(&ex, &want, &mag, 1e-5);
         let mut dw = vec![0.0; g.weight_len()];
-        weight_backward(&g, &x, &e, ChannelSet::All, &mut dw);
+        g.weight_backward(&x, &e, ChannelSet::All, &mut dw);
         assert_close(
             &dw,
             &ref_weight_grad(&g, &x, 0.0, &e, 0.0),

@@ -21,8 +21,10 @@ pub mod conv_transpose2d;
 pub mod flatten;
 pub mod linear;
 pub mod loss;
+pub mod operator;
 pub mod pool;
 pub mod stream;
+pub mod weighted;
 
 /// Which output channels (structures) of a layer a backward step works on.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +55,20 @@ impl<'a> ChannelSet<'a> {
     /// True when no channel is selected.
     pub fn is_empty(&self, count: usize) -> bool {
         self.len(count) == 0
+    }
+
+    /// The selected channels inside `group` (a channel group of a grouped convolution), in
+    /// ascending order for `All` and in list order for a subset.
+    pub fn within(
+        self,
+        group: core::ops::Range<usize>,
+    ) -> impl Iterator<Item = usize> + Clone + 'a {
+        let (all, list): (core::ops::Range<usize>, &[u16]) = match self {
+            ChannelSet::All => (group.clone(), &[]),
+            ChannelSet::Subset(list) => (0..0, list),
+        };
+        let selected = list.iter().map(|&c| c as usize);
+        all.chain(selected.filter(move |c| group.contains(c)))
     }
 }
 

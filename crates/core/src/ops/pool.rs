@@ -14,7 +14,7 @@
 use core::ops::{AddAssign, Range};
 
 use super::{checked_product, ChannelSet, OpError};
-use crate::layer::{FloatParams, InputError, Operator, QParameters, QWeights, Shape};
+use crate::ops::operator::{FloatParams, InputError, Operator, QParameters, QWeights, Shape};
 use crate::quant::{QParams, QTensor, RealRange, Requant, Q_MAX, Q_MIN};
 
 /// Shape of a windowed pooling layer (average or max) over `[batch][channels][in_h][in_w]`.

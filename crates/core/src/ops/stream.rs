@@ -1,34 +1,34 @@
-//! Row-streamed forward of a chain of 8-bit convolutions: the intermediate tensors of the
-//! chain are never stored whole, only a window of rows of each (MCUNetV2-style row-based
-//! execution, without recomputation).
+//! Row-streamed forward of a chain of 8-bit convolutions: the intermediate tensors of the chain are
+//! never stored whole, only a window of rows of each (MCUNetV2-style row-based execution, without
+//! recomputation).
 //!
 //! A chain is `n` convolutions (batch 1) where stage `j + 1` reads the output of stage `j`, for
-//! example an inverted residual block's expand 1x1 -> depthwise 3x3 -> project 1x1, or the
-//! stem of a network and its first blocks. Only the chain's input and final output are whole
-//! tensors. Stage `j` owns an input window of `kernel_h` rows of its input,
-//! `[in_channels][kernel_h][in_w]` codes (see [`window_bytes`]): to compute its output row `r`
-//! it needs input rows `r*stride_h - pad_h .. + kernel_h`, rows outside the input being the
-//! padding code `z_x` (real 0). A window advances one row at a time (the rows shift up, the
-//! new row enters at the bottom) and pulls that row from the previous stage, which computes it
-//! straight into the window; the first stage copies rows of the chain input. Every row of
-//! every stage is computed exactly once, including rows that the next stage skips, so each
-//! stage's range covers its whole output.
+//! example an inverted residual block's expand 1x1 -> depthwise 3x3 -> project 1x1, or the stem of
+//! a network and its first blocks. Only the chain's input and final output are whole tensors. Stage
+//! `j` owns an input window of `kernel_h` rows of its input, `[in_channels][kernel_h][in_w]` codes
+//! (see [`window_bytes`]): to compute its output row `r` it needs input rows `r*stride_h - pad_h
+//! .. + kernel_h`, rows outside the input being the padding code `z_x` (real 0). A window advances
+//! one row at a time (the rows shift up, the new row enters at the bottom) and pulls that row from
+//! the previous stage, which computes it straight into the window; the first stage copies rows of
+//! the chain input. Every row of every stage is computed exactly once, including rows that the next
+//! stage skips, so each stage's range covers its whole output.
 //!
-//! Exactness: each output row of one channel is one call of [`conv2d::forward_q`] on a
-//! one-row geometry (`in_h = kernel_h`, no vertical padding) over the window, with the layer's
-//! weights, bias and quantization. A materialized padding row holds `z_x`, so its taps add
-//! `(z_x - z_x)(w - z_w) = 0`, exactly what the whole-tensor kernel gets by skipping them;
-//! the `i32` sums are exact, so every code equals the whole-layer kernel's. The range of a
-//! stage is the merge of the calls' ranges: the per-call range is a monotone function of the
-//! accumulator extremes (a positive scale, then the activation clamp), so the merge is the
-//! whole layer's range bit for bit.
+//! Exactness: each output row of one channel is one call of
+//! [`Conv2dGeom::forward_q`](WeightedKernels::forward_q) on a one-row geometry (`in_h = kernel_h`,
+//! no vertical padding) over the window, with the layer's weights, bias and quantization. A
+//! materialized padding row holds `z_x`, so its taps add `(z_x - z_x)(w - z_w) = 0`, exactly what
+//! the whole-tensor kernel gets by skipping them; the `i32` sums are exact, so every code equals
+//! the whole-layer kernel's. The range of a stage is the merge of the calls' ranges: the per-call
+//! range is a monotone function of the accumulator extremes (a positive scale, then the activation
+//! clamp), so the merge is the whole layer's range bit for bit.
 //!
-//! Memory: the chain input and output, and [`scratch_bytes`] of windows. Work: the layers'
-//! MACs plus, per stage, copying `kernel_h - 1` rows of the window per row pushed.
+//! Memory: the chain input and output, and [`scratch_bytes`] of windows. Work: the layers' MACs
+//! plus, per stage, copying `kernel_h - 1` rows of the window per row pushed.
 
 use crate::ops::arith::QLayerParams;
-use crate::ops::conv2d::{self, Conv2dGeom};
-use crate::ops::OpError;
+use crate::ops::conv2d::Conv2dGeom;
+use crate::ops::weighted::WeightedKernels;
+use crate::ops::{OpError, WeightParts};
 use crate::quant::RealRange;
 
 /// Most convolutions in one streamed chain.
@@ -79,10 +79,10 @@ pub fn validate(geoms: &[Conv2dGeom]) -> Result<(), OpError> {
     Ok(())
 }
 
-/// Row-streamed forward of the chain `stages` (validated by [`validate`]): `output` gets the
-/// last stage's output and `ranges[j]` the real output range of stage `j`, both bit for bit
-/// what [`conv2d::forward_q`] gives layer by layer. `scratch` holds at least
-/// [`scratch_bytes`]; its contents on return are unspecified.
+/// Row-streamed forward of the chain `stages` (validated by [`validate`]): `output` gets the last
+/// stage's output and `ranges[j]` the real output range of stage `j`, both bit for bit what
+/// [`Conv2dGeom::forward_q`](WeightedKernels::forward_q) gives layer by layer. `scratch` holds at
+/// least [`scratch_bytes`]; its contents on return are unspecified.
 pub fn forward_q(
     stages: &[Stage],
     input: &[i8],
@@ -199,7 +199,8 @@ impl Chain<'_, '_> {
                 &mut after[(c * next_k + next_k - 1) * out_w..][..out_w]
             };
             let weight = &stage.weight[c * taps..][..taps];
-            let range = conv2d::forward_q(&one_row, x, weight, &stage.bias[c..c + 1], &q, y);
+            let weight = WeightParts::whole(weight);
+            let range = one_row.forward_q(x, weight, &stage.bias[c..c + 1], &q, y);
             ranges[j] = ranges[j].merge(range);
         }
         self.next[j] += 1;
@@ -336,7 +337,7 @@ mod tests {
             let mut want = Vec::new();
             for stage in &stages {
                 let mut y = vec![0i8; stage.geom.output_len()];
-                want.push(conv2d::forward_q(&stage.geom, &tensor, stage.weight, stage.bias, &stage.q, &mut y));
+                want.push(stage.geom.forward_q(&tensor, WeightParts::whole(stage.weight), stage.bias, &stage.q, &mut y));
                 tensor = y;
             }
             let mut output = vec![0i8; tensor.len()];

@@ -1,10 +1,10 @@
 //! The `mcutrain` command line: one module per group of commands, over the library's layers
 //! (the top of the module graph: it may use every other module, and none uses it).
 //!
-//! - [`train`]: `pretrain`, `quantize`, `train` (host twin or device);
-//! - [`eval`]: `eval`, `info`, `model`;
-//! - [`demo`]: the named workload end to end, on the host or a device;
-//! - [`plan`]: the training plan and its memory report, against the device's budget.
+//! - `train`: `pretrain`, `quantize`, `train` (host twin or device);
+//! - `eval`: `eval`, `info`, `model`;
+//! - `demo`: the named workload end to end, on the host or a device;
+//! - `plan`: the training plan and its memory report, against the device's budget.
 //!
 //! This module holds what they share: the argument groups (data, output, device budgets),
 //! loading models and data, progress bars over device sessions, and the device figures.

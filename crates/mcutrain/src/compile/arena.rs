@@ -100,7 +100,7 @@ fn greedy(blocks: &[Block]) -> (Layout, Vec<usize>, Fit) {
     best.expect("16 strategies ran")
 }
 
-/// Placements the local search of [`improve`] may try.
+/// Placements the local search of `improve` may try.
 pub const SEARCH_ROUNDS: usize = 400;
 
 /// Local search from a greedy layout: a block that reaches the peak moves to a random earlier

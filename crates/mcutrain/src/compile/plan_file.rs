@@ -182,7 +182,7 @@ impl PlanSizes {
         })
     }
 
-    /// The sizes of the plan file [`write`] makes of `plan`, compiled for `arch`, with the
+    /// The sizes of the plan file [`write()`] makes of `plan`, compiled for `arch`, with the
     /// hyper-parameters `config` (whatever the parameter values).
     pub fn planned(
         arch: &Architecture,

@@ -12,6 +12,7 @@ use mcutrain_core::ops::activation::Activation;
 use mcutrain_core::ops::arith::QLayerParams;
 use mcutrain_core::ops::conv2d::Conv2dGeom;
 use mcutrain_core::ops::linear::LinearGeom;
+use mcutrain_core::ops::weighted::WeightedKernels;
 use mcutrain_core::ops::ChannelSet;
 use mcutrain_core::quant::{QParams, RangeEma};
 use mcutrain_core::rng::Rng;

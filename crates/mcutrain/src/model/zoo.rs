@@ -203,7 +203,7 @@ pub fn reference(name: &str) -> Option<Architecture> {
     }
 }
 
-/// Names accepted by [`reference`].
+/// Names accepted by [`reference()`].
 pub const REFERENCES: &[&str] = &["fashion-shift", "mbv2-w035-r128"];
 
 /// Names accepted by [`by_name`].

@@ -529,7 +529,7 @@ impl<'p> SampleRun<'_, 'p, '_> {
         // whose input and output are prefixes of the layer's at batch 1.
         let target = if is_weight {
             let trained = layer.weight_channels as usize;
-            resolved.op().parametric()?.channel_prefix(trained)?
+            resolved.channel_prefix(trained)?
         } else {
             resolved
         };

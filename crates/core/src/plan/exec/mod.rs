@@ -28,7 +28,7 @@
 //!
 //! Error quantization (int8): every error but the logits error is computed with its tracker's
 //! quantization in the sample's error unit and, with exact error ranges
-//! ([`ErrorRanges::Exact`]), a second time with its exact range where that one fits badly
+//! ([`ErrorRanges::Exact`](crate::quant::ErrorRanges::Exact)), a second time with its exact range where that one fits badly
 //! ([`crate::quant::quantize_error`]). Its readers use the quantization it was written with,
 //! which the state region keeps during the sample (after the model tensors' state: per model
 //! tensor, for its complete error and for its error part; [`state::error_q_at`]).
@@ -150,14 +150,13 @@ fn trains_channel_subset(layer: &LayerRecord, channels: usize) -> bool {
 /// A strict subset of weight channels trains with the weights under their fixed deployed
 /// quantization ([`crate::update::fqt_update_weights_fixed`]): the trained channels live in
 /// the arena, the frozen ones stay in the plan. Supported where the trained channels form a
-/// layer of their own ([`crate::layer::Parametric::channel_prefix`]: any fully connected
+/// layer of their own ([`crate::layer::Layer::channel_prefix`]: any fully connected
 /// layer, whole groups of a convolution), without dynamic partial updates (which select among
 /// all channels), in int8 plans only.
 fn channel_subset_supported(view: &PlanView, i: usize, layer: &LayerRecord) -> bool {
-    let prefix = view.resolve(i).and_then(|l| {
-        let channels = layer.weight_channels as usize;
-        l.op().parametric()?.channel_prefix(channels)
-    });
+    let prefix = view
+        .resolve(i)
+        .and_then(|l| l.channel_prefix(layer.weight_channels as usize));
     prefix.is_some()
         && view.header().config.partial.is_none()
         && view.precision() == Precision::Int8

@@ -9,7 +9,7 @@
 //!   tensor, [`ERROR_Q_BYTES`]: the quantization its error and its error part were written
 //!   with in the current sample ([`error_q_at`]);
 //! - int8 plans only: per trained layer, at its record's `state_offset`,
-//!   [`layer_state_bytes`]: a [`LayerState`] and, with partial updates, the selected channels
+//!   [`layer_state_bytes`]: a `LayerState` and, with partial updates, the selected channels
 //!   and the channels touched in the batch; then the partial-update score scratch (one `f32`
 //!   per channel of the widest layer, at the header's `scores_offset`).
 //!
