@@ -326,7 +326,7 @@ impl core::str::FromStr for ErrorRanges {
 }
 
 /// The error unit of one sample: the largest magnitude of its loss gradient `dL/d logits`
-/// (1 when that is 0 or not finite).
+/// (1 when that is below [`MIN_ERROR_UNIT`], 0 included, or not finite).
 ///
 /// Back-propagation is linear in the loss gradient, so error range trackers hold ranges in
 /// this unit and the error tensor of model tensor `t` is quantized with
@@ -336,12 +336,18 @@ impl core::str::FromStr for ErrorRanges {
 /// average (over normalized ranges) and adds one multiplication per tensor.
 pub fn error_unit(loss_gradient: RealRange) -> f32 {
     let magnitude = loss_gradient.min.abs().max(loss_gradient.max.abs());
-    if magnitude > 0.0 && magnitude.is_finite() {
+    if magnitude >= MIN_ERROR_UNIT && magnitude.is_finite() {
         magnitude
     } else {
         1.0
     }
 }
+
+/// The smallest error unit: a loss gradient below it counts as 0 (its codes round to 0 in
+/// unit 1, so the sample changes nothing). It keeps the products of a tracker's scale (at
+/// least `1e-8`, [`QParams::from_range`]) and the unit normal floats, and ranges divided by the
+/// unit finite; a denormal unit would give error scales of 0 and infinite ranges.
+pub const MIN_ERROR_UNIT: f32 = 1e-24;
 
 /// `range * factor` (empty stays empty).
 pub fn scale_range(range: RealRange, factor: f32) -> RealRange {
@@ -533,5 +539,12 @@ mod tests {
         assert_eq!(unit(0.0, 0.0), 1.0);
         assert_eq!(unit(f32::NAN, f32::NAN), 1.0);
         assert_eq!(error_unit(RealRange::EMPTY), 1.0);
+        // A vanishing (here denormal) loss gradient counts as 0: the unit keeps error scales
+        // positive and unit-relative ranges finite.
+        assert_eq!(unit(-4e-45, 0.0), 1.0);
+        assert_eq!(unit(0.0, MIN_ERROR_UNIT), MIN_ERROR_UNIT);
+        let smallest_scale = QParams::from_range(0.0, 0.0).scale;
+        assert!((smallest_scale * MIN_ERROR_UNIT).is_normal());
+        assert!((1.0 / MIN_ERROR_UNIT).is_finite());
     }
 }

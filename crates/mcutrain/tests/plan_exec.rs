@@ -740,3 +740,58 @@ fn plan_command_writes_a_plan_file_the_executor_runs() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("int8 or float32 model file"));
 }
+
+/// A sample whose loss gradient vanishes (a denormal `dL/d logits`, here with exact error
+/// ranges, partial updates and batch 2) counts as a zero gradient on both sides, instead of
+/// a zero error scale that the executor refused as an inconsistent plan.
+#[test]
+fn a_vanishing_loss_gradient_trains_alike() {
+    use mcutrain::model::Layer;
+    use mcutrain_core::layer::LayerKind;
+    use mcutrain_core::ops::activation::Activation;
+    let pointwise = |out_channels| LayerKind::Conv2d {
+        out_channels,
+        kernel: (1, 1),
+        stride: (1, 1),
+        padding: (0, 0),
+        groups: 1,
+        activation: Activation::None,
+    };
+    let layer = |name: &str, kind| Layer {
+        name: name.into(),
+        kind,
+    };
+    let arch = Architecture {
+        input: [3, 5, 8],
+        classes: 2,
+        layers: vec![
+            layer("l0", pointwise(3)),
+            layer("l1", LayerKind::Activation(Activation::Relu)),
+            layer("l2", LayerKind::GlobalAvgPool),
+            layer("l3", pointwise(1)),
+            layer(
+                "classifier",
+                LayerKind::Linear {
+                    out_features: 2,
+                    activation: Activation::None,
+                },
+            ),
+        ],
+    };
+    // The seed of the random net where the executor first failed.
+    let seed = 12047006314779890692;
+    let data = random_data(&arch, 8, seed);
+    let model = int8_model(&arch, &data, seed);
+    let cfg = with_error_ranges(fqt_config(UpdateScheme::All, 2, true), true);
+    let updates = scheme_updates(&model, &cfg);
+    let order = RandomTraining::ORDER;
+    assert_runs_agree(
+        &model,
+        &updates,
+        &cfg,
+        &data,
+        &order,
+        false,
+        "vanishing gradient",
+    );
+}

@@ -260,13 +260,18 @@ impl AccRange {
     }
 }
 
-/// Forward requantization of one output channel `o`, set up once per channel:
-/// `s_a = s_x * s_w[o]`, bias `requant(b, bias_scale / s_a)`, output
-/// `clamp(z_y + requant(acc, s_a / s_y), act_lo, act_hi)`.
+/// Forward requantization of one output channel `o` with bias `b`, set up once per channel:
+/// `s_a = s_x * s_w[o]`, bias `b_a = requant(b, bias_scale / s_a)`, output
+/// `clamp(z_y + requant(sat(acc + b_a), s_a / s_y), act_lo, act_hi)`.
+///
+/// The kernels' 8-bit accumulators start from 0, not from the bias: their sums of products
+/// cannot overflow (at most [`MAX_ACCUMULATED_TERMS`] products), and the bias, which may be
+/// anywhere in `i32` (a tiny `s_a` makes it large), is added with saturation when the sum is
+/// stored. Results equal the bias-first sum wherever that one does not overflow.
 pub(crate) struct OutputChannel {
     /// `z_w[o]`.
     pub(crate) weight_zero: i32,
-    bias: Requant,
+    bias: i32,
     output: Requant,
     output_zero: i32,
     codes: (i32, i32),
@@ -275,12 +280,12 @@ pub(crate) struct OutputChannel {
 }
 
 impl OutputChannel {
-    pub(crate) fn new(q: &QLayerParams, channel: usize) -> Self {
+    pub(crate) fn new(q: &QLayerParams, channel: usize, bias: i32) -> Self {
         let wq = channel_qparams(q.weight, channel);
         let acc_scale = q.input.scale as f64 * wq.scale as f64;
         OutputChannel {
             weight_zero: wq.zero_point,
-            bias: Requant::from_real(q.bias_scale as f64 / acc_scale),
+            bias: Requant::from_real(q.bias_scale as f64 / acc_scale).apply(bias),
             output: Requant::from_real(acc_scale / q.output.scale as f64),
             output_zero: q.output.zero_point,
             codes: q.activation.code_bounds(q.output),
@@ -289,15 +294,12 @@ impl OutputChannel {
         }
     }
 
-    /// The bias in accumulator units: `requant(b, bias_scale / s_a)`.
-    pub(crate) fn bias_acc(&self, bias: i32) -> i32 {
-        self.bias.apply(bias)
-    }
-
-    /// Requantize a block of accumulators into `out` and widen `accs` by them.
+    /// Add the bias to a block of sums of products, requantize them into `out` and widen
+    /// `accs` by them.
     #[inline(always)]
     pub(crate) fn store(&self, out: &mut [i8], block: &[i32], accs: &mut AccRange) {
-        for (y, &acc) in out.iter_mut().zip(block) {
+        for (y, &sum) in out.iter_mut().zip(block) {
+            let acc = sum.saturating_add(self.bias);
             accs.include(acc);
             let code = self.output_zero.saturating_add(self.output.apply(acc));
             *y = code.clamp(self.codes.0, self.codes.1) as i8;

@@ -211,9 +211,10 @@ fn gradients(
 /// `L = sum(r * clamp(reference(x, skip, w, b)))` in `f64`: relative error below 1e-3 of the
 /// largest of the difference and the magnitude of its terms (the backward of the absolute
 /// values), at six random elements of every tensor. The step is `1e-3`, or down to `1e-6`
-/// where `L` has a kink within it (the one-sided differences disagree by over 1e-4 of that
-/// scale: a clamp bound, a change of the max-pooling argmax); an element with a kink within
-/// every step is replaced by another, and every tensor gets at least one.
+/// where `L` has a kink within it (an output crosses a clamp bound, or the one-sided
+/// differences disagree by over 1e-4 of that scale: a change of the max-pooling argmax); an
+/// element with a kink within every step is replaced by another, and every tensor gets at
+/// least one.
 pub(crate) fn check_float_backward_matches_finite_differences(
     op: &dyn Operator,
     reference: Reference,
@@ -240,10 +241,12 @@ pub(crate) fn check_float_backward_matches_finite_differences(
     let magnitude = gradients(op, &x, &abs(&x), &abs(&w), &abs(&err));
 
     let (lo, hi) = clamp.real_bounds();
-    let outputs = |p: &[Vec<f64>; 4]| -> Vec<f64> {
-        let y = reference(&p[0], &p[1], &p[2], &p[3]);
-        y.iter().map(|&v| v.max(lo as f64).min(hi as f64)).collect()
-    };
+    let (lo, hi) = (lo as f64, hi as f64);
+    // The reference outputs before the clamp, and the clamp's piece of each (below, inside,
+    // above its bounds).
+    let raw = |p: &[Vec<f64>; 4]| reference(&p[0], &p[1], &p[2], &p[3]);
+    let clamped = |y: &[f64]| -> Vec<f64> { y.iter().map(|&v| v.max(lo).min(hi)).collect() };
+    let piece = |v: f64| (v > lo) as u8 + (v >= hi) as u8;
     // The change of L between two outputs, summed per output: the outputs a step leaves alone
     // are the same bits and drop out, so the rounding of L's other terms does not enter.
     let r64 = wide(&r);
@@ -255,7 +258,8 @@ pub(crate) fn check_float_backward_matches_finite_differences(
             .sum()
     };
     let point = [wide(&x), wide(&skip), wide(&w), wide(&b)];
-    let at = outputs(&point);
+    let raw_at = raw(&point);
+    let at = clamped(&raw_at);
     for (which, (analytic, magnitude)) in analytic.iter().zip(&magnitude).enumerate() {
         if analytic.is_empty() {
             continue;
@@ -269,15 +273,23 @@ pub(crate) fn check_float_backward_matches_finite_differences(
             let moved = |step: f64| {
                 let mut p = point.clone();
                 p[which][k] += step;
-                outputs(&p)
+                raw(&p)
             };
-            // The central difference of the largest step over which L has no kink.
+            // The central difference of the largest step over which L has no kink: no output
+            // crosses a clamp bound (crossings on both sides could cancel in the one-sided
+            // differences), and the one-sided differences agree (other kinks, such as a change
+            // of the max-pooling argmax).
             let differentiable = [1e-3, 1e-4, 1e-5, 1e-6].into_iter().find_map(|h| {
-                let (up, down) = (moved(h), moved(-h));
+                let (raw_up, raw_down) = (moved(h), moved(-h));
+                let crosses = (0..raw_at.len()).any(|o| {
+                    let at = piece(raw_at[o]);
+                    piece(raw_up[o]) != at || piece(raw_down[o]) != at
+                });
+                let (up, down) = (clamped(&raw_up), clamped(&raw_down));
                 let fd = change(&up, &down) / (2.0 * h);
                 let scale = fd.abs().max(magnitude[k] as f64).max(1e-6);
                 let kink = (change(&up, &at) - change(&at, &down)).abs() / h > 1e-4 * scale;
-                (!kink).then_some((fd, scale))
+                (!crosses && !kink).then_some((fd, scale))
             });
             let Some((fd, scale)) = differentiable else {
                 continue;
@@ -483,6 +495,41 @@ pub(crate) fn check_weight_parts_give_the_whole_tensor_result<L: Operator>(
     parametric(prefix).weight_backward_q(x_part, e_part, ChannelSet::All, &mut part);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&part), bits(&full[..at]));
+}
+
+/// A bias that saturates the accumulator (a tiny `s_a = s_x * s_w` makes any bias large) plus
+/// the largest sums of products neither overflows nor wraps: with the largest positive
+/// products every output is the top code under a bias of `+inf` and the bottom code under
+/// `-inf`, and the real range reports the saturated accumulator.
+pub(crate) fn check_a_saturated_bias_saturates_the_output(op: &dyn Operator) {
+    let shape = parametric(op).param_shape();
+    // Codes 127 with zero point -128: every product is 255 * 255.
+    let top = QParams {
+        scale: 1.0,
+        zero_point: -128,
+    };
+    let (x, w) = (vec![127i8; op.input_len()], vec![127i8; shape.weight_len()]);
+    let y_q = QParams {
+        scale: 1.0,
+        zero_point: 0,
+    };
+    for (bias, code) in [(i32::MAX, 127), (i32::MIN, -128)] {
+        let params = QParameters {
+            weight: QWeights {
+                codes: WeightParts::whole(&w),
+                q: &[top],
+            },
+            bias: &vec![bias; shape.channels],
+            bias_scale: 1e6,
+        };
+        let mut y = vec![0i8; op.output_len()];
+        let x = QTensor { codes: &x, q: top };
+        let range = op.forward_q(x, QTensor::EMPTY, params, y_q, &mut y);
+        assert!(y.iter().all(|&c| c == code), "bias {bias}: {y:?}");
+        if bias == i32::MAX {
+            assert_eq!(range.max, i32::MAX as f32);
+        }
+    }
 }
 
 /// Per-channel weight qparams that all have one scale give exactly the per-tensor input

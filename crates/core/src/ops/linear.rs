@@ -163,6 +163,9 @@ impl WeightedKernels for LinearGeom {
     /// output range after the activation clamp but before 8-bit saturation, exact from the
     /// accumulators. Overwrites `output`. Scratch: none.
     ///
+    /// The bias is added to the sum of products last, with `i32` saturation: the sum cannot
+    /// overflow, while the bias in accumulator units may be anywhere in `i32`.
+    ///
     /// The weights come in two parts ([`WeightParts`]: the first output channels in `weight.head`,
     /// the rest in `weight.tail`); the sums are those of one tensor.
     fn forward_q(
@@ -179,11 +182,11 @@ impl WeightedKernels for LinearGeom {
         debug_assert!(q.weight.len() == 1 || q.weight.len() == g.out_features);
         let mut range = RealRange::EMPTY;
         for (o, &b) in bias.iter().enumerate() {
-            let channel = OutputChannel::new(q, o);
+            let channel = OutputChannel::new(q, o, b);
             let mut accs = AccRange::EMPTY;
             let row = weight.structure(o, g.in_features);
-            let (zx, zw, init) = (q.input.zero_point, channel.weight_zero, channel.bias_acc(b));
-            forward_feature(g, input, zx, row, zw, init, |n, acc| {
+            let (zx, zw) = (q.input.zero_point, channel.weight_zero);
+            forward_feature(g, input, zx, row, zw, 0, |n, acc| {
                 let at = n * g.out_features + o;
                 channel.store(&mut output[at..at + 1], &[acc], &mut accs);
             });
@@ -361,7 +364,8 @@ mod tests {
     use super::*;
     use crate::ops::activation::Activation;
     use crate::ops::contract::{
-        abs, activations, assert_close, check_channel_subset_restricts_the_full_result,
+        abs, activations, assert_close, check_a_saturated_bias_saturates_the_output,
+        check_channel_subset_restricts_the_full_result,
         check_equal_channel_scales_are_the_per_tensor_form,
         check_float_backward_matches_finite_differences, check_forward_q_matches_float_forward,
         check_gradient_q_matches_float, check_input_backward_q_matches_float,
@@ -543,6 +547,11 @@ mod tests {
         #[test]
         fn equal_channel_scales_are_the_per_tensor_form(g in geometry(), seed in any::<u64>()) {
             check_equal_channel_scales_are_the_per_tensor_form(&layer(g, Activation::None), seed);
+        }
+
+        #[test]
+        fn a_saturated_bias_saturates_the_output(g in geometry()) {
+            check_a_saturated_bias_saturates_the_output(&layer(g, Activation::None));
         }
 
         #[test]

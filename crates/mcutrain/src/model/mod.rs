@@ -14,6 +14,7 @@ pub mod zoo;
 /// `mcutrain-core`).
 pub use mcutrain_core::layer::Layer as ResolvedLayer;
 pub use mcutrain_core::layer::{numel, LayerKind, Shape};
+use mcutrain_core::ops::arith::MAX_ACCUMULATED_TERMS;
 pub use scheme::{LayerUpdate, UpdateScheme};
 
 use mcutrain_core::quant::{QParams, RangeEma};
@@ -271,6 +272,7 @@ impl Model {
                 }
             }
             Params::Int8(state) => {
+                self.check_int8_limits()?;
                 if state.layers.len() != n
                     || state.activations.len() != n + 1
                     || state.errors.len() != n + 1
@@ -313,6 +315,27 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Every layer's 8-bit sums fit the kernels' `i32` accumulators
+    /// ([`Operator::fits_int8_limits`](mcutrain_core::layer::Operator::fits_int8_limits)):
+    /// a layer beyond them cannot run in int8, on the host twin or on the device.
+    fn check_int8_limits(&self) -> Result<(), ModelError> {
+        let resolved = self.arch.resolved(1)?;
+        match resolved.iter().position(|l| !l.op().fits_int8_limits()) {
+            None => Ok(()),
+            Some(index) => Err(ModelError::BadLayer {
+                index,
+                name: self.arch.layers[index].name.clone(),
+                problem: format!(
+                    "too large for the int8 kernels: one 8-bit sum would add more than {} \
+                     products (channels per group times the kernel area), or a channel has 2^24 \
+                     output positions or more, beyond the i32 accumulators; keep the model \
+                     float32, or split the layer into groups",
+                    MAX_ACCUMULATED_TERMS
+                ),
+            }),
+        }
     }
 
     /// "float32" or "int8".

@@ -68,16 +68,20 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
                 stride: (2, 2),
                 padding: (0, 0),
             },
-            // Upsampling by the stride: `H_out = (H - 1) s - 2p + k + (s - 1) = s H`.
-            _ => LayerKind::ConvTranspose2d {
-                out_channels: out,
-                kernel: (k, k),
-                stride: (s, s),
-                padding: (k / 2, k / 2),
-                output_padding: (s - 1, s - 1),
-                groups: 1,
-                activation: activation(act),
-            },
+            // Upsampling by the stride, `H_out = (H - 1) s - 2p + k + (s - 1) = s H`, up to 16
+            // rows and columns (an MCU-sized net).
+            _ => {
+                let s = if shape[1].max(shape[2]) <= 8 { s } else { 1 };
+                LayerKind::ConvTranspose2d {
+                    out_channels: out,
+                    kernel: (k, k),
+                    stride: (s, s),
+                    padding: (k / 2, k / 2),
+                    output_padding: (s - 1, s - 1),
+                    groups: 1,
+                    activation: activation(act),
+                }
+            }
         };
         arch.layers.push(Layer {
             name: format!("l{i}"),
@@ -85,8 +89,14 @@ pub fn random_arch(input: [usize; 3], choices: &[LayerChoice], classes: usize) -
         });
         // With 0 classes a valid graph always fails the output check, which reports the
         // new layer's output shape.
+        // A layer beyond the int8 kernels' limits is refused by int8 models: skipped too.
+        let fits_int8 = |arch: &Architecture| {
+            let last = arch.layers.len() - 1;
+            let resolved = arch.resolve(last, shape, 1);
+            resolved.is_ok_and(|l| l.op().fits_int8_limits())
+        };
         match arch.shapes() {
-            Err(ModelError::BadOutput { shape, .. }) => shapes.push(shape),
+            Err(ModelError::BadOutput { shape, .. }) if fits_int8(&arch) => shapes.push(shape),
             _ => {
                 arch.layers.pop();
             }
